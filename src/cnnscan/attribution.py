@@ -1,0 +1,108 @@
+"""`Attribution`: what an explanation method returns, with views and export helpers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cnnscan import render
+
+
+@dataclass
+class Attribution:
+    """Raw signed maps (N images, T targets, C, h, w) at the method's native resolution.
+
+    C = 3 for input-space methods, 1 for layer maps (CAMs). `inputs` are the model inputs
+    the maps explain; `scores` the target logits; `extras` method-specific numbers (e.g. the
+    completeness error of Integrated Gradients).
+    """
+
+    maps: torch.Tensor
+    targets: torch.Tensor
+    method: str
+    inputs: torch.Tensor
+    layer: str | None = None
+    scores: torch.Tensor | None = None
+    labels: tuple[str, ...] = ()
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.inputs.shape[-2:])  # type: ignore[return-value]
+
+    def upsample(self, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Maps resized (bilinear) to `size`, by default the input's: (N, T, C, H, W)."""
+        size = size or self.input_size
+        if tuple(self.maps.shape[-2:]) == tuple(size):
+            return self.maps
+        n, t, c, h, w = self.maps.shape
+        flat = self.maps.reshape(n * t, c, h, w).float()
+        resized = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
+        return resized.view(n, t, c, *size)
+
+    def view(self, image: int = 0, target: int = 0, kind: str = "heatmap") -> torch.Tensor:
+        """One map at input resolution as display values (see `cnnscan.render.view`)."""
+        full = self.upsample()[image, target]
+        return render.view(full, kind)
+
+    def image(
+        self,
+        image: int = 0,
+        target: int = 0,
+        kind: str = "heatmap",
+        *,
+        background: np.ndarray | Image.Image | None = None,
+        alpha: float = 0.5,
+        cmap: str | None = None,
+    ) -> np.ndarray:
+        """A uint8 RGB picture of one map: an overlay on `background` if given."""
+        values = self.view(image, target, kind)
+        if background is not None and values.ndim == 2 and kind != "signed":
+            return render.overlay(background, values, alpha=alpha, cmap=cmap or "jet")
+        default = "coolwarm" if kind == "signed" else "inferno"
+        return render.to_rgb(values, cmap or default)
+
+    def label(self, image: int = 0, target: int = 0) -> str:
+        class_id = int(self.targets[image, target])
+        name = self.labels[class_id] if class_id < len(self.labels) else f"class {class_id}"
+        return f"{class_id} {name}"
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description: method, layer, targets, scores and scalar extras."""
+        extras = {
+            key: value.tolist() if isinstance(value, torch.Tensor) else value
+            for key, value in self.extras.items()
+            if isinstance(value, str | int | float | bool | torch.Tensor)
+        }
+        return {
+            "method": self.method,
+            "layer": self.layer,
+            "shape": list(self.maps.shape),
+            "targets": self.targets.tolist(),
+            "scores": self.scores.tolist() if self.scores is not None else None,
+            "extras": extras,
+        }
+
+    def save(self, directory: str | Path, *, kind: str = "heatmap") -> list[Path]:
+        """Write per image and target a PNG (the `kind` view) and an NPY (raw map), plus a
+        JSON summary. Returns the written paths."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        written = []
+        raw = self.maps.detach().cpu().numpy()
+        for i in range(raw.shape[0]):
+            for t in range(raw.shape[1]):
+                stem = directory / f"{self.method}_img{i}_class{int(self.targets[i, t])}"
+                np.save(stem.with_suffix(".npy"), raw[i, t])
+                stem.with_suffix(".png").write_bytes(render.png_bytes(self.image(i, t, kind)))
+                written += [stem.with_suffix(".npy"), stem.with_suffix(".png")]
+        meta = directory / f"{self.method}.json"
+        meta.write_text(json.dumps(self.summary(), indent=2))
+        return [*written, meta]

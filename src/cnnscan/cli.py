@@ -1,0 +1,245 @@
+"""The `cnnscan` command: a thin shell over the library (no method logic here)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import webbrowser
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from cnnscan.errors import CnnscanError
+
+DEFAULT_IMAGE = "sample:chelsea"
+
+EXAMPLES = {
+    "scan": """examples:
+  cnnscan scan                                   # bundled cat photo, bundled model
+  cnnscan scan photo.jpg --out results/          # your photo
+  cnnscan scan photo.jpg --methods gradient,integrated_gradients --top-k 3
+  cnnscan scan photo.jpg --model resnet50 --weights resnet50.pth""",
+    "explain": """examples:
+  cnnscan explain cat.jpg --method integrated_gradients --targets top3
+  cnnscan explain cat.jpg --method smoothgrad --targets 285,"tiger cat" \\
+      --option base=guided_backprop
+  cnnscan explain sample:coffee --method integrated_gradients --option n_steps=auto""",
+    "layers": """examples:
+  cnnscan layers                                 # the bundled model
+  cnnscan layers --model vgg16 --weights none --leaves""",
+    "methods": """examples:
+  cnnscan methods
+  cnnscan methods --family gradient""",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cnnscan",
+        description="A CT scan for convolutional image classifiers: what a network learned "
+        "and why it predicts what it predicts.",
+        epilog="Run `cnnscan COMMAND --help` for examples. Images: a path or sample:NAME "
+        "(chelsea, coffee, astronaut, ...).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        return sub
+
+    def model_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--model", default=None, help="model name (default: efficientnet_lite0)")
+        sub.add_argument(
+            "--weights",
+            default="imagenet",
+            help="imagenet (default), none (random), or a state-dict file (.pt/.pth/.safetensors)",
+        )
+        sub.add_argument("--labels", default=None, help="file with one class name per line")
+        sub.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0")
+        sub.add_argument(
+            "--trust-pickle",
+            action="store_true",
+            help="allow loading a pickled full model (runs code from the file)",
+        )
+
+    scan = command("scan", "Full report: top-k predictions and every method for each class.")
+    scan.add_argument("image", nargs="?", default=DEFAULT_IMAGE, help="image path or sample:NAME")
+    model_options(scan)
+    scan.add_argument("--out", default="cnnscan-report", help="output folder")
+    scan.add_argument("--top-k", type=int, default=5, help="classes to explain (default 5)")
+    scan.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
+    scan.add_argument("--open", action="store_true", help="open the report in a browser")
+
+    explain = command("explain", "One method, one image, chosen targets.")
+    explain.add_argument("image", help="image path or sample:NAME")
+    explain.add_argument("--method", required=True, help="method name (see `cnnscan methods`)")
+    explain.add_argument("--targets", default="top1", help="topK, or comma-separated ids/names")
+    explain.add_argument("--layer", default=None, help="layer name for layer methods")
+    explain.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option (repeatable), e.g. n_steps=100",
+    )
+    explain.add_argument("--view", default=None, help="heatmap, grayscale, colour, positive, ...")
+    explain.add_argument("--out", default="cnnscan-explain", help="output folder")
+    model_options(explain)
+
+    layers = command("layers", "Table of layers: name, type, output shape, parameters.")
+    model_options(layers)
+    layers.add_argument("--image", default=DEFAULT_IMAGE, help="image used for the shapes")
+    layers.add_argument("--leaves", action="store_true", help="only leaf modules")
+
+    methods = command("methods", "List the explanation methods.")
+    methods.add_argument("--family", default=None)
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from cnnscan.models import load_model
+
+    weights = None if str(args.weights).lower() == "none" else args.weights
+    return load_model(
+        args.model,
+        weights=weights,
+        labels=args.labels,
+        device=args.device,
+        trust_pickle=args.trust_pickle,
+    )
+
+
+def _parse_value(text: str) -> Any:
+    """Option values: JSON where it parses (numbers, booleans, lists), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _parse_targets(text: str) -> Any:
+    if text.lower().startswith("top"):
+        return text
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    return [int(p) if p.lstrip("-").isdigit() else p for p in parts]
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    from cnnscan.report import default_methods, run_scan, write_report
+
+    methods = args.methods.split(",") if args.methods else default_methods()
+    model = _load(args)
+    name = args.image if args.image.startswith("sample:") else Path(args.image).name
+    with tqdm(total=len(methods), desc="scan", unit="method", file=sys.stderr, delay=1.0) as bar:
+
+        def progress(method: str) -> None:
+            bar.set_postfix_str(method)
+            bar.update(1)
+
+        result = run_scan(
+            model,
+            args.image,
+            methods=[m.strip() for m in methods],
+            top_k=args.top_k,
+            image_name=name,
+            progress=progress,
+        )
+    path = write_report(result, args.out)
+    for p in result.predictions:
+        print(f"{p['rank']}. {p['class_id']:4d} {p['label']:<30} {p['probability']:.4f}")
+    total = sum(result.seconds.values())
+    print(f"scanned in {total:.1f} s; report: {path.resolve()}")
+    if args.open:
+        webbrowser.open(path.resolve().as_uri())
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from cnnscan.explain import explain
+    from cnnscan.methods import get_method
+
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CnnscanError(f"--option expects KEY=VALUE, got {item!r}")
+        options[key.strip()] = _parse_value(value)
+    info = get_method(args.method)
+    attr = explain(
+        _load(args),
+        args.image,
+        info.name,
+        targets=_parse_targets(args.targets),
+        layer=args.layer,
+        **options,
+    )
+    written = attr.save(args.out, kind=args.view or info.view)
+    for t in range(attr.targets.shape[1]):
+        print(f"{info.name} for {attr.label(0, t)}")
+    for key, value in attr.summary()["extras"].items():
+        print(f"  {key}: {value}")
+    print(f"wrote {len(written)} files to {Path(args.out).resolve()}")
+    return 0
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from cnnscan.explain import make_scan
+
+    model = _load(args)
+    rows = make_scan(model, args.image).layer_table()
+    if args.leaves:
+        rows = [row for row in rows if row.is_leaf]
+    width = max(len(row.name) for row in rows) + 2
+    print(f"{'layer':<{width}}{'type':<28}{'output shape':<20}{'parameters':>12}")
+    for row in rows:
+        shape = "×".join(map(str, row.output_shape)) if row.output_shape else "-"
+        print(f"{row.name:<{width}}{row.type:<28}{shape:<20}{row.parameters:>12,}")
+    print(f"{model.name}: {sum(p.numel() for p in model.module.parameters()):,} parameters")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from cnnscan.methods import list_methods
+
+    for info in list_methods(args.family):
+        print(f"{info.name:<22}{info.family:<12}{info.description}")
+    return 0
+
+
+_COMMANDS = {
+    "scan": _cmd_scan,
+    "explain": _cmd_explain,
+    "layers": _cmd_layers,
+    "methods": _cmd_methods,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: returns the exit code (0 ok, 1 error, 2 usage error)."""
+    args = _parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("cnnscan: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        kind = "error" if isinstance(e, CnnscanError) else f"error ({type(e).__name__})"
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"cnnscan: {kind}: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Find layers by name, capture their outputs during a forward, and tabulate a model.
+
+A layer is named by its dotted module name (`features.28`, `layer4`). A module that runs
+more than once per forward (the default model's `_swish`) is named per call: `_swish@0`,
+`_swish@1`. Asking for such a module without `@k` is an error listing its calls, so two
+calls are never silently mixed.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import difflib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cnnscan.errors import LayerError
+
+_active_capture: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "cnnscan_capture", default=None
+)
+
+# Modules that only pool, drop or pass through: never the default layer to explain.
+_NOT_FEATURE_LAYERS = (
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+    nn.Flatten,
+)
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """A module name and, for modules run several times per forward, which call."""
+
+    name: str
+    call: int | None = None
+
+    @classmethod
+    def parse(cls, text: str | LayerRef) -> LayerRef:
+        if isinstance(text, LayerRef):
+            return text
+        name, sep, call = str(text).rpartition("@")
+        if sep and call.isdigit():
+            return cls(name, int(call))
+        return cls(str(text))
+
+    def __str__(self) -> str:
+        return self.name if self.call is None else f"{self.name}@{self.call}"
+
+
+def layer_names(root: nn.Module) -> list[str]:
+    """Dotted names of every submodule, in definition order."""
+    return [name for name, _ in root.named_modules() if name]
+
+
+def get_module(root: nn.Module, name: str) -> nn.Module:
+    """The submodule called `name`, or a LayerError listing the valid names."""
+    modules = dict(root.named_modules())
+    if name and name in modules:
+        return modules[name]
+    names = layer_names(root)
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    listing = ", ".join(names)
+    if len(listing) > 1500:
+        listing = listing[:1500].rsplit(", ", 1)[0] + f", … ({len(names)} in all)"
+    raise LayerError(
+        f"no layer named {name!r}.{hint} Valid names (`cnnscan layers` shows them with "
+        f"shapes): {listing}"
+    )
+
+
+@dataclass
+class _Calls:
+    """The outputs one module produced during a forward, in call order."""
+
+    ref: LayerRef
+    outputs: list[torch.Tensor]
+
+
+class Capture:
+    """Outputs of the requested layers from forwards run inside `capture(...)`."""
+
+    def __init__(self, refs: list[LayerRef]):
+        self._calls = {ref: _Calls(ref, []) for ref in refs}
+
+    def __getitem__(self, ref: str | LayerRef) -> torch.Tensor:
+        ref = LayerRef.parse(ref)
+        calls = self._calls[ref]
+        outputs = calls.outputs
+        if not outputs:
+            raise LayerError(f"layer {ref.name!r} did not run during the forward pass")
+        if ref.call is None:
+            if len(outputs) > 1:
+                shapes = ", ".join(
+                    f"{ref.name}@{i} {tuple(t.shape[1:])}" for i, t in enumerate(outputs)
+                )
+                raise LayerError(
+                    f"layer {ref.name!r} runs {len(outputs)} times per forward; name one call: "
+                    f"{shapes}"
+                )
+            return outputs[0]
+        if ref.call >= len(outputs):
+            raise LayerError(
+                f"layer {ref.name!r} runs {len(outputs)} time(s) per forward; "
+                f"{ref.name}@{ref.call} does not exist (calls count from 0)"
+            )
+        return outputs[ref.call]
+
+    def refs(self) -> list[LayerRef]:
+        return list(self._calls)
+
+
+@contextmanager
+def capture(root: nn.Module, layers: list[str | LayerRef]) -> Iterator[Capture]:
+    """Record the outputs of `layers` during forwards run in this block (this thread only).
+
+    Outputs stay in the autograd graph, so gradients with respect to them can be taken.
+    Hooks are removed on exit, also when the forward raises.
+    """
+    refs = [LayerRef.parse(layer) for layer in layers]
+    result = Capture(refs)
+    token = object()
+    handles = []
+    try:
+        for ref in refs:
+            module = get_module(root, ref.name)
+            outputs = result._calls[ref].outputs
+
+            def hook(_module, _inputs, output, outputs=outputs):
+                if _active_capture.get() is token and isinstance(output, torch.Tensor):
+                    outputs.append(output)
+
+            handles.append(module.register_forward_hook(hook))
+        reset = _active_capture.set(token)
+        try:
+            yield result
+        finally:
+            _active_capture.reset(reset)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One module call in execution order, for `cnnscan layers` and the report."""
+
+    name: str
+    type: str
+    output_shape: tuple[int, ...] | None
+    parameters: int
+    depth: int
+    is_leaf: bool
+    passthrough: bool  # pooling to a fixed size, dropout, identity, flatten
+
+
+def trace_layers(root: nn.Module, x: torch.Tensor) -> list[LayerRow]:
+    """Run one forward (no gradients) and list every module call in completion order."""
+    rows: list[tuple[str, nn.Module, torch.Tensor | None]] = []
+    token = object()
+    handles = []
+    for name, module in root.named_modules():
+        if not name:
+            continue
+
+        def hook(module, _inputs, output, name=name):
+            if _active_capture.get() is token:
+                rows.append((name, module, output if isinstance(output, torch.Tensor) else None))
+
+        handles.append(module.register_forward_hook(hook))
+    reset = _active_capture.set(token)
+    try:
+        with torch.no_grad():
+            root(x)
+    finally:
+        _active_capture.reset(reset)
+        for handle in handles:
+            handle.remove()
+    counts: dict[str, int] = {}
+    for name, _, _ in rows:
+        counts[name] = counts.get(name, 0) + 1
+    seen: dict[str, int] = {}
+    table = []
+    for name, module, output in rows:
+        call = seen.get(name, 0)
+        seen[name] = call + 1
+        table.append(
+            LayerRow(
+                name=name if counts[name] == 1 else f"{name}@{call}",
+                type=type(module).__name__,
+                output_shape=tuple(output.shape[1:]) if output is not None else None,
+                parameters=sum(p.numel() for p in module.parameters()),
+                depth=name.count("."),
+                is_leaf=not any(True for _ in module.children()),
+                passthrough=isinstance(module, _NOT_FEATURE_LAYERS),
+            )
+        )
+    return table
+
+
+def default_layer(rows: list[LayerRow]) -> str:
+    """The last layer (in completion order) with a spatial 4-D output that is not pooling,
+    dropout or a pass-through: the usual CAM layer (e.g. `layer4`, `features`, `_swish@1`)."""
+    for row in reversed(rows):
+        shape = row.output_shape
+        if (
+            not row.passthrough
+            and shape is not None
+            and len(shape) == 3
+            and shape[1] * shape[2] > 1
+        ):
+            return row.name
+    raise LayerError(
+        "the model has no layer with a spatial (N, C, H, W) output; pass layer= explicitly"
+    )

@@ -1,0 +1,77 @@
+"""How a model wants its pixels: size, resize/crop, interpolation, mean/std, and the way back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Turn an RGB picture into the normalized tensor a model expects.
+
+    `size` is the final (height, width). With `resize_shorter=None` the picture is resized
+    straight to `size`; otherwise its shorter side is resized to `resize_shorter` (aspect
+    kept) and the centre `size` is cropped, as torchvision's ImageNet transforms do.
+    """
+
+    size: tuple[int, int] = (224, 224)
+    resize_shorter: int | None = 256
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}")
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise ValueError(f"size must be (height, width) with positive values, got {self.size}")
+
+    def view(self, image: Image.Image) -> Image.Image:
+        """The RGB picture exactly as the model sees it (resized and cropped, not normalized)."""
+        height, width = self.size
+        resample = _RESAMPLE[self.interpolation]
+        if self.resize_shorter is None:
+            return image.resize((width, height), resample)
+        scale = self.resize_shorter / min(image.size)
+        new_w = max(width, round(image.width * scale))
+        new_h = max(height, round(image.height * scale))
+        resized = image.resize((new_w, new_h), resample)
+        left, top = (new_w - width) // 2, (new_h - height) // 2
+        return resized.crop((left, top, left + width, top + height))
+
+    def __call__(
+        self, image: Image.Image, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """A (1, 3, H, W) float tensor, normalized, on `device`."""
+        pixels = np.asarray(self.view(image), dtype=np.float32) / 255.0
+        tensor = torch.from_numpy(pixels.copy()).permute(2, 0, 1).unsqueeze(0)
+        return self.normalize(tensor.to(device))
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.tensor(self.mean, dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
+        return mean, std
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1] -> model input."""
+        mean, std = self._stats(pixels)
+        return (pixels - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input -> pixels (nominally in [0, 1])."""
+        mean, std = self._stats(x)
+        return x * std + mean

@@ -1,0 +1,196 @@
+"""The full scan of one image: every method for the top-k classes, written as a
+self-contained HTML report (images embedded) plus PNG/NPY/JSON files."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+import torch
+
+import cnnscan
+from cnnscan import render
+from cnnscan.attribution import Attribution
+from cnnscan.explain import ModelLike, make_scan, run_method, top_predictions
+from cnnscan.methods import MethodInfo, get_method, list_methods
+from cnnscan.models import Model, load_model
+
+CELL_PX = 160
+
+
+@dataclass
+class ScanResult:
+    """Everything a full scan computed, before it is written out."""
+
+    model: Model
+    image_name: str
+    view: np.ndarray  # the RGB picture the model saw
+    predictions: list[dict[str, Any]]
+    attributions: dict[str, Attribution]
+    seconds: dict[str, float] = field(default_factory=dict)
+    layers: list[Any] = field(default_factory=list)
+
+
+def default_methods() -> list[str]:
+    """Every registered method that runs in seconds on one image."""
+    return [m.name for m in list_methods()]
+
+
+def run_scan(
+    model: ModelLike,
+    image: Any,
+    *,
+    methods: Sequence[str] | None = None,
+    top_k: int = 5,
+    image_name: str = "image",
+    device: torch.device | str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ScanResult:
+    """One shared forward, then every method for the top-k classes, each timed;
+    `progress(name)` is called as each method finishes."""
+    started = time.perf_counter()
+    model = model if isinstance(model, Model) else load_model(model)
+    infos = [get_method(name) for name in (methods or default_methods())]
+    picture = cnnscan.load_image(image)
+    scan = make_scan(model, model.preprocessing(picture), infos, device=device)
+    seconds = {"load + forward": time.perf_counter() - started}
+    targets = scan.targets(f"top{top_k}")
+    attributions = {}
+    for info in infos:
+        began = time.perf_counter()
+        attributions[info.name] = run_method(scan, info, targets)
+        seconds[info.name] = time.perf_counter() - began
+        if progress:
+            progress(info.name)
+    began = time.perf_counter()
+    layers = scan.layer_table()
+    seconds["layer table"] = time.perf_counter() - began
+    return ScanResult(
+        model=model,
+        image_name=image_name,
+        view=np.asarray(model.preprocessing.view(picture)),
+        predictions=top_predictions(scan, top_k)[0],
+        attributions=attributions,
+        seconds=seconds,
+        layers=layers,
+    )
+
+
+def _b64(rgb: np.ndarray) -> str:
+    return base64.b64encode(render.png_bytes(rgb)).decode("ascii")
+
+
+def _cell_image(attr: Attribution, info: MethodInfo, target: int, view: np.ndarray) -> np.ndarray:
+    if info.view == "heatmap" and info.space == "layer":
+        return attr.image(0, target, "heatmap", background=view)
+    return attr.image(0, target, info.view)
+
+
+def _notes(attr: Attribution) -> list[dict[str, Any]]:
+    notes = []
+    relative = attr.extras.get("completeness_error_relative")
+    if isinstance(relative, torch.Tensor):
+        worst = float(relative.max())
+        notes.append(
+            {
+                "text": f"completeness error ≤ {worst:.2%} of |f(x) − f(x′)| "
+                f"({attr.extras.get('n_steps')} steps, baseline {attr.extras.get('baseline')})",
+                "warn": worst > 0.05,
+            }
+        )
+    if "warning" in attr.extras:
+        notes.append({"text": attr.extras["warning"], "warn": True})
+    return notes
+
+
+def write_report(result: ScanResult, out: str | Path) -> Path:
+    """Write report.html, predictions.json, timings.json and per-method PNG/NPY files."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "predictions.json").write_text(json.dumps(result.predictions, indent=2))
+    (out / "timings.json").write_text(json.dumps(result.seconds, indent=2))
+    infos = [get_method(name) for name in result.attributions]
+    for info in infos:
+        result.attributions[info.name].save(out / "maps" / info.name, kind=info.view)
+    methods = [
+        {
+            "name": info.name,
+            "family": info.family,
+            "description": info.description,
+            "cost": info.cost,
+            "paper": info.paper,
+            "view": info.view,
+            "seconds": result.seconds.get(info.name, 0.0),
+            "notes": _notes(result.attributions[info.name]),
+        }
+        for info in infos
+    ]
+    grid = []
+    for t, prediction in enumerate(result.predictions):
+        cells = []
+        for info in infos:
+            attr = result.attributions[info.name]
+            caption = ""
+            relative = attr.extras.get("completeness_error_relative")
+            if isinstance(relative, torch.Tensor):
+                caption = f"completeness err {float(relative[0, t]):.1%}"
+            cells.append(
+                {
+                    "png": _b64(_cell_image(attr, info, t, result.view)),
+                    "alt": f"{info.name} for {prediction['label']}",
+                    "caption": caption,
+                }
+            )
+        grid.append(
+            {
+                "label": f"{prediction['class_id']} {prediction['label']}",
+                "probability": prediction["probability"],
+                "cells": cells,
+            }
+        )
+    html = _template().render(
+        model_name=result.model.name,
+        image_name=result.image_name,
+        input_size=result.model.preprocessing.size,
+        device=str(result.model.device),
+        generated=dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        version=cnnscan.__version__,
+        input_png=_b64(result.view),
+        predictions=result.predictions,
+        methods=methods,
+        grid=grid,
+        views=_top1_views(result),
+        timings=list(result.seconds.items()),
+        layers=result.layers,
+        cell_px=CELL_PX,
+    )
+    path = out / "report.html"
+    path.write_text(html, encoding="utf-8")
+    return path
+
+
+def _top1_views(result: ScanResult) -> list[dict[str, str]]:
+    """The classic saliency views (colour, grayscale, ±) of the gradient-like methods."""
+    views = []
+    for name in ("gradient", "guided_backprop", "deconvnet"):
+        attr = result.attributions.get(name)
+        if attr is None:
+            continue
+        for kind in ("colour", "grayscale", "positive", "negative"):
+            views.append({"title": f"{name} · {kind}", "png": _b64(attr.image(0, 0, kind))})
+    return views
+
+
+def _template() -> jinja2.Template:
+    text = resources.files("cnnscan").joinpath("templates/report.html.j2").read_text("utf-8")
+    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    return environment.from_string(text)

@@ -1,0 +1,255 @@
+"""`Scan`: one forward of a batch of images, cached and shared by every method.
+
+It keeps the logits, the activations of requested layers and the gradients of any number
+of targets (with respect to the input, or to a layer, where autograd only runs through the
+part of the network after that layer). Methods ask the scan; only methods that must
+perturb the input run new forwards, through `gradients_at` / `logits_at`, which batch the
+work at measured sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from cnnscan.batching import adaptive_batches, max_batch_for
+from cnnscan.execution import check_logits, logits_of, runnable
+from cnnscan.layers import LayerRef, LayerRow, capture, default_layer, trace_layers
+from cnnscan.models import Model, load_model
+from cnnscan.relu import Rule, RuleSwitch, switchable_relus
+from cnnscan.targets import Targets, resolve_targets
+
+
+class Indexable(Protocol):
+    """A batch of inputs that may be built lazily, chunk by chunk."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, rows: slice) -> torch.Tensor: ...
+
+
+class Scan:
+    """The shared cache of one forward pass of `inputs` (N, 3, H, W) through `model`.
+
+    `relu_rules=True` runs the forward with switchable ReLUs so that guided backprop and
+    DeconvNet reuse it; `layers` are captured now, others on first request (one more forward).
+    """
+
+    def __init__(
+        self,
+        model: Model | nn.Module | str | None,
+        inputs: torch.Tensor,
+        *,
+        layers: list[str] | tuple[str, ...] = (),
+        relu_rules: bool = True,
+        device: torch.device | str | None = None,
+        batch_size: int | None = None,
+    ):
+        self.model = model if isinstance(model, Model) else load_model(model)
+        self.device = torch.device(device) if device is not None else self.model.device
+        if inputs.ndim == 3:
+            inputs = inputs.unsqueeze(0)
+        if inputs.ndim != 4 or inputs.shape[1] != 3 or not inputs.is_floating_point():
+            raise ValueError(
+                f"inputs must be a float tensor (N, 3, H, W); got {tuple(inputs.shape)} "
+                f"{inputs.dtype}. Images go through cnnscan.load_image / model.preprocess."
+            )
+        self.inputs = inputs.detach().to(self.device)
+        self.relu_rules = relu_rules
+        self.batch_size = batch_size
+        self.switch = RuleSwitch()
+        self._layers: list[LayerRef] = [LayerRef.parse(layer) for layer in layers]
+        self._input_grads: dict[tuple, torch.Tensor] = {}
+        self._layer_grads: dict[tuple, torch.Tensor] = {}
+        self._layer_rows: list[LayerRow] | None = None
+        self._forward()
+
+    # -- the shared forward -------------------------------------------------------------
+    def _forward(self) -> None:
+        with ExitStack() as stack:
+            runner = stack.enter_context(runnable(self.model.module, self.device))
+            captured = stack.enter_context(capture(runner, self._layers))
+            if self.relu_rules:
+                stack.enter_context(switchable_relus(self.switch))
+            saved = stack.enter_context(_saved_bytes(runner.parameters()))
+            x = _match_format(self.inputs, runner).requires_grad_(True)
+            logits = logits_of(runner(x))
+        check_logits(logits)
+        self._x, self.logits, self._captured = x, logits, captured
+        self.bytes_per_item = saved.total // len(x)
+        self._activations = {ref: captured[ref] for ref in self._layers}
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        return self.logits.detach().softmax(dim=1)
+
+    def top(self, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities, class ids), each (N, k), best first."""
+        return self.probabilities.topk(min(k, self.logits.shape[1]), dim=1)
+
+    def targets(self, targets: Targets) -> torch.Tensor:
+        """Resolve user targets against this scan's logits: LongTensor (N, T)."""
+        return resolve_targets(targets, self.logits, self.model.labels)
+
+    def scores(self, targets: torch.Tensor) -> torch.Tensor:
+        """Target logits (N, T)."""
+        return self.logits.detach().gather(1, targets)
+
+    # -- gradients w.r.t. the input ----------------------------------------------------
+    def input_gradients(self, targets: torch.Tensor, rule: Rule = "standard") -> torch.Tensor:
+        """d logit[target] / d input for every target: (N, T, 3, H, W), from the shared forward."""
+        if rule != "standard" and not self.relu_rules:
+            raise RuntimeError(f"the {rule!r} rule needs a Scan made with relu_rules=True")
+        columns = []
+        for t in range(targets.shape[1]):
+            key = (rule, tuple(targets[:, t].tolist()))
+            if key not in self._input_grads:
+                selected = self.logits.gather(1, targets[:, t : t + 1]).sum()
+                with self.switch.use(rule):
+                    (grad,) = torch.autograd.grad(selected, self._x, retain_graph=True)
+                self._input_grads[key] = grad.contiguous()
+            columns.append(self._input_grads[key])
+        return torch.stack(columns, dim=1)
+
+    def iter_gradients(
+        self, inputs: Indexable, targets: torch.Tensor, rule: Rule = "standard"
+    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+        """Gradients at other inputs, chunk by chunk: yields (rows, grads (b, T, 3, H, W),
+        target logits (b, T)). `inputs` is a tensor (M, 3, H, W) or anything with len() and
+        slicing that builds one lazily; `targets` is (M, T). Forwards run in measured batches.
+        """
+        shape = tuple(inputs[0:1].shape[1:])
+        key = ("gradients", shape, targets.shape[1], rule != "standard")
+        with self._runner() as runner:
+            for rows in self.batches(len(inputs), key):
+                with ExitStack() as stack:
+                    if rule != "standard":
+                        stack.enter_context(switchable_relus(RuleSwitch(rule)))
+                    x = _match_format(inputs[rows], runner).requires_grad_(True)
+                    logits = logits_of(runner(x))
+                check_logits(logits)
+                selected = logits.gather(1, targets[rows])
+                grads = torch.empty((len(x), *selected.shape[1:], *shape), device=self.device)
+                for t in range(selected.shape[1]):
+                    last = t == selected.shape[1] - 1
+                    (grads[:, t],) = torch.autograd.grad(
+                        selected[:, t].sum(), x, retain_graph=not last
+                    )
+                yield rows, grads, selected.detach()
+
+    def gradients_at(
+        self, inputs: torch.Tensor, targets: torch.Tensor, rule: Rule = "standard"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All of `iter_gradients` at once: (M, T, 3, H, W) gradients, (M, T) target logits."""
+        grads = torch.empty((*targets.shape, *inputs.shape[1:]), device=self.device)
+        scores = torch.empty(targets.shape, device=self.device)
+        for rows, chunk_grads, chunk_scores in self.iter_gradients(inputs, targets, rule):
+            grads[rows], scores[rows] = chunk_grads, chunk_scores
+        return grads, scores
+
+    def derive(self, inputs: torch.Tensor, *, relu_rules: bool | None = None) -> Scan:
+        """A scan of other inputs (e.g. noisy copies) with this scan's model and settings."""
+        return Scan(
+            self.model,
+            inputs,
+            layers=tuple(str(ref) for ref in self._layers),
+            relu_rules=self.relu_rules if relu_rules is None else relu_rules,
+            device=self.device,
+            batch_size=self.batch_size,
+        )
+
+    def batches(self, total: int, key: tuple, per_item: int | None = None) -> Iterator[slice]:
+        """Slices of range(total) at a measured batch size within the memory budget."""
+        limit = max_batch_for(per_item if per_item is not None else self.bytes_per_item)
+        full_key = (id(self.model.module), self.device.type, *key)
+        return adaptive_batches(total, full_key, limit, fixed=self.batch_size)
+
+    def logits_at(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits (M, classes) at other inputs, without gradients, in measured batches."""
+        out = []
+        key = ("logits_at", tuple(inputs.shape[1:]))
+        with self._runner() as runner, torch.no_grad():
+            for chunk in self.batches(len(inputs), key, per_item=self.bytes_per_item // 4):
+                logits = logits_of(runner(_match_format(inputs[chunk], runner)))
+                check_logits(logits)
+                out.append(logits)
+        return torch.cat(out)
+
+    # -- layers ------------------------------------------------------------------------
+    def layer_table(self) -> list[LayerRow]:
+        """Every module call with its output shape and parameter count (one extra forward)."""
+        if self._layer_rows is None:
+            with self._runner() as runner:
+                self._layer_rows = trace_layers(runner, self.inputs[:1])
+        return self._layer_rows
+
+    def default_layer(self) -> str:
+        return default_layer(self.layer_table())
+
+    def activations(self, layer: str | LayerRef) -> torch.Tensor:
+        """The output of `layer` for this batch, still in the autograd graph."""
+        ref = LayerRef.parse(layer)
+        if ref not in self._activations:
+            self._layers.append(ref)
+            self._forward()  # re-captures all requested layers; cached gradients stay valid
+        return self._activations[ref]
+
+    def layer_gradients(self, layer: str | LayerRef, targets: torch.Tensor) -> torch.Tensor:
+        """d logit[target] / d activations for every target: (N, T, *activation shape).
+
+        Autograd runs only through the part of the network after the layer.
+        """
+        ref = LayerRef.parse(layer)
+        acts = self.activations(ref)
+        columns = []
+        for t in range(targets.shape[1]):
+            key = (ref, tuple(targets[:, t].tolist()))
+            if key not in self._layer_grads:
+                selected = self.logits.gather(1, targets[:, t : t + 1]).sum()
+                with self.switch.use("standard"):
+                    (grad,) = torch.autograd.grad(selected, acts, retain_graph=True)
+                self._layer_grads[key] = grad
+            columns.append(self._layer_grads[key])
+        return torch.stack(columns, dim=1)
+
+    # -- helpers -------------------------------------------------------------------------
+    @contextmanager
+    def _runner(self) -> Iterator[nn.Module]:
+        with runnable(self.model.module, self.device) as runner:
+            yield runner
+
+
+def _match_format(x: torch.Tensor, runner: nn.Module) -> torch.Tensor:
+    """Give the input the memory format of the working copy's convolutions (a copy)."""
+    conv = next((m for m in runner.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is not None and conv.weight.is_contiguous(memory_format=torch.channels_last):
+        return x.contiguous(memory_format=torch.channels_last).clone()
+    return x.clone()
+
+
+class _SavedBytes:
+    total = 0
+
+
+@contextmanager
+def _saved_bytes(shared: Iterable[torch.Tensor]) -> Iterator[_SavedBytes]:
+    """Count the bytes autograd saves for backward during the block (the graph's memory),
+    leaving out `shared` tensors such as the parameters."""
+    counter = _SavedBytes()
+    seen = {t.untyped_storage().data_ptr() for t in shared}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            counter.total += storage.nbytes()
+        return tensor
+
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield counter
