@@ -80,8 +80,7 @@ def test_unknown_rule_is_rejected():
 @pytest.mark.parametrize("method", ["guided_backprop", "deconvnet"])
 def test_methods_agree_across_relu_forms(method):
     maps = [
-        cnnscan.explain(SmallConvNet(form), X, method, targets=[0, 3]).maps
-        for form in RELU_FORMS
+        cnnscan.explain(SmallConvNet(form), X, method, targets=[0, 3]).maps for form in RELU_FORMS
     ]
     for other in maps[1:]:
         torch.testing.assert_close(other, maps[0], rtol=0, atol=0)

@@ -179,4 +179,3 @@ def _to_uint8(pixels: np.ndarray, where: str) -> np.ndarray:
             raise ImageError(f"{where} has integer values outside 0..65535")
         return (pixels.astype(np.float64) * (255 / high)).round().astype(np.uint8)
     raise ImageError(f"{where} has unsupported pixel type {pixels.dtype}")
-

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cnnscan.images import load_image
 from PIL import Image
 from torch import nn
 
 from cnnscan.errors import ModelError
+from cnnscan.images import load_image
 from cnnscan.labels import resolve_labels
 from cnnscan.preprocessing import Preprocessing
 
