@@ -63,11 +63,11 @@ def sample_image(name: str = "chelsea") -> Image.Image:
 def load_image(source: ImageLike, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """An RGB PIL image from a path, "sample:NAME", PIL image, array, bytes or binary file.
 
-    Arrays may be (H, W), (H, W, 1|3|4), uint8, uint16 or float in [0, 1].
+    Arrays may be (H, W), (H, W, 1|3|4): uint8, uint16 (16-bit), or float in [0, 1] or
+    [0, 255]. Sizes are checked against `max_pixels` before anything is decoded.
     """
     if isinstance(source, Image.Image):
-        _check_size(source.size, "the image", max_pixels)
-        return _to_rgb(source, "the image")
+        return _from_pil(source, "the image", max_pixels)
     if isinstance(source, np.ndarray):
         return _from_array(source, "the array", max_pixels)
     if isinstance(source, bytes | bytearray):
@@ -82,7 +82,11 @@ def load_image(source: ImageLike, *, max_pixels: int = MAX_PIXELS) -> Image.Imag
             raise ImageError(f"no such image file: {path}")
         if path.is_dir():
             raise ImageError(f"{path} is a folder, not an image (use `cnnscan batch` for folders)")
-        with path.open("rb") as handle:
+        try:
+            handle = path.open("rb")
+        except OSError as e:
+            raise ImageError(f"cannot open {path}: {e.strerror or e}") from e
+        with handle:
             return _decode(handle, str(path), max_pixels)
     raise ImageError(
         f"cannot read an image from a {type(source).__name__}; pass a path, 'sample:NAME', "
@@ -91,26 +95,52 @@ def load_image(source: ImageLike, *, max_pixels: int = MAX_PIXELS) -> Image.Imag
 
 
 def _decode(handle: IO[bytes], where: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    if _is_empty(handle):
+        raise ImageError(f"{where}: empty (0 bytes), no image in it")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(handle)
-            _check_size(image.size, where, max_pixels)
-            image.seek(0)  # animations: the first frame
-            image.load()
-    except ImageError:
-        raise
+            image = Image.open(handle)  # reads the header only
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{where} is too large to decode safely ({e})") from e
+        raise ImageError(f"{where} is too large to decode safely ({e}); resize it first") from e
     except UnidentifiedImageError as e:
         raise ImageError(
             f"{where} is not an image cnnscan can read (empty, corrupt or an unknown format); "
             "use JPEG, PNG, WebP, BMP, GIF or TIFF"
         ) from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageError(f"{where} is damaged and cannot be read ({e})") from e
+    return _from_pil(image, where, max_pixels, first_frame=True)
+
+
+def _is_empty(handle: IO[bytes]) -> bool:
+    """True for a seekable stream with nothing left to read (the position is kept)."""
+    try:
+        position = handle.tell()
+        empty = handle.seek(0, io.SEEK_END) == position
+        handle.seek(position)
+        return empty
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _from_pil(
+    image: Image.Image, where: str, max_pixels: int, first_frame: bool = False
+) -> Image.Image:
+    """Check the size before decoding, decode (first frame of an animation when read from a
+    file), apply the EXIF orientation and convert to RGB."""
+    _check_size(image.size, where, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if first_frame and getattr(image, "n_frames", 1) > 1:
+                image.seek(0)
+            image.load()
+            rotated = ImageOps.exif_transpose(image) or image
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageError(f"{where} is damaged or truncated and cannot be decoded ({e})") from e
-    image = ImageOps.exif_transpose(image) or image
-    return _to_rgb(image, where)
+    _check_size(rotated.size, where, max_pixels)
+    return _to_rgb(rotated, where)
 
 
 def _check_size(size: tuple[int, int], where: str, max_pixels: int) -> None:
@@ -119,9 +149,14 @@ def _check_size(size: tuple[int, int], where: str, max_pixels: int) -> None:
         raise ImageError(f"{where} has no pixels ({width}×{height})")
     if width * height > max_pixels:
         raise ImageError(
-            f"{where} is {width}×{height} = {width * height / 1e6:.0f} MP, above the "
-            f"{max_pixels / 1e6:.0f} MP limit; resize it first or pass max_pixels= if you trust it"
+            f"{where} is {width}×{height} = {_megapixels(width * height)}, above the "
+            f"{_megapixels(max_pixels)} limit; resize it first or pass max_pixels= if you "
+            "trust it"
         )
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.0f} MP" if pixels >= 10_000_000 else f"{pixels:,} pixels"
 
 
 def _to_rgb(image: Image.Image, where: str) -> Image.Image:
@@ -130,7 +165,7 @@ def _to_rgb(image: Image.Image, where: str) -> Image.Image:
     if mode == "RGB":
         return image.copy()
     if mode in ("I", "F") or mode.startswith("I;16"):
-        return _from_array(np.asarray(image), where)
+        return _from_array(np.asarray(image), where, max_pixels=image.width * image.height)
     if mode in ("RGBA", "LA", "PA", "La", "RGBa", "P"):  # palette may hold transparency
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -170,12 +205,19 @@ def _to_uint8(pixels: np.ndarray, where: str) -> np.ndarray:
     if np.issubdtype(pixels.dtype, np.floating):
         if not np.isfinite(pixels).all():
             raise ImageError(f"{where} contains NaN or Inf values")
-        high = 255.0 if pixels.max(initial=0) > 1.0 else 1.0
-        return (np.clip(pixels / high, 0, 1) * 255).round().astype(np.uint8)
+        low, high = float(pixels.min(initial=0)), float(pixels.max(initial=0))
+        if low < -1e-3 or high > 255.0:
+            raise ImageError(
+                f"{where} has float values from {low:.3g} to {high:.3g}; pictures need values "
+                "in [0, 1] or [0, 255] (pass a normalized model input as a torch tensor instead)"
+            )
+        scale = 255.0 if high > 1.0 else 1.0
+        return (np.clip(pixels / scale, 0, 1) * 255).round().astype(np.uint8)
     if np.issubdtype(pixels.dtype, np.integer):
-        # 16-bit data (uint16, or PIL's 32-bit "I" mode holding 16-bit values) -> 8 bits.
-        high = 255 if pixels.max(initial=0) <= 255 else 65535
         if pixels.min(initial=0) < 0 or pixels.max(initial=0) > 65535:
             raise ImageError(f"{where} has integer values outside 0..65535")
-        return (pixels.astype(np.float64) * (255 / high)).round().astype(np.uint8)
+        # uint16 is 16-bit data whatever its values (a dark 16-bit scan stays dark); other
+        # integer types (PIL's 32-bit "I" mode, int64 arrays) are 16-bit only above 255.
+        sixteen = pixels.dtype == np.uint16 or pixels.max(initial=0) > 255
+        return (pixels.astype(np.float64) / (257 if sixteen else 1)).round().astype(np.uint8)
     raise ImageError(f"{where} has unsupported pixel type {pixels.dtype}")
