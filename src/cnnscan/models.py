@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import pickle
 import urllib.error
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -68,13 +69,29 @@ def load_model(
     if isinstance(source, Model):
         model = source
     elif isinstance(source, nn.Module):
-        model = _wrap(source, name=type(source).__name__)
+        model = _wrap(source, type(source).__name__, preprocessing)
     elif source is None or str(source).lower() in _DEFAULT_ALIASES:
         model = _bundled_default(weights)
-    elif Path(source).suffix in {".pt", ".pth", ".bin", ".ckpt"} and Path(source).exists():
-        model = _wrap(_load_pickled(Path(source), trust_pickle), name=Path(source).stem)
-    else:
+    elif isinstance(source, str | Path) and _looks_like_file(source):
+        path = Path(source)
+        if not path.is_file():
+            raise ModelError(
+                f"no such model file: {path}. For weights of a named architecture use "
+                "load_model('ARCH', weights=path)."
+            )
+        if path.suffix == ".safetensors":
+            raise ModelError(
+                f"{path} holds weights only; pass the architecture and the file: "
+                "load_model('ARCH', weights=path) (CLI: --model ARCH --weights PATH)"
+            )
+        model = _wrap(_load_pickled(path, trust_pickle), name=path.stem)
+    elif isinstance(source, str | Path):
         model = _torchvision(str(source), weights)
+    else:
+        raise ModelError(
+            f"cannot make a model from a {type(source).__name__}; pass a model name, a file, "
+            "an nn.Module or nothing (the bundled default)"
+        )
     if labels is not None:
         model = replace(model, labels=resolve_labels(labels, model.num_classes))
     if preprocessing is not None:
@@ -82,6 +99,14 @@ def load_model(
     if device is not None:
         model.module.to(device)
     return model
+
+
+_MODEL_FILE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".safetensors"}
+
+
+def _looks_like_file(source: str | Path) -> bool:
+    path = Path(source)
+    return isinstance(source, Path) or path.suffix in _MODEL_FILE_SUFFIXES or path.exists()
 
 
 def _wrap(module: nn.Module, name: str, preprocessing: Preprocessing | None = None) -> Model:
@@ -100,7 +125,17 @@ def _count_outputs(module: nn.Module, preprocessing: Preprocessing) -> int:
         return last_linear[-1].out_features
     from cnnscan.execution import forward_logits  # a forward is the only way to know
 
-    return forward_logits(module, torch.zeros(1, 3, *preprocessing.size)).shape[1]
+    probe = torch.zeros(1, 3, *preprocessing.size)
+    try:
+        return forward_logits(module, probe).shape[1]
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(
+            f"could not count the model's classes: it fails on a {tuple(probe.shape)} input "
+            f"({type(e).__name__}: {e}); pass preprocessing=Preprocessing(size=(H, W)) with "
+            "the input size it expects"
+        ) from e
 
 
 def _bundled_default(weights: str | Path | None) -> Model:
@@ -130,6 +165,8 @@ def _torchvision(name: str, weights: str | Path | None) -> Model:
     import torchvision
 
     names = torchvision_names()
+    key = name.strip().lower().replace("-", "_")
+    name = key if key in names else name
     if name not in names:
         close = difflib.get_close_matches(name, [*names, DEFAULT_MODEL], n=5, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -144,8 +181,9 @@ def _torchvision(name: str, weights: str | Path | None) -> Model:
         except (urllib.error.URLError, OSError, RuntimeError) as e:
             raise ModelError(
                 f"could not download ImageNet weights for {name!r} ({e}). Offline? Download "
-                f"{default_weights.url} elsewhere and pass weights=PATH (or --weights PATH), "
-                "or use weights=None for random weights."
+                f"{default_weights.url} elsewhere and pass weights=PATH (CLI: --weights PATH), "
+                f"or put the file in {_hub_checkpoints()}, or use weights=None for random "
+                "weights."
             ) from e
     else:
         module = torchvision.models.get_model(name, weights=None)
@@ -167,6 +205,10 @@ def _torchvision(name: str, weights: str | Path | None) -> Model:
     return model
 
 
+def _hub_checkpoints() -> str:
+    return str(Path(torch.hub.get_dir()) / "checkpoints")
+
+
 def load_weights(module: nn.Module, path: str | Path) -> None:
     """Load a state dict: `.pt/.pth` (weights_only, never arbitrary pickle) or `.safetensors`."""
     path = Path(path)
@@ -183,12 +225,36 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except ModelError:
         raise
-    except Exception as e:
+    except pickle.UnpicklingError as e:
+        if "unsupported global" not in str(e).lower():
+            raise ModelError(
+                f"cannot read weights from {path}: it is not a PyTorch checkpoint (a file "
+                "written by torch.save(model.state_dict(), path)) or it is damaged"
+            ) from e
         raise ModelError(
-            f"cannot read weights from {path}: {e}. Expected a state_dict saved with "
+            f"{path} is not a plain state_dict (it pickles Python objects, e.g. a whole "
+            "model); load it with load_model(path, trust_pickle=True) if you trust it, or "
+            "save torch.save(model.state_dict(), path)"
+        ) from e
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"cannot read weights from {path}: {first_line}. Expected a state_dict saved with "
             "torch.save(model.state_dict(), path) or a .safetensors file."
         ) from e
     state = _unwrap_state_dict(state, path)
+    expected = module.state_dict()
+    wrong = [
+        f"{key} {tuple(value.shape)} in the file vs {tuple(expected[key].shape)} in the model"
+        for key, value in state.items()
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape)
+    ]
+    if wrong:
+        raise ModelError(
+            f"weights in {path} do not fit {type(module).__name__}: {len(wrong)} tensor(s) "
+            f"have other shapes, e.g. {'; '.join(wrong[:3])} (another architecture or number "
+            "of classes?)"
+        )
     result = module.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ModelError(
@@ -212,6 +278,16 @@ def _unwrap_state_dict(state: Any, path: Path) -> dict[str, torch.Tensor]:
 
 def _load_pickled(path: Path, trust_pickle: bool) -> nn.Module:
     if not trust_pickle:
+        try:  # safe to try: weights_only never runs code from the file
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            state = None
+        if isinstance(state, dict):
+            raise ModelError(
+                f"{path} holds weights (a state_dict), not a model; pass the architecture "
+                "and the file: load_model('ARCH', weights=path) (CLI: --model ARCH --weights "
+                "PATH)"
+            )
         raise ModelError(
             f"{path} may be a pickled model; unpickling runs arbitrary code, so it is off by "
             "default. Pass trust_pickle=True (CLI: --trust-pickle) if you trust the file, or "

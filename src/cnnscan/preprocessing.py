@@ -46,11 +46,17 @@ class Preprocessing:
         resample = _RESAMPLE[self.interpolation]
         if self.resize_shorter is None:
             return image.resize((width, height), resample)
-        scale = self.resize_shorter / min(image.size)
-        new_w = max(width, round(image.width * scale))
-        new_h = max(height, round(image.height * scale))
+        # torchvision's arithmetic exactly: the longer side is truncated, the crop offset
+        # rounded (a crop larger than the resized picture is padded with black, as there).
+        short, long = sorted(image.size)
+        new_long = int(self.resize_shorter * long / short)
+        if image.width <= image.height:
+            new_w, new_h = self.resize_shorter, new_long
+        else:
+            new_w, new_h = new_long, self.resize_shorter
         resized = image.resize((new_w, new_h), resample)
-        left, top = (new_w - width) // 2, (new_h - height) // 2
+        left = round((new_w - width) / 2.0)
+        top = round((new_h - height) / 2.0)
         return resized.crop((left, top, left + width, top + height))
 
     def __call__(
