@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import numbers
 import re
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from cnnscan.errors import TargetError
@@ -31,19 +33,37 @@ def resolve_targets(targets: Targets, logits: torch.Tensor, labels: Sequence[str
         if not 1 <= k <= n_classes:
             raise TargetError(f"{targets!r}: k must be between 1 and {n_classes} (the classes)")
         return logits.detach().topk(k, dim=1).indices
-    if isinstance(targets, str | int):
+    if isinstance(targets, np.ndarray):
+        targets = torch.from_numpy(targets)
+    if isinstance(targets, str | numbers.Integral):
         targets = [targets]
     if isinstance(targets, torch.Tensor):
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise TargetError(
+                f"target tensor has dtype {targets.dtype}; class ids must be integers "
+                "(a LongTensor (n_images, n_targets))"
+            )
         ids = targets.to(device=device, dtype=torch.long)
         if ids.ndim == 0:
             ids = ids.view(1)
-    else:
+    elif isinstance(targets, Sequence):
         targets = list(targets)
-        if targets and all(isinstance(t, Sequence) and not isinstance(t, str) for t in targets):
-            ids = torch.tensor([[_class_id(t, labels) for t in row] for row in targets])
+        if targets and all(_is_row(t) for t in targets):
+            rows = [[_class_id(t, labels) for t in row] for row in targets]
+            if len({len(row) for row in rows}) > 1:
+                raise TargetError(
+                    "each image needs the same number of targets; got rows of lengths "
+                    f"{[len(row) for row in rows]}"
+                )
+            ids = torch.tensor(rows, dtype=torch.long)
         else:
             ids = torch.tensor([_class_id(t, labels) for t in targets], dtype=torch.long)
         ids = ids.to(device)
+    else:
+        raise TargetError(
+            f"targets {targets!r} are not understood; use 'top5', a class id, class names, a "
+            "list of them, or a LongTensor (n_images, n_targets)"
+        )
     if ids.ndim == 1:
         ids = ids.unsqueeze(0).expand(n_images, -1)
     if ids.ndim != 2 or ids.shape[0] != n_images or ids.shape[1] == 0:
@@ -60,18 +80,32 @@ def resolve_targets(targets: Targets, logits: torch.Tensor, labels: Sequence[str
     return ids.contiguous()
 
 
-def _class_id(target: int | str, labels: Sequence[str]) -> int:
-    if isinstance(target, bool):
+def _is_row(target: object) -> bool:
+    if isinstance(target, torch.Tensor | np.ndarray):
+        return target.ndim == 1
+    return isinstance(target, Sequence) and not isinstance(target, str)
+
+
+def _class_id(target: object, labels: Sequence[str]) -> int:
+    if isinstance(target, bool | np.bool_):
         raise TargetError(f"target {target!r} is not a class id or name")
-    if isinstance(target, int):
-        return target
+    if isinstance(target, torch.Tensor | np.ndarray) and target.ndim == 0:
+        target = target.item()
+    if isinstance(target, numbers.Integral):
+        return int(target)
     if isinstance(target, str):
         text = target.strip()
         if text.lstrip("-").isdigit():
             return int(text)
+        if text in labels:  # exact spelling wins ("Cardigan" the corgi, "cardigan" the jacket)
+            return list(labels).index(text)
         lowered = [label.lower() for label in labels]
-        if text.lower() in lowered:
-            return lowered.index(text.lower())
+        matches = [i for i, label in enumerate(lowered) if label == text.lower()]
+        if len(matches) > 1:
+            listing = ", ".join(f"{i} {labels[i]!r}" for i in matches)
+            raise TargetError(f"class name {target!r} is ambiguous: {listing}; use the class id")
+        if matches:
+            return matches[0]
         close = difflib.get_close_matches(text.lower(), lowered, n=5, cutoff=0.6)
         hint = (
             f" Close matches: {', '.join(labels[lowered.index(c)] for c in close)}."
