@@ -132,9 +132,9 @@ def _count_outputs(module: nn.Module, preprocessing: Preprocessing) -> int:
         raise
     except Exception as e:
         raise ModelError(
-            f"could not count the model's classes: it fails on a {tuple(probe.shape)} input "
-            f"({type(e).__name__}: {e}); pass preprocessing=Preprocessing(size=(H, W)) with "
-            "the input size it expects"
+            f"the model fails on a zero {tuple(probe.shape)} input, run to count its classes "
+            f"({type(e).__name__}: {e}); if it expects another input size, pass "
+            "preprocessing=Preprocessing(size=(H, W))"
         ) from e
 
 
