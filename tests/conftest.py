@@ -17,3 +17,30 @@ def default_model() -> cnnscan.Model:
 def chelsea():
     """scikit-image's cat photo as an RGB PIL image (ImageNet class 285 for the default model)."""
     return cnnscan.load_image("sample:chelsea")
+
+
+@pytest.fixture(scope="session")
+def quick_report(tmp_path_factory):
+    """`cnnscan scan` of the cat photo with two fast methods and the top 2 classes, run
+    in-process once: (exit code, output folder, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from cnnscan.cli import main
+
+    out = tmp_path_factory.mktemp("quick-report")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(
+            [
+                "scan",
+                "sample:chelsea",
+                "--methods",
+                "gradient,guided_backprop",
+                "--top-k",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+    return code, out, stdout.getvalue(), stderr.getvalue()

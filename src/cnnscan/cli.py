@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 import webbrowser
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from cnnscan.errors import CnnscanError
+from cnnscan.render import VIEWS
 
 DEFAULT_IMAGE = "sample:chelsea"
 
@@ -76,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("image", nargs="?", default=DEFAULT_IMAGE, help="image path or sample:NAME")
     model_options(scan)
     scan.add_argument("--out", default="cnnscan-report", help="output folder")
-    scan.add_argument("--top-k", type=int, default=5, help="classes to explain (default 5)")
+    scan.add_argument(
+        "--top-k", type=_positive_int, default=5, help="classes to explain (default 5)"
+    )
     scan.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
     scan.add_argument("--open", action="store_true", help="open the report in a browser")
 
@@ -92,7 +96,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="method option (repeatable), e.g. n_steps=100",
     )
-    explain.add_argument("--view", default=None, help="heatmap, grayscale, colour, positive, ...")
+    explain.add_argument(
+        "--view",
+        default=None,
+        choices=VIEWS,
+        help="how the PNGs show the map (default: the method's usual view)",
+    )
     explain.add_argument("--out", default="cnnscan-explain", help="output folder")
     model_options(explain)
 
@@ -104,6 +113,16 @@ def _parser() -> argparse.ArgumentParser:
     methods = command("methods", "List the explanation methods.")
     methods.add_argument("--family", default=None)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
 
 
 def _load(args: argparse.Namespace):
@@ -135,9 +154,11 @@ def _parse_targets(text: str) -> Any:
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
+    from cnnscan.methods import get_method
     from cnnscan.report import default_methods, run_scan, write_report
 
-    methods = args.methods.split(",") if args.methods else default_methods()
+    names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    methods = [get_method(name).name for name in names] if names else default_methods()
     model = _load(args)
     name = args.image if args.image.startswith("sample:") else Path(args.image).name
     with tqdm(total=len(methods), desc="scan", unit="method", file=sys.stderr, delay=1.0) as bar:
@@ -149,7 +170,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         result = run_scan(
             model,
             args.image,
-            methods=[m.strip() for m in methods],
+            methods=methods,
             top_k=args.top_k,
             image_name=name,
             progress=progress,
@@ -211,6 +232,9 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 def _cmd_methods(args: argparse.Namespace) -> int:
     from cnnscan.methods import list_methods
 
+    families = sorted({info.family for info in list_methods()})
+    if args.family is not None and args.family not in families:
+        raise CnnscanError(f"unknown family {args.family!r}; families: {', '.join(families)}")
     for info in list_methods(args.family):
         print(f"{info.name:<22}{info.family:<12}{info.description}")
     return 0
@@ -228,7 +252,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: returns the exit code (0 ok, 1 error, 2 usage error)."""
     args = _parser().parse_args(argv)
     try:
-        return _COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            if not args.debug:  # library deprecation chatter is not the user's business
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+            return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("cnnscan: interrupted", file=sys.stderr)
         return 130

@@ -97,7 +97,10 @@ def load_model(
     if preprocessing is not None:
         model = replace(model, preprocessing=preprocessing)
     if device is not None:
-        model.module.to(device)
+        try:
+            model.module.to(device)
+        except (RuntimeError, AssertionError, ValueError) as e:
+            raise ModelError(f"cannot move the model to device {device!r}: {e}") from e
     return model
 
 

@@ -20,6 +20,7 @@ import torch
 import cnnscan
 from cnnscan import render
 from cnnscan.attribution import Attribution
+from cnnscan.errors import TargetError
 from cnnscan.explain import ModelLike, make_scan, run_method, top_predictions
 from cnnscan.methods import MethodInfo, get_method, list_methods
 from cnnscan.models import Model, load_model
@@ -63,6 +64,9 @@ def run_scan(
     picture = cnnscan.load_image(image)
     scan = make_scan(model, model.preprocessing(picture), infos, device=device)
     seconds = {"load + forward": time.perf_counter() - started}
+    if top_k < 1:
+        raise TargetError(f"top_k must be at least 1, got {top_k}")
+    top_k = min(top_k, scan.logits.shape[1])  # a 3-class model has no top-5
     targets = scan.targets(f"top{top_k}")
     attributions = {}
     for info in infos:

@@ -1,0 +1,388 @@
+"""The `cnnscan` command: outputs of scan/explain/layers/methods, one-line errors, help."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cnnscan
+from cnnscan.cli import main
+
+QUICK_METHODS = ("gradient", "guided_backprop")
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+class Links(HTMLParser):
+    """Every URL-bearing attribute of a page, and whether scripts or styles load from outside."""
+
+    def __init__(self):
+        super().__init__()
+        self.urls: list[tuple[str, str, str]] = []
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            if name in ("src", "href", "srcset", "poster", "data") and value is not None:
+                self.urls.append((tag, name, value))
+
+
+def assert_self_contained(html: str) -> None:
+    links = Links()
+    links.feed(html)
+    images = [u for u in links.urls if u[0] == "img"]
+    assert images, "the report has no images"
+    for tag, name, value in links.urls:
+        if name == "href" and value.startswith("#"):
+            continue
+        assert value.startswith("data:"), f"<{tag} {name}={value[:60]!r}> is not embedded"
+    assert "http://" not in html.split("<body", 1)[0]
+    lowered = html.lower()
+    assert "@import" not in lowered
+    assert "url(http" not in lowered.replace(" ", "")
+
+
+def reference_maps(model, method: str, class_ids: list[int], **options) -> np.ndarray:
+    attr = cnnscan.explain(model, "sample:chelsea", method, targets=class_ids, **options)
+    return attr.maps[0].detach().numpy()
+
+
+# -- scan ------------------------------------------------------------------------------------
+def test_scan_exit_code_and_summary(quick_report):
+    code, out, stdout, stderr = quick_report
+    assert code == 0, stderr
+    assert "Egyptian cat" in stdout
+    assert str((out / "report.html").resolve()) in stdout
+    assert "Traceback" not in stderr
+
+
+def test_scan_predictions_json(quick_report, default_model, chelsea):
+    _, out, _, _ = quick_report
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert isinstance(predictions, list) and len(predictions) == 2
+    for p in predictions:
+        assert {"rank", "class_id", "label", "probability"} <= set(p)
+    assert [p["rank"] for p in predictions] == [1, 2]
+    assert predictions[0]["class_id"] == 285
+    # Probabilities and labels from an independent forward of the model.
+    with torch.no_grad():
+        probabilities = default_model.module(default_model.preprocess(chelsea)).softmax(1)[0]
+    top = probabilities.topk(2)
+    assert [p["class_id"] for p in predictions] == top.indices.tolist()
+    for p, expected in zip(predictions, top.values.tolist(), strict=True):
+        assert p["probability"] == pytest.approx(expected, abs=1e-5)
+        assert p["label"] == cnnscan.labels.imagenet_labels()[p["class_id"]]
+
+
+def test_scan_report_is_self_contained(quick_report):
+    _, out, _, _ = quick_report
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert html.lstrip().lower().startswith("<!doctype html>")
+    assert_self_contained(html)
+
+
+def test_scan_writes_png_and_raw_npy_per_method_and_target(quick_report, default_model):
+    _, out, _, _ = quick_report
+    class_ids = [p["class_id"] for p in json.loads((out / "predictions.json").read_text())]
+    for method in QUICK_METHODS:
+        expected = reference_maps(default_model, method, class_ids)
+        for t, class_id in enumerate(class_ids):
+            (npy,) = out.rglob(f"{method}_img0_class{class_id}.npy")
+            (png,) = out.rglob(f"{method}_img0_class{class_id}.png")
+            raw = np.load(npy)
+            assert raw.shape == expected[t].shape == (3, 224, 224)
+            np.testing.assert_allclose(raw, expected[t], rtol=1e-4, atol=1e-7)
+            with Image.open(png) as picture:
+                assert picture.size == (224, 224)
+                assert picture.mode == "RGB"
+                assert np.asarray(picture).std() > 0  # not a blank picture
+
+
+def test_scan_on_a_file_and_another_model(tmp_path, capsys):
+    picture = tmp_path / "cat.png"
+    cnnscan.sample_image("chelsea").save(picture)
+    code, _, err = run(
+        capsys,
+        "scan",
+        str(picture),
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--methods",
+        "gradient",
+        "--top-k",
+        "3",
+        "--out",
+        str(tmp_path / "r"),
+    )
+    assert code == 0, err
+    predictions = json.loads((tmp_path / "r" / "predictions.json").read_text())
+    assert len(predictions) == 3
+    assert "cat.png" in (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+
+
+def test_scan_top_k_larger_than_the_classes(tmp_path, capsys):
+    from nets import SmallConvNet
+
+    net = SmallConvNet(classes=3)
+    torch.save(net, tmp_path / "full.pt")
+    code, _, err = run(
+        capsys,
+        "scan",
+        "sample:coffee",
+        "--model",
+        str(tmp_path / "full.pt"),
+        "--trust-pickle",
+        "--methods",
+        "gradient",
+        "--out",
+        str(tmp_path / "r"),
+    )
+    assert code == 0, err
+    assert len(json.loads((tmp_path / "r" / "predictions.json").read_text())) == 3
+
+
+@pytest.mark.slow
+def test_full_default_scan(tmp_path, capsys, default_model):
+    code, _, err = run(capsys, "scan", "--out", str(tmp_path))
+    assert code == 0, err
+    predictions = json.loads((tmp_path / "predictions.json").read_text())
+    assert len(predictions) == 5 and predictions[0]["class_id"] == 285
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert_self_contained(html)
+    for info in cnnscan.list_methods():
+        for p in predictions:
+            assert list(tmp_path.rglob(f"{info.name}_img0_class{p['class_id']}.npy")), info.name
+            assert list(tmp_path.rglob(f"{info.name}_img0_class{p['class_id']}.png")), info.name
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert {info.name for info in cnnscan.list_methods()} <= set(timings)
+
+
+# -- explain, layers, methods ------------------------------------------------------------------
+def test_explain_writes_maps_equal_to_the_library(tmp_path, capsys, default_model):
+    code, out, err = run(
+        capsys,
+        "explain",
+        "sample:chelsea",
+        "--method",
+        "gradient_x_input",
+        "--targets",
+        "285,tabby",
+        "--out",
+        str(tmp_path),
+    )
+    assert code == 0, err
+    assert "285 Egyptian cat" in out and "281 tabby" in out
+    expected = reference_maps(default_model, "gradient_x_input", [285, 281])
+    for t, class_id in enumerate([285, 281]):
+        raw = np.load(tmp_path / f"gradient_x_input_img0_class{class_id}.npy")
+        np.testing.assert_allclose(raw, expected[t], rtol=1e-4, atol=1e-7)
+        assert (tmp_path / f"gradient_x_input_img0_class{class_id}.png").is_file()
+
+
+def test_explain_options_reach_the_method(tmp_path, capsys, default_model):
+    code, _, err = run(
+        capsys,
+        "explain",
+        "sample:chelsea",
+        "--method",
+        "smoothgrad",
+        "--targets",
+        "top1",
+        "--option",
+        "n_samples=2",
+        "--option",
+        "noise_level=0.3",
+        "--option",
+        "base=gradient",
+        "--out",
+        str(tmp_path),
+    )
+    assert code == 0, err
+    expected = reference_maps(
+        default_model, "smoothgrad", [285], n_samples=2, noise_level=0.3, base="gradient"
+    )
+    np.testing.assert_allclose(
+        np.load(tmp_path / "smoothgrad_img0_class285.npy"), expected[0], rtol=1e-4, atol=1e-7
+    )
+    summary = json.loads((tmp_path / "smoothgrad.json").read_text())
+    assert summary["extras"]["n_samples"] == 2
+
+
+def test_explain_view_is_validated_up_front(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["explain", "sample:chelsea", "--method", "gradient", "--view", "nope"])
+    assert info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_layers_table(capsys, default_model):
+    code, out, err = run(capsys, "layers")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["layer", "type"]
+    swish = [line for line in lines if line.startswith("_swish@")]
+    assert [line.split()[0] for line in swish] == ["_swish@0", "_swish@1"]
+    assert "1280×7×7" in swish[1] and "ReLU6" in swish[1]
+    fc = next(line for line in lines if line.startswith("_fc "))
+    assert fc.split()[-1] == f"{1280 * 1000 + 1000:,}"
+    total = sum(p.numel() for p in default_model.module.parameters())
+    assert f"{total:,} parameters" in lines[-1]
+
+
+def test_layers_leaves_only(capsys):
+    code, out, err = run(capsys, "layers", "--model", "resnet18", "--weights", "none", "--leaves")
+    assert code == 0, err
+    names = [line.split()[0] for line in out.splitlines()[1:-1]]
+    assert "layer1.0.conv1" in names and "fc" in names
+    assert "layer1" not in names and "layer1.0" not in names
+
+
+def test_methods_lists_every_registered_method(capsys):
+    code, out, _ = run(capsys, "methods")
+    assert code == 0
+    listed = [line.split()[0] for line in out.splitlines()]
+    assert listed == [info.name for info in cnnscan.list_methods()]
+    code, out, _ = run(capsys, "methods", "--family", "gradient")
+    assert code == 0
+    assert [line.split()[1] for line in out.splitlines()] == ["gradient"] * len(
+        cnnscan.list_methods("gradient")
+    )
+
+
+# -- errors: one line, no traceback, exit code 1 --------------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["scan", "no/such/cat.jpg", "--methods", "gradient"], "no such image file"),
+        (["explain", "sample:dog", "--method", "gradient"], "unknown sample"),
+        (["scan", "--model", "resnet5", "--methods", "gradient"], "resnet50"),
+        (["scan", "--methods", "gradient,saliencyy"], "unknown method"),
+        (["explain", "sample:chelsea", "--method", "gradcm"], "unknown method"),
+        (["explain", "sample:chelsea", "--method", "gradient", "--targets", "1000"], "range"),
+        (["explain", "sample:chelsea", "--method", "gradient", "--targets", "kat"], "class name"),
+        (["explain", "sample:chelsea", "--method", "gradient", "--option", "x"], "KEY=VALUE"),
+        (["explain", "sample:chelsea", "--method", "gradient", "--option", "n=1"], "no option"),
+        (["layers", "--weights", "/no/such/weights.pt"], "not found"),
+        (["methods", "--family", "nope"], "unknown family"),
+    ],
+)
+def test_errors_print_one_line(capsys, tmp_path, argv, needle):
+    if argv[0] in ("scan", "explain"):
+        argv = [*argv, "--out", str(tmp_path)]
+    code, _, err = run(capsys, *argv)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("cnnscan: error"), err
+    assert needle in lines[0]
+    assert "Traceback" not in err
+
+
+def test_bad_layer_is_one_line(capsys, tmp_path):
+    layered = [info for info in cnnscan.list_methods() if "layer" in info.options()]
+    if not layered:
+        pytest.skip("no registered method takes a layer yet")
+    code, _, err = run(
+        capsys,
+        "explain",
+        "sample:chelsea",
+        "--method",
+        layered[0].name,
+        "--layer",
+        "_swish@7",
+        "--out",
+        str(tmp_path),
+    )
+    assert code == 1
+    (line,) = err.strip().splitlines()
+    assert line.startswith("cnnscan: error") and "_swish" in line
+
+
+def test_damaged_image_file(capsys, tmp_path):
+    (tmp_path / "cat.jpg").write_text("not a jpeg")
+    code, _, err = run(
+        capsys, "explain", str(tmp_path / "cat.jpg"), "--method", "gradient", "--out", str(tmp_path)
+    )
+    assert code == 1
+    (line,) = err.strip().splitlines()
+    assert line.startswith("cnnscan: error") and "cat.jpg" in line
+
+
+def test_top_k_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["scan", "--top-k", "0"])
+    assert info.value.code == 2
+    assert "positive" in capsys.readouterr().err
+
+
+# -- help ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["scan", "explain", "layers", "methods"])
+def test_help_shows_examples(capsys, command):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out
+    assert f"cnnscan {command}" in out.split("examples:")[1]
+
+
+def test_top_level_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("scan", "explain", "layers", "methods"):
+        assert command in out
+
+
+# -- as a real process -----------------------------------------------------------------------------
+def _subprocess(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "default"}
+    return subprocess.run(
+        argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_exit_codes_of_the_real_command(tmp_path):
+    ok = _subprocess(sys.executable, "-m", "cnnscan.cli", "methods", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "gradient" in ok.stdout
+    bad = _subprocess(
+        sys.executable,
+        "-m",
+        "cnnscan.cli",
+        "explain",
+        "missing.jpg",
+        "--method",
+        "gradient",
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 1
+    (line,) = bad.stderr.strip().splitlines()
+    assert line.startswith("cnnscan: error") and "missing.jpg" in line
+    usage = _subprocess(sys.executable, "-m", "cnnscan.cli", "scan", "--nope", cwd=tmp_path)
+    assert usage.returncode == 2
+
+
+@pytest.mark.skipif(shutil.which("cnnscan") is None, reason="the cnnscan script is not installed")
+def test_installed_script(tmp_path):
+    result = _subprocess(
+        shutil.which("cnnscan"), "explain", "nope.png", "--method", "gradient", cwd=tmp_path
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("cnnscan: error")
