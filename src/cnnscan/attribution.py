@@ -15,6 +15,17 @@ from PIL import Image
 from cnnscan import render
 
 
+def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Maps (N, T, C, h, w) resized to `size` with bilinear interpolation (no corner
+    alignment, as torchvision and the CAM libraries do); unchanged if already that size."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    n, t, c, h, w = maps.shape
+    flat = maps.reshape(n * t, c, h, w).float()
+    resized = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
+    return resized.view(n, t, c, *size)
+
+
 @dataclass
 class Attribution:
     """Raw signed maps (N images, T targets, C, h, w) at the method's native resolution.
@@ -39,13 +50,7 @@ class Attribution:
 
     def upsample(self, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Maps resized (bilinear) to `size`, by default the input's: (N, T, C, H, W)."""
-        size = size or self.input_size
-        if tuple(self.maps.shape[-2:]) == tuple(size):
-            return self.maps
-        n, t, c, h, w = self.maps.shape
-        flat = self.maps.reshape(n * t, c, h, w).float()
-        resized = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
-        return resized.view(n, t, c, *size)
+        return resize_maps(self.maps, size or self.input_size)
 
     def view(self, image: int = 0, target: int = 0, kind: str = "heatmap") -> torch.Tensor:
         """One map at input resolution as display values (see `cnnscan.render.view`)."""

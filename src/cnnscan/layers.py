@@ -76,26 +76,40 @@ def get_module(root: nn.Module, name: str) -> nn.Module:
     )
 
 
-@dataclass
-class _Calls:
-    """The outputs one module produced during a forward, in call order."""
+@dataclass(frozen=True)
+class LayerRow:
+    """One module call in execution order, for `cnnscan layers` and the report."""
 
-    ref: LayerRef
-    outputs: list[torch.Tensor]
+    name: str
+    type: str
+    output_shape: tuple[int, ...] | None
+    parameters: int
+    depth: int
+    is_leaf: bool
+    passthrough: bool  # pooling to a fixed size, dropout, identity, flatten
 
 
 class Capture:
-    """Outputs of the requested layers from forwards run inside `capture(...)`."""
+    """Module outputs recorded during forwards run inside `capture(...)`, in completion order."""
 
-    def __init__(self, refs: list[LayerRef]):
-        self._calls = {ref: _Calls(ref, []) for ref in refs}
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, nn.Module, torch.Tensor | None]] = []
+
+    def outputs(self, name: str) -> list[torch.Tensor]:
+        """Every output of module `name`, one per call."""
+        return [out for called, _, out in self.calls if called == name and out is not None]
+
+    def __contains__(self, ref: str | LayerRef) -> bool:
+        ref = LayerRef.parse(ref)
+        return any(called == ref.name for called, _, _ in self.calls)
 
     def __getitem__(self, ref: str | LayerRef) -> torch.Tensor:
         ref = LayerRef.parse(ref)
-        calls = self._calls[ref]
-        outputs = calls.outputs
+        outputs = self.outputs(ref.name)
         if not outputs:
-            raise LayerError(f"layer {ref.name!r} did not run during the forward pass")
+            raise LayerError(
+                f"layer {ref.name!r} did not run during the forward pass (or returned no tensor)"
+            )
         if ref.call is None:
             if len(outputs) > 1:
                 shapes = ", ".join(
@@ -113,29 +127,53 @@ class Capture:
             )
         return outputs[ref.call]
 
-    def refs(self) -> list[LayerRef]:
-        return list(self._calls)
+    def rows(self) -> list[LayerRow]:
+        """The layer table: every recorded call, named `name@k` where a module runs twice."""
+        counts: dict[str, int] = {}
+        for name, _, _ in self.calls:
+            counts[name] = counts.get(name, 0) + 1
+        seen: dict[str, int] = {}
+        table = []
+        for name, module, output in self.calls:
+            call = seen.get(name, 0)
+            seen[name] = call + 1
+            table.append(
+                LayerRow(
+                    name=name if counts[name] == 1 else f"{name}@{call}",
+                    type=type(module).__name__,
+                    output_shape=tuple(output.shape[1:]) if output is not None else None,
+                    parameters=sum(p.numel() for p in module.parameters()),
+                    depth=name.count("."),
+                    is_leaf=not any(True for _ in module.children()),
+                    passthrough=isinstance(module, _NOT_FEATURE_LAYERS),
+                )
+            )
+        return table
 
 
 @contextmanager
-def capture(root: nn.Module, layers: list[str | LayerRef]) -> Iterator[Capture]:
-    """Record the outputs of `layers` during forwards run in this block (this thread only).
+def capture(root: nn.Module, layers: list[str | LayerRef] | None = None) -> Iterator[Capture]:
+    """Record the outputs of `layers` (None: every submodule) during forwards run in this
+    block (this thread only).
 
     Outputs stay in the autograd graph, so gradients with respect to them can be taken.
     Hooks are removed on exit, also when the forward raises.
     """
-    refs = [LayerRef.parse(layer) for layer in layers]
-    result = Capture(refs)
+    if layers is None:
+        modules = [(name, module) for name, module in root.named_modules() if name]
+    else:
+        names = dict.fromkeys(LayerRef.parse(layer).name for layer in layers)
+        modules = [(name, get_module(root, name)) for name in names]
+    result = Capture()
     token = object()
     handles = []
     try:
-        for ref in refs:
-            module = get_module(root, ref.name)
-            outputs = result._calls[ref].outputs
+        for name, module in modules:
 
-            def hook(_module, _inputs, output, outputs=outputs):
-                if _active_capture.get() is token and isinstance(output, torch.Tensor):
-                    outputs.append(output)
+            def hook(module, _inputs, output, name=name):
+                if _active_capture.get() is token:
+                    tensor = output if isinstance(output, torch.Tensor) else None
+                    result.calls.append((name, module, tensor))
 
             handles.append(module.register_forward_hook(hook))
         reset = _active_capture.set(token)
@@ -148,61 +186,11 @@ def capture(root: nn.Module, layers: list[str | LayerRef]) -> Iterator[Capture]:
             handle.remove()
 
 
-@dataclass(frozen=True)
-class LayerRow:
-    """One module call in execution order, for `cnnscan layers` and the report."""
-
-    name: str
-    type: str
-    output_shape: tuple[int, ...] | None
-    parameters: int
-    depth: int
-    is_leaf: bool
-    passthrough: bool  # pooling to a fixed size, dropout, identity, flatten
-
-
 def trace_layers(root: nn.Module, x: torch.Tensor) -> list[LayerRow]:
     """Run one forward (no gradients) and list every module call in completion order."""
-    rows: list[tuple[str, nn.Module, torch.Tensor | None]] = []
-    token = object()
-    handles = []
-    for name, module in root.named_modules():
-        if not name:
-            continue
-
-        def hook(module, _inputs, output, name=name):
-            if _active_capture.get() is token:
-                rows.append((name, module, output if isinstance(output, torch.Tensor) else None))
-
-        handles.append(module.register_forward_hook(hook))
-    reset = _active_capture.set(token)
-    try:
-        with torch.no_grad():
-            root(x)
-    finally:
-        _active_capture.reset(reset)
-        for handle in handles:
-            handle.remove()
-    counts: dict[str, int] = {}
-    for name, _, _ in rows:
-        counts[name] = counts.get(name, 0) + 1
-    seen: dict[str, int] = {}
-    table = []
-    for name, module, output in rows:
-        call = seen.get(name, 0)
-        seen[name] = call + 1
-        table.append(
-            LayerRow(
-                name=name if counts[name] == 1 else f"{name}@{call}",
-                type=type(module).__name__,
-                output_shape=tuple(output.shape[1:]) if output is not None else None,
-                parameters=sum(p.numel() for p in module.parameters()),
-                depth=name.count("."),
-                is_leaf=not any(True for _ in module.children()),
-                passthrough=isinstance(module, _NOT_FEATURE_LAYERS),
-            )
-        )
-    return table
+    with capture(root) as captured, torch.no_grad():
+        root(x)
+    return captured.rows()
 
 
 def default_layer(rows: list[LayerRow]) -> str:

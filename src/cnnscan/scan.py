@@ -9,7 +9,7 @@ work at measured sizes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Protocol
 
@@ -18,9 +18,10 @@ from torch import nn
 
 from cnnscan.batching import adaptive_batches, max_batch_for
 from cnnscan.execution import check_logits, logits_of, runnable
-from cnnscan.layers import LayerRef, LayerRow, capture, default_layer, trace_layers
+from cnnscan.layers import LayerRef, LayerRow, capture, default_layer, get_module, trace_layers
 from cnnscan.models import Model, load_model
 from cnnscan.relu import Rule, RuleSwitch, switchable_relus
+from cnnscan.split import Head, head_of
 from cnnscan.targets import Targets, resolve_targets
 
 
@@ -35,7 +36,9 @@ class Scan:
     """The shared cache of one forward pass of `inputs` (N, 3, H, W) through `model`.
 
     `relu_rules=True` runs the forward with switchable ReLUs so that guided backprop and
-    DeconvNet reuse it; `layers` are captured now, others on first request (one more forward).
+    DeconvNet reuse it. With `layers=None` the forward records every module's output (and
+    the layer table), so any layer is available without another forward; otherwise only
+    `layers` are recorded and others cost one more forward on first request.
     """
 
     def __init__(
@@ -43,7 +46,7 @@ class Scan:
         model: Model | nn.Module | str | None,
         inputs: torch.Tensor,
         *,
-        layers: list[str] | tuple[str, ...] = (),
+        layers: Sequence[str] | None = None,
         relu_rules: bool = True,
         device: torch.device | str | None = None,
         batch_size: int | None = None,
@@ -61,9 +64,11 @@ class Scan:
         self.relu_rules = relu_rules
         self.batch_size = batch_size
         self.switch = RuleSwitch()
-        self._layers: list[LayerRef] = [LayerRef.parse(layer) for layer in layers]
+        self._capture_all = layers is None
+        self._layers: list[LayerRef] = [LayerRef.parse(layer) for layer in layers or ()]
         self._input_grads: dict[tuple, torch.Tensor] = {}
         self._layer_grads: dict[tuple, torch.Tensor] = {}
+        self._heads: dict[LayerRef, Head] = {}
         self._layer_rows: list[LayerRow] | None = None
         self._forward()
 
@@ -71,7 +76,9 @@ class Scan:
     def _forward(self) -> None:
         with ExitStack() as stack:
             runner = stack.enter_context(runnable(self.model.module, self.device))
-            captured = stack.enter_context(capture(runner, self._layers))
+            captured = stack.enter_context(
+                capture(runner, None if self._capture_all else self._layers)
+            )
             if self.relu_rules:
                 stack.enter_context(switchable_relus(self.switch))
             saved = stack.enter_context(_saved_bytes(runner.parameters()))
@@ -80,7 +87,8 @@ class Scan:
         check_logits(logits)
         self._x, self.logits, self._captured = x, logits, captured
         self.bytes_per_item = saved.total // len(x)
-        self._activations = {ref: captured[ref] for ref in self._layers}
+        if self._capture_all:
+            self._layer_rows = captured.rows()
 
     @property
     def probabilities(self) -> torch.Tensor:
@@ -151,15 +159,19 @@ class Scan:
         return grads, scores
 
     def derive(self, inputs: torch.Tensor, *, relu_rules: bool | None = None) -> Scan:
-        """A scan of other inputs (e.g. noisy copies) with this scan's model and settings."""
-        return Scan(
+        """A scan of other inputs (e.g. noisy copies) with this scan's model and settings;
+        it records only the layers this scan was asked for."""
+        derived = Scan(
             self.model,
             inputs,
-            layers=tuple(str(ref) for ref in self._layers),
+            layers=[str(ref) for ref in self._layers],
             relu_rules=self.relu_rules if relu_rules is None else relu_rules,
             device=self.device,
             batch_size=self.batch_size,
         )
+        if tuple(inputs.shape[1:]) == tuple(self.inputs.shape[1:]):
+            derived._layer_rows = self._layer_rows
+        return derived
 
     def batches(self, total: int, key: tuple, per_item: int | None = None) -> Iterator[slice]:
         """Slices of range(total) at a measured batch size within the memory budget."""
@@ -167,15 +179,20 @@ class Scan:
         full_key = (id(self.model.module), self.device.type, *key)
         return adaptive_batches(total, full_key, limit, fixed=self.batch_size)
 
-    def logits_at(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Logits (M, classes) at other inputs, without gradients, in measured batches."""
+    def logits_at(
+        self, inputs: Indexable, progress: Callable[[int], object] | None = None
+    ) -> torch.Tensor:
+        """Logits (M, classes) at other inputs (a tensor, or built lazily chunk by chunk),
+        without gradients, in measured batches; `progress(n)` after each chunk of n."""
         out = []
-        key = ("logits_at", tuple(inputs.shape[1:]))
+        key = ("logits_at", tuple(inputs[0:1].shape[1:]))
         with self._runner() as runner, torch.no_grad():
             for chunk in self.batches(len(inputs), key, per_item=self.bytes_per_item // 4):
                 logits = logits_of(runner(_match_format(inputs[chunk], runner)))
                 check_logits(logits)
                 out.append(logits)
+                if progress is not None:
+                    progress(len(logits))
         return torch.cat(out)
 
     # -- layers ------------------------------------------------------------------------
@@ -192,15 +209,26 @@ class Scan:
     def activations(self, layer: str | LayerRef) -> torch.Tensor:
         """The output of `layer` for this batch, still in the autograd graph."""
         ref = LayerRef.parse(layer)
-        if ref not in self._activations:
+        get_module(self.model.module, ref.name)  # unknown names: an error listing valid ones
+        if ref not in self._layers:
             self._layers.append(ref)
-            self._forward()  # re-captures all requested layers; cached gradients stay valid
-        return self._activations[ref]
+            if not self._capture_all:
+                self._forward()  # re-records the requested layers; cached gradients stay valid
+        return self._captured[ref]
+
+    def head(self, layer: str | LayerRef) -> Head:
+        """The part of the network after `layer`: logits from replacement activations."""
+        ref = LayerRef.parse(layer)
+        if ref not in self._heads:
+            with self._runner() as runner:
+                self._heads[ref] = head_of(runner, ref, _match_format(self.inputs, runner))
+        return self._heads[ref]
 
     def layer_gradients(self, layer: str | LayerRef, targets: torch.Tensor) -> torch.Tensor:
         """d logit[target] / d activations for every target: (N, T, *activation shape).
 
-        Autograd runs only through the part of the network after the layer.
+        Autograd runs only through the part of the network after the layer. A target whose
+        logit does not depend on the layer gets zeros.
         """
         ref = LayerRef.parse(layer)
         acts = self.activations(ref)
@@ -210,8 +238,10 @@ class Scan:
             if key not in self._layer_grads:
                 selected = self.logits.gather(1, targets[:, t : t + 1]).sum()
                 with self.switch.use("standard"):
-                    (grad,) = torch.autograd.grad(selected, acts, retain_graph=True)
-                self._layer_grads[key] = grad
+                    (grad,) = torch.autograd.grad(
+                        selected, acts, retain_graph=True, allow_unused=True
+                    )
+                self._layer_grads[key] = torch.zeros_like(acts) if grad is None else grad
             columns.append(self._layer_grads[key])
         return torch.stack(columns, dim=1)
 
