@@ -297,16 +297,16 @@ def test_capture_ignores_forwards_of_other_threads():
         thread.start()
         thread.join()
         net(X)
-    assert captured["conv1"].shape[0] == 2  # only this thread's forward, batch 2
-    assert len(captured.outputs("conv1")) == 1
+    # Only this thread's forward (batch 2) was recorded: one call, so no `@k` is needed.
+    assert captured["conv1"].shape[0] == 2
 
 
 def test_forwards_after_the_block_are_not_recorded():
     net = SmallConvNet("module")
     with capture(net, ["conv1"]) as captured:
         net(X)
-    net(X)
-    assert len(captured.outputs("conv1")) == 1
+    net(X[:1])
+    assert captured["conv1"].shape[0] == 2  # one call recorded: the one inside the block
 
 
 # -- outputs modified in place later in the forward -----------------------------------------------
