@@ -295,3 +295,34 @@ def test_models_that_write_their_input_in_place_leave_the_users_tensor_alone():
     except RuntimeError as e:  # autograd refuses in-place ops on a leaf: acceptable, loud
         assert "in-place" in str(e)
     assert torch.equal(x, X)
+
+
+class Leaky(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.LeakyReLU(0.01)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv(x)).mean(dim=(2, 3)))
+
+
+def by_hand(net: nn.Module) -> torch.Tensor:
+    x = X.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(net(x)[:, 0].sum(), x)
+    return grad
+
+
+def test_settings_and_parameter_free_modules_changed_by_the_user_are_seen():
+    net = Leaky()
+    cnnscan.explain(net, X, "gradient", targets=[0])
+    net.act.negative_slope = 0.9  # a plain setting, no tensor changes
+    torch.testing.assert_close(
+        cnnscan.explain(net, X, "gradient", targets=[0]).maps[:, 0], by_hand(net)
+    )
+    net.act = nn.Tanh()  # a replaced module without parameters
+    torch.testing.assert_close(
+        cnnscan.explain(net, X, "gradient", targets=[0]).maps[:, 0], by_hand(net)
+    )

@@ -32,11 +32,29 @@ class _WorkingCopy:
     device: torch.device
 
 
+_SIMPLE = (bool, int, float, str, type(None))
+
+
 def _fingerprint(module: nn.Module) -> tuple:
-    """Changes when a parameter or buffer is replaced or modified in place."""
-    return tuple(
+    """Changes when a parameter or buffer is replaced or modified in place, when a submodule
+    is replaced (also a parameter-free one, e.g. an activation), or when a plain setting of
+    a submodule changes (e.g. `negative_slope`, `inplace`, a flag read by `forward`)."""
+    tensors = tuple(
         (id(t), t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers())
     )
+    structure = tuple(
+        (
+            name,
+            id(sub),
+            tuple(
+                (key, value)
+                for key, value in vars(sub).items()
+                if isinstance(value, _SIMPLE) and key != "training"
+            ),
+        )
+        for name, sub in module.named_modules()
+    )
+    return tensors, structure
 
 
 def _device_of(module: nn.Module) -> torch.device:
