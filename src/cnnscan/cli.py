@@ -162,9 +162,11 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     model = _load(args)
     name = args.image if args.image.startswith("sample:") else Path(args.image).name
     with tqdm(total=len(methods), desc="scan", unit="method", file=sys.stderr, delay=1.0) as bar:
+        bar.set_postfix_str(methods[0])
 
-        def progress(method: str) -> None:
-            bar.set_postfix_str(method)
+        def progress(method: str) -> None:  # called as each method finishes: show the next
+            done = methods.index(method) + 1
+            bar.set_postfix_str(methods[done] if done < len(methods) else "done")
             bar.update(1)
 
         result = run_scan(
