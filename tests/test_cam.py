@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import pytorch_grad_cam as pgc
 import torch
-import torch.nn.functional as F
 import torchcam.methods as tcm
 import torchvision
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -18,6 +17,7 @@ from torch import nn
 import cnnscan
 from cnnscan.attribution import resize_maps
 from cnnscan.errors import LayerError, ModelError
+from cnnscan.layers import unshare
 
 GRADIENT_CAMS = ["gradcam", "gradcam_pp", "xgradcam", "layercam", "hirescam"]
 PGC = {
@@ -56,28 +56,13 @@ def ours_at_input(attr: cnnscan.Attribution, t: int) -> torch.Tensor:
     return minmax(attr.upsample()[0, t, 0])
 
 
-class HeadActivation(nn.Module):
-    """The default model's `_swish` (one ReLU6 called after the stem and after the head)
-    with the second call routed through its own module, so that the peer libraries, which
-    hook modules, can target the head activation."""
-
-    def __init__(self):
-        super().__init__()
-        self.head = nn.ReLU6()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.head(x) if self.calls % 2 == 0 else F.relu6(x)
-
-
 @pytest.fixture(scope="module")
 def default():
     model = cnnscan.load_model()
     x = model.preprocess("sample:chelsea")
-    peer = copy.deepcopy(model.module).eval()
-    peer._swish = HeadActivation()
-    return model, x, peer, peer._swish.head, "_swish@1"
+    # Peers hook modules: give the head's call of the shared `_swish` its own module.
+    peer = unshare(model.module, "_swish", x).eval()
+    return model, x, peer, peer._swish.calls[1], "_swish@1"
 
 
 @pytest.fixture(scope="module")
@@ -165,10 +150,13 @@ def test_score_cam_matches_both_peers_on_small_input():
     model = cnnscan.load_model(module)
     targets = class_ids(model, x, k=2)
     attr = cnnscan.explain(model, x, "scorecam", targets=targets, layer="layer3")
+    aligned = cnnscan.explain(
+        model, x, "scorecam", targets=targets, layer="layer3", align_corners=True
+    )
     with pgc.ScoreCAM(model=module, target_layers=[module.layer3]) as extractor:
         for t, class_id in enumerate(targets):
             theirs = extractor(input_tensor=x, targets=[ClassifierOutputTarget(class_id)])[0]
-            assert pearson(ours_at_input(attr, t), theirs) > 0.999
+            assert pearson(ours_at_input(aligned, t), theirs) > 0.999
     with tcm.ScoreCAM(module, target_layer="layer3", input_shape=(3, 112, 112)) as extractor:
         for t, class_id in enumerate(targets):
             theirs = extractor(class_idx=class_id, scores=module(x))[0][0]
@@ -191,7 +179,8 @@ def test_ablation_cam_matches_pytorch_grad_cam_and_runs_only_the_head(resnet18):
 def test_perturbation_cams_match_pytorch_grad_cam_on_the_default_model(default, name):
     model, x, peer, peer_layer, _ = default
     class_id = class_ids(model, x, k=1)[0]
-    attr = cnnscan.explain(model, x, name, targets=[class_id])
+    options = {"align_corners": True} if name == "scorecam" else {}
+    attr = cnnscan.explain(model, x, name, targets=[class_id], **options)
     with PGC[name](model=peer, target_layers=[peer_layer]) as extractor:
         theirs = extractor(input_tensor=x, targets=[ClassifierOutputTarget(class_id)])[0]
     assert pearson(ours_at_input(attr, 0), theirs) > 0.999

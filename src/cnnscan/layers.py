@@ -9,6 +9,7 @@ calls are never silently mixed.
 from __future__ import annotations
 
 import contextvars
+import copy
 import difflib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -208,3 +209,33 @@ def default_layer(rows: list[LayerRow]) -> str:
     raise LayerError(
         "the model has no layer with a spatial (N, C, H, W) output; pass layer= explicitly"
     )
+
+
+class _PerCall(nn.Module):
+    """Stands in for a module that runs several times per forward: call k of each forward
+    goes through `calls[k]`, its own copy, so hook-based tools can tell the calls apart."""
+
+    def __init__(self, module: nn.Module, n_calls: int):
+        super().__init__()
+        self.calls = nn.ModuleList(copy.deepcopy(module) for _ in range(n_calls))
+        self.count = 0
+
+    def forward(self, *args, **kwargs):
+        module = self.calls[min(self.count, len(self.calls) - 1)]
+        self.count += 1
+        return module(*args, **kwargs)
+
+
+def unshare(root: nn.Module, name: str, x: torch.Tensor) -> nn.Module:
+    """A copy of `root` in which module `name` (run k times per forward on `x`) becomes one
+    module per call, `name.calls.0` ... `name.calls.{k-1}`: for peer libraries that hook
+    modules and cannot pick a call. The copy computes exactly what `root` computes."""
+    with capture(root, [name]) as captured, torch.no_grad():
+        root(x)
+    clone = copy.deepcopy(root)
+    parent_name, _, child = name.rpartition(".")
+    parent = get_module(clone, parent_name) if parent_name else clone
+    per_call = _PerCall(get_module(clone, name), len(captured.outputs(name)))
+    setattr(parent, child, per_call)
+    clone.register_forward_pre_hook(lambda _module, _inputs: setattr(per_call, "count", 0))
+    return clone

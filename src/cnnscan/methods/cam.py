@@ -251,17 +251,28 @@ def eigencam(scan: Scan, targets: torch.Tensor, *, layer: str | None = None) -> 
 # -- Score-CAM: channels as input masks -------------------------------------------------------
 class _MaskedInputs:
     """x[image] · upsampled mask, built chunk by chunk (hundreds of masks at input size
-    never sit in memory at once)."""
+    never sit in memory at once). Masks are min-max scaled at layer resolution and upsampled
+    without corner alignment (torchcam's convention), or with `align_corners` upsampled
+    with aligned corners and then scaled (pytorch-grad-cam's)."""
 
-    def __init__(self, inputs: torch.Tensor, image: torch.Tensor, masks: torch.Tensor):
-        self.inputs, self.image, self.masks = inputs, image, masks
+    def __init__(
+        self, inputs: torch.Tensor, image: torch.Tensor, maps: torch.Tensor, align_corners: bool
+    ):
+        """`maps` (M, 1, h, w) are min-max scaled already; upsampling is affine-equivariant,
+        so scaling again after an aligned-corner upsampling equals scaling only after it."""
+        self.inputs, self.image, self.maps = inputs, image, maps
+        self.align_corners = align_corners
 
     def __len__(self) -> int:
-        return len(self.masks)
+        return len(self.maps)
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         size = tuple(self.inputs.shape[-2:])
-        masks = F.interpolate(self.masks[rows], size=size, mode="bilinear", align_corners=False)
+        masks = F.interpolate(
+            self.maps[rows], size=size, mode="bilinear", align_corners=self.align_corners
+        )
+        if self.align_corners:
+            masks = _minmax(masks)
         return self.inputs[self.image[rows]] * masks
 
 
@@ -275,23 +286,28 @@ class _MaskedInputs:
     cost="1 forward per distinct channel mask",
     paper="Wang et al. 2020, arXiv:1910.01279",
 )
-def scorecam(scan: Scan, targets: torch.Tensor, *, layer: str | None = None) -> MethodResult:
+def scorecam(
+    scan: Scan, targets: torch.Tensor, *, layer: str | None = None, align_corners: bool = False
+) -> MethodResult:
     """One set of masked forwards serves every target. Work whose result is known is
     skipped exactly: constant channels all give the same (all-zero) mask and identical
-    masks the same scores, so each distinct mask runs once."""
+    channel maps the same scores, so each distinct mask runs once. `align_corners=True`
+    builds the masks as pytorch-grad-cam does (the default is torchcam's way)."""
     layer = _layer_name(scan, layer)
     acts = spatial_activations(scan, layer)
     n, k, h, w = acts.shape
-    masks = _minmax(acts.float()).flatten(2)  # (N, K, hw)
+    # Channels that scale to the same mask (all constant ones give zero) run once.
+    scaled = _minmax(acts.float()).flatten(2)  # (N, K, hw)
     distinct, owners, inverse = [], [], []
+    offset = 0
     for i in range(n):
-        unique, index = torch.unique(masks[i], dim=0, return_inverse=True)
-        inverse.append(index + sum(len(d) for d in distinct))
+        unique, index = torch.unique(scaled[i], dim=0, return_inverse=True)
+        inverse.append(index + offset)
+        offset += len(unique)
         distinct.append(unique)
         owners.append(torch.full((len(unique),), i, device=acts.device))
-    unique_masks = torch.cat(distinct).view(-1, 1, h, w)
-    image = torch.cat(owners)
-    masked = _MaskedInputs(scan.inputs, image, unique_masks)
+    maps = torch.cat(distinct).view(-1, 1, h, w)
+    masked = _MaskedInputs(scan.inputs, torch.cat(owners), maps, align_corners)
     with tqdm(
         total=len(masked),
         desc=f"scorecam: {len(masked)} forwards",
