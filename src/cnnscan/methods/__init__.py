@@ -41,6 +41,7 @@ class MethodInfo:
     view: str = "heatmap"  # how reports show it by default (see cnnscan.render.VIEWS)
     cost: str = ""
     paper: str = ""
+    in_default_scan: bool = True  # False: too slow for `cnnscan scan` unless --full/--methods
 
     def options(self) -> dict[str, Any]:
         """Keyword options and their defaults."""
@@ -73,9 +74,15 @@ def get_method(name: str) -> MethodInfo:
     raise MethodError(f"unknown method {name!r}.{hint} Available: {', '.join(_REGISTRY)}")
 
 
+FAMILIES = ("gradient", "cam", "lrp", "perturbation")
+
+
 def list_methods(family: str | None = None) -> list[MethodInfo]:
-    """Every registered method (name, family, one-line description, ...), in family order."""
-    return [m for m in _REGISTRY.values() if family is None or m.family == family]
+    """Every registered method (name, family, one-line description, ...), in family order
+    (`FAMILIES`, then any other), each family in registration order."""
+    chosen = [m for m in _REGISTRY.values() if family is None or m.family == family]
+    rank = {name: i for i, name in enumerate(FAMILIES)}
+    return sorted(chosen, key=lambda m: rank.get(m.family, len(FAMILIES)))
 
 
 def check_options(info: MethodInfo, options: dict[str, Any]) -> None:

@@ -285,6 +285,7 @@ class _MaskedInputs:
     "channel weights are the softmax over channels of the masked inputs' target logits.",
     cost="1 forward per distinct channel mask",
     paper="Wang et al. 2020, arXiv:1910.01279",
+    in_default_scan=False,
 )
 def scorecam(
     scan: Scan, targets: torch.Tensor, *, layer: str | None = None, align_corners: bool = False
