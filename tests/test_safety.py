@@ -178,7 +178,7 @@ def _count_forwards(method: str, kind: str) -> int:
     net, _ = prepared(kind)
     info = cnnscan.get_method(method)
     _forwards.update(count=0, fail_at=None)
-    cnnscan.explain(net, X, method, targets=TARGETS, **small_options(info))
+    cnnscan.explain(net, X, method, targets=TARGETS, batch_size=4, **small_options(info))
     return _forwards["count"]
 
 
@@ -192,7 +192,8 @@ def test_model_unchanged_when_a_forward_raises_midway(method, kind):
         before = snapshot(net)
         _forwards.update(count=0, fail_at=fail_at)
         with pytest.raises(RuntimeError, match="injected failure"):
-            cnnscan.explain(net, X, method, targets=TARGETS, **small_options(info))
+            # a fixed batch size: the same forwards as counted (no batch-size exploration)
+            cnnscan.explain(net, X, method, targets=TARGETS, batch_size=4, **small_options(info))
         _forwards.update(fail_at=None)
         assert_unchanged(before, net)
         # ... and the model still works normally afterwards.

@@ -154,24 +154,26 @@ def _parse_targets(text: str) -> Any:
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
+    from cnnscan.images import load_image
     from cnnscan.methods import get_method
     from cnnscan.report import default_methods, run_scan, write_report
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     methods = [get_method(name).name for name in names] if names else default_methods()
+    picture = load_image(args.image)  # bad images fail before the model loads
     model = _load(args)
     name = args.image if args.image.startswith("sample:") else Path(args.image).name
     with tqdm(total=len(methods), desc="scan", unit="method", file=sys.stderr, delay=1.0) as bar:
-        bar.set_postfix_str(methods[0])
+        bar.set_postfix_str(methods[0], refresh=False)
 
         def progress(method: str) -> None:  # called as each method finishes: show the next
             done = methods.index(method) + 1
-            bar.set_postfix_str(methods[done] if done < len(methods) else "done")
+            bar.set_postfix_str(methods[done] if done < len(methods) else "done", refresh=False)
             bar.update(1)
 
         result = run_scan(
             model,
-            args.image,
+            picture,
             methods=methods,
             top_k=args.top_k,
             image_name=name,
