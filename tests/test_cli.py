@@ -164,12 +164,33 @@ def test_full_default_scan(tmp_path, capsys, default_model):
     assert len(predictions) == 5 and predictions[0]["class_id"] == 285
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert_self_contained(html)
-    for info in cnnscan.list_methods():
+    default = [m for m in cnnscan.list_methods() if getattr(m, "in_default_scan", True)]
+    for info in default:
         for p in predictions:
             assert list(tmp_path.rglob(f"{info.name}_img0_class{p['class_id']}.npy")), info.name
             assert list(tmp_path.rglob(f"{info.name}_img0_class{p['class_id']}.png")), info.name
     timings = json.loads((tmp_path / "timings.json").read_text())
-    assert {info.name for info in cnnscan.list_methods()} <= set(timings)
+    assert {info.name for info in default} <= set(timings)
+    skipped = {m.name for m in cnnscan.list_methods()} - {m.name for m in default}
+    assert not skipped & set(timings), "slow methods run only with --full or --methods"
+
+
+def test_full_flag_selects_every_method(monkeypatch, capsys, tmp_path):
+    import cnnscan.report
+
+    chosen = {}
+
+    def fake_run_scan(model, image, *, methods, **kwargs):
+        chosen["methods"] = methods
+        raise cnnscan.CnnscanError("stop here")
+
+    monkeypatch.setattr(cnnscan.report, "run_scan", fake_run_scan)
+    assert run(capsys, "scan", "--full", "--out", str(tmp_path))[0] == 1
+    assert chosen["methods"] == [m.name for m in cnnscan.list_methods()]
+    assert run(capsys, "scan", "--out", str(tmp_path))[0] == 1
+    assert chosen["methods"] == [
+        m.name for m in cnnscan.list_methods() if getattr(m, "in_default_scan", True)
+    ]
 
 
 # -- explain, layers, methods ------------------------------------------------------------------

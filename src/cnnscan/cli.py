@@ -23,6 +23,7 @@ EXAMPLES = {
   cnnscan scan                                   # bundled cat photo, bundled model
   cnnscan scan photo.jpg --out results/          # your photo
   cnnscan scan photo.jpg --methods gradient,integrated_gradients --top-k 3
+  cnnscan scan photo.jpg --full                  # also the slow methods (Score-CAM)
   cnnscan scan photo.jpg --model resnet50 --weights resnet50.pth""",
     "explain": """examples:
   cnnscan explain cat.jpg --method integrated_gradients --targets top3
@@ -81,7 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--top-k", type=_positive_int, default=5, help="classes to explain (default 5)"
     )
-    scan.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
+    scan.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated methods (default: every method that takes seconds; see --full)",
+    )
+    scan.add_argument(
+        "--full", action="store_true", help="every registered method, also slow ones (Score-CAM)"
+    )
     scan.add_argument("--open", action="store_true", help="open the report in a browser")
 
     explain = command("explain", "One method, one image, chosen targets.")
@@ -159,7 +167,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     from cnnscan.report import default_methods, run_scan, write_report
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    methods = [get_method(name).name for name in names] if names else default_methods()
+    methods = [get_method(name).name for name in names] if names else default_methods(args.full)
     picture = load_image(args.image)  # bad images fail before the model loads
     model = _load(args)
     name = args.image if args.image.startswith("sample:") else Path(args.image).name

@@ -41,9 +41,10 @@ class ScanResult:
     layers: list[Any] = field(default_factory=list)
 
 
-def default_methods() -> list[str]:
-    """Every registered method that runs in seconds on one image."""
-    return [m.name for m in list_methods()]
+def default_methods(full: bool = False) -> list[str]:
+    """The methods of a scan: every registered method that runs in seconds on one image
+    (`MethodInfo.in_default_scan`), or with `full=True` every registered method."""
+    return [m.name for m in list_methods() if full or getattr(m, "in_default_scan", True)]
 
 
 def run_scan(
