@@ -82,3 +82,43 @@ class SquareSum(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x * x).flatten(1).sum(dim=1, keepdim=True) * self.scale
+
+
+class SmoothConvNet(nn.Module):
+    """conv -> softplus -> conv -> softplus -> mean -> fc: smooth, so quadrature converges fast."""
+
+    def __init__(self, classes: int = 4, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, classes)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.softplus(self.conv2(F.softplus(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class CaptumVisibleReLU6(nn.ReLU):
+    """ReLU6 that captum's GuidedBackprop/Deconvolution hook (they only hook nn.ReLU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.hardtanh(x, 0.0, 6.0)
+
+
+def relu6_visible_to_captum(model: nn.Module) -> nn.Module:
+    """A deep copy whose nn.ReLU6 modules are CaptumVisibleReLU6 (a module used twice stays
+    one module used twice); the forward is unchanged."""
+    import copy
+
+    model = copy.deepcopy(model)
+    replacement: dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.ReLU6):
+                new = replacement.setdefault(id(child), CaptumVisibleReLU6())
+                setattr(parent, name, new)
+    return model

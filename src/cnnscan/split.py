@@ -36,9 +36,7 @@ class Head:
         return logits_of(self.run(activations, rows))
 
 
-_traces: weakref.WeakKeyDictionary[nn.Module, dict[LayerRef, _Split]] = (
-    weakref.WeakKeyDictionary()
-)
+_traces: weakref.WeakKeyDictionary[nn.Module, dict[LayerRef, _Split]] = weakref.WeakKeyDictionary()
 
 
 def head_of(runner: nn.Module, ref: LayerRef, inputs: torch.Tensor) -> Head:

@@ -17,8 +17,13 @@ if TYPE_CHECKING:
     from cnnscan.scan import Scan
 
 
+# name -> (ReLU rule, multiplied by the input): the methods that are one backward each
+_ONE_BACKWARD: dict[str, tuple[Rule, bool]] = {}
+
+
 def _register_gradient(name: str, rule: Rule, times_input: bool, **info: Any) -> None:
     """One of the four one-backward methods: all share the scan's forward."""
+    _ONE_BACKWARD[name] = (rule, times_input)
 
     def method(scan: Scan, targets: torch.Tensor) -> MethodResult:
         grads = scan.input_gradients(targets, rule)
@@ -75,12 +80,74 @@ def generator(seed: int | None) -> torch.Generator:
 
 
 def _span(inputs: torch.Tensor) -> torch.Tensor:
-    """max − min of each input, shaped to broadcast over (N, S, 3, H, W)."""
-    return (inputs.amax(dim=(1, 2, 3)) - inputs.amin(dim=(1, 2, 3))).view(-1, 1, 1, 1, 1)
+    """max − min of each input: (N,)."""
+    return inputs.amax(dim=(1, 2, 3)) - inputs.amin(dim=(1, 2, 3))
+
+
+def _count(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise MethodError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _number(name: str, value: Any, *, positive: bool = False) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        raise MethodError(f"{name} must be a number {'>' if positive else '>='} 0, got {value!r}")
+    return float(value)
+
+
+class _Accumulator:
+    """Running Σm and Σm² of per-sample maps (N·S rows, image-major) per image, in float64
+    so that VarGrad's E[m²] − E[m]² does not cancel catastrophically."""
+
+    def __init__(self, n_images: int, n_samples: int):
+        self.n_images, self.n_samples = n_images, n_samples
+        self.sum: torch.Tensor | None = None
+        self.sq: torch.Tensor | None = None
+
+    def add(self, rows: slice, maps: torch.Tensor) -> None:
+        if self.sum is None:
+            shape = (self.n_images, *maps.shape[1:])
+            self.sum = torch.zeros(shape, dtype=torch.float64, device=maps.device)
+            self.sq = torch.zeros_like(self.sum)
+        index = torch.arange(self.n_images * self.n_samples, device=maps.device)[rows]
+        image = index // self.n_samples
+        maps = maps.double()
+        self.sum.index_add_(0, image, maps)
+        self.sq.index_add_(0, image, maps * maps)
+
+    def result(self, mode: str, dtype: torch.dtype) -> torch.Tensor:
+        assert self.sum is not None and self.sq is not None
+        mean = self.sum / self.n_samples
+        if mode == "smoothgrad":
+            out = mean
+        elif mode == "smoothgrad_sq":
+            out = self.sq / self.n_samples
+        else:
+            out = (self.sq / self.n_samples - mean * mean).clamp_min(0)
+        return out.to(dtype)
 
 
 # -- SmoothGrad ------------------------------------------------------------------------
 _SMOOTH_MODES = ("smoothgrad", "smoothgrad_sq", "vargrad")
+
+
+class _NoisyInputs:
+    """input + σ · ε for every image (outer) and sample (inner), built chunk by chunk.
+    The noise ε (S, 3, H, W) is shared by every image, so an image gets the same result
+    whether it is explained alone or in a batch."""
+
+    def __init__(self, inputs: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor):
+        self.inputs, self.noise, self.sigma = inputs, noise, sigma
+
+    def __len__(self) -> int:
+        return len(self.inputs) * len(self.noise)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        index = torch.arange(len(self), device=self.inputs.device)[rows]
+        image, sample = index // len(self.noise), index % len(self.noise)
+        return self.inputs[image] + self.sigma[image].view(-1, 1, 1, 1) * self.noise[sample]
 
 
 @register(
@@ -102,47 +169,65 @@ def smoothgrad(
     seed: int | None = 0,
     base_options: dict[str, Any] | None = None,
 ) -> MethodResult:
-    """σ = noise_level · (max − min) of each input; `base` is any other method."""
+    """σ = noise_level · (max − min) of each input; `base` is any other method.
+
+    The noise is ε = torch.randn((n_samples, 3, H, W), generator=Generator().manual_seed(seed))
+    drawn on the CPU and shared by every image and target of the call. The one-backward
+    bases (gradient, gradient_x_input, guided_backprop, deconvnet) run as one forward per
+    chunk of noisy inputs with a backward per target; other bases run on derived scans.
+    """
+    if not isinstance(base, str):
+        raise MethodError(f"base must be a method name, got {base!r}")
     base_info = get_method(base)
     if base_info.name == "smoothgrad":
         raise MethodError("smoothgrad cannot wrap itself; pick another base method")
     if mode not in _SMOOTH_MODES:
         raise MethodError(f"mode must be one of {_SMOOTH_MODES}, got {mode!r}")
-    if n_samples < 1 or noise_level < 0:
-        raise MethodError("n_samples must be >= 1 and noise_level >= 0")
+    n_samples = _count("n_samples", n_samples)
+    noise_level = _number("noise_level", noise_level)
     base_options = dict(base_options or {})
     check_options(base_info, base_options)
     inputs = scan.inputs
     n = len(inputs)
-    noise = torch.randn((n, n_samples, *inputs.shape[1:]), generator=generator(seed))
-    noisy = (inputs.unsqueeze(1) + noise.to(inputs) * (noise_level * _span(inputs))).flatten(0, 1)
+    sigma = noise_level * _span(inputs)
+    noise = torch.randn((n_samples, *inputs.shape[1:]), generator=generator(seed))
+    points = _NoisyInputs(inputs, noise.to(inputs), sigma)
     repeated = targets.repeat_interleave(n_samples, dim=0)
-    chunks = []
-    key = ("smoothgrad", base, tuple(inputs.shape[1:]), targets.shape[1])
-    for rows in scan.batches(len(noisy), key):
-        sub = scan.derive(noisy[rows], relu_rules=base_info.relu_rules)
-        chunks.append(base_info.fn(sub, repeated[rows], **base_options).maps)
-    maps = torch.cat(chunks)
-    maps = maps.view(n, n_samples, *maps.shape[1:])
-    if mode == "smoothgrad":
-        maps = maps.mean(dim=1)
-    elif mode == "smoothgrad_sq":
-        maps = (maps * maps).mean(dim=1)
+    totals = _Accumulator(n, n_samples)
+    if base_info.name in _ONE_BACKWARD:
+        rule, times_input = _ONE_BACKWARD[base_info.name]
+        for rows, grads, _ in scan.iter_gradients(points, repeated, rule):
+            totals.add(rows, grads * points[rows].unsqueeze(1) if times_input else grads)
     else:
-        maps = maps.var(dim=1, unbiased=False)
-    return MethodResult(maps, {"base": base, "mode": mode, "n_samples": n_samples})
+        key = ("smoothgrad", base_info.name, tuple(inputs.shape[1:]), targets.shape[1])
+        for rows in scan.batches(len(points), key):
+            sub = scan.derive(points[rows], relu_rules=base_info.relu_rules)
+            totals.add(rows, base_info.fn(sub, repeated[rows], **base_options).maps)
+    maps = totals.result(mode, inputs.dtype)
+    extras = {
+        "base": base_info.name,
+        "mode": mode,
+        "n_samples": n_samples,
+        "noise_level": noise_level,
+        "sigma": sigma.cpu(),
+        "seed": seed,
+    }
+    return MethodResult(maps, extras)
 
 
 # -- baselines ---------------------------------------------------------------------------
+BASELINES = ("black", "zero", "mean", "blur", "noise")
+
+
 def make_baseline(
     scan: Scan, baseline: str | torch.Tensor, gen: torch.Generator | None = None
 ) -> torch.Tensor:
     """A reference input per image of the scan, in model space: "black", "zero" (all-zero
     tensor, captum's default), "mean" (each image's mean colour), "blur", "noise" (uniform
-    random pixels) or a tensor (3, H, W) / (N, 3, H, W)."""
+    random pixels, the same for every image) or a tensor (3, H, W) / (N, 3, H, W)."""
     inputs = scan.inputs
     if isinstance(baseline, torch.Tensor):
-        base = baseline.to(inputs.device, inputs.dtype)
+        base = baseline.detach().to(inputs.device, inputs.dtype)
         try:
             return base.expand_as(inputs)
         except RuntimeError as e:
@@ -150,6 +235,10 @@ def make_baseline(
                 f"baseline of shape {tuple(baseline.shape)} does not match inputs "
                 f"{tuple(inputs.shape)}"
             ) from e
+    if not isinstance(baseline, str) or baseline not in BASELINES:
+        raise MethodError(
+            f"unknown baseline {baseline!r}; use one of {', '.join(BASELINES)} or a tensor"
+        )
     normalize = scan.model.preprocessing.normalize
     if baseline == "black":
         return normalize(torch.zeros_like(inputs))
@@ -159,12 +248,9 @@ def make_baseline(
         return inputs.mean(dim=(2, 3), keepdim=True).expand_as(inputs)
     if baseline == "blur":
         return gaussian_blur(inputs, sigma=max(inputs.shape[-2:]) / 16)
-    if baseline == "noise":
-        gen = gen or generator(0)
-        return normalize(torch.rand(inputs.shape, generator=gen).to(inputs))
-    raise MethodError(
-        f"unknown baseline {baseline!r}; use black, zero, mean, blur, noise or a tensor"
-    )
+    gen = gen or generator(0)
+    pixels = torch.rand((1, *inputs.shape[1:]), generator=gen).to(inputs)
+    return normalize(pixels).expand_as(inputs)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -184,7 +270,11 @@ IG_RULES = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right
 
 
 def path_points(n_steps: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Points α in [0, 1] and quadrature weights for ∫₀¹ g(α) dα (captum's rules)."""
+    """Points α in [0, 1] and quadrature weights (summing to 1) for ∫₀¹ g(α) dα.
+
+    The points are captum's; the trapezoid weights are 1/(n−1) (halved at both ends), where
+    captum 0.9 uses 1/n, so its trapezoid attributions are (n−1)/n of the integral.
+    """
     if rule not in IG_RULES:
         raise MethodError(f"rule must be one of {IG_RULES}, got {rule!r}")
     if rule == "gausslegendre":
@@ -220,20 +310,30 @@ class _PathInputs:
 
 
 def _integrate(
-    scan: Scan, baselines: torch.Tensor, targets: torch.Tensor, n_steps: int, rule: str
+    scan: Scan,
+    inputs: torch.Tensor,
+    baselines: torch.Tensor,
+    targets: torch.Tensor,
+    n_steps: int,
+    rule: str,
 ) -> torch.Tensor:
     """(input − baseline) · Σ_s w_s ∇f(baseline + α_s (input − baseline)): (N, T, 3, H, W)."""
-    inputs = scan.inputs
     alphas, weights = path_points(n_steps, rule)
     points = _PathInputs(inputs, baselines, alphas)
     weights = weights.to(inputs.device, inputs.dtype)
-    total = torch.zeros((*targets.shape, *inputs.shape[1:]), device=inputs.device)
+    total = inputs.new_zeros((*targets.shape, *inputs.shape[1:]))
     repeated = targets.repeat_interleave(n_steps, dim=0)
     for rows, grads, _ in scan.iter_gradients(points, repeated):
         index = torch.arange(len(points), device=inputs.device)[rows]
         weighted = grads * weights[index % n_steps].view(-1, 1, 1, 1, 1)
         total.index_add_(0, index // n_steps, weighted)
     return total * (inputs - baselines).unsqueeze(1)
+
+
+def _completeness(maps: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σattr − (f(x) − f(x′)) and its size relative to |f(x) − f(x′)|, each (N, T)."""
+    error = maps.sum(dim=(2, 3, 4)) - delta
+    return error, error.abs() / delta.abs().clamp_min(1e-12)
 
 
 @register(
@@ -255,27 +355,43 @@ def integrated_gradients(
     max_steps: int = 800,
     seed: int | None = 0,
 ) -> MethodResult:
-    """`n_steps="auto"` doubles the steps (from 50) until the relative completeness error
-    is within `tolerance`, up to `max_steps`; only targets not yet within it are recomputed."""
-    auto = n_steps == "auto"
-    if not auto and (isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1):
-        raise MethodError(f"n_steps must be a positive int or 'auto', got {n_steps!r}")
+    """`n_steps="auto"` starts at 50 steps and doubles them, up to `max_steps`, for each
+    (image, target) whose relative completeness error is above `tolerance`; pairs already
+    within it keep their map, so an image's result does not depend on its batch."""
+    auto = isinstance(n_steps, str) and n_steps == "auto"
+    if not auto:
+        if isinstance(n_steps, str):
+            raise MethodError(f"n_steps must be a positive int or 'auto', got {n_steps!r}")
+        _count("n_steps", n_steps)
+    if rule not in IG_RULES:
+        raise MethodError(f"rule must be one of {IG_RULES}, got {rule!r}")
+    tolerance = _number("tolerance", tolerance, positive=True)
+    max_steps = _count("max_steps", max_steps, 2 if rule == "riemann_trapezoid" else 1)
+    steps = min(50, max_steps) if auto else int(n_steps)
+    path_points(steps, rule)  # rejects n_steps the rule cannot use before any work
+    inputs = scan.inputs
     baselines = make_baseline(scan, baseline, generator(seed))
     delta = scan.scores(targets) - scan.logits_at(baselines).gather(1, targets)
-    steps = 50 if auto else int(n_steps)
-    maps = _integrate(scan, baselines, targets, steps, rule)
+    maps = _integrate(scan, inputs, baselines, targets, steps, rule)
     used = torch.full(targets.shape, steps)
-    pending = torch.arange(targets.shape[1])
-    while True:
-        error = maps.sum(dim=(2, 3, 4)) - delta
-        relative = error.abs() / delta.abs().clamp_min(1e-12)
-        pending = (relative > tolerance).any(dim=0).nonzero().flatten().cpu()
-        if not auto or len(pending) == 0 or steps >= max_steps:
-            break
+    error, relative = _completeness(maps, delta)
+    while auto and steps < max_steps and bool((relative > tolerance).any()):
         steps = min(steps * 2, max_steps)
-        columns = pending.to(targets.device)
-        maps[:, columns] = _integrate(scan, baselines, targets[:, columns], steps, rule)
-        used[:, pending] = steps
+        over = (relative > tolerance).cpu()
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for image in range(len(inputs)):
+            columns = tuple(over[image].nonzero().flatten().tolist())
+            if columns:
+                groups.setdefault(columns, []).append(image)
+        for columns, images in groups.items():
+            rows = torch.tensor(images, device=inputs.device).view(-1, 1)
+            cols = torch.tensor(columns, device=inputs.device).view(1, -1)
+            chosen = rows.view(-1)
+            maps[rows, cols] = _integrate(
+                scan, inputs[chosen], baselines[chosen], targets[rows, cols], steps, rule
+            )
+            used[rows.cpu(), cols.cpu()] = steps
+        error, relative = _completeness(maps, delta)
     extras: dict[str, Any] = {
         "baseline": baseline if isinstance(baseline, str) else "tensor",
         "rule": rule,
@@ -285,15 +401,44 @@ def integrated_gradients(
         "completeness_error_relative": relative.cpu(),
         "delta": delta.cpu(),
     }
-    if auto and len(pending):
+    if auto and bool((relative > tolerance).any()):
         extras["warning"] = (
             f"completeness error {float(relative.max()):.2%} is above the tolerance "
-            f"{tolerance:.2%} at the cap of {max_steps} steps"
+            f"{tolerance:.2%} at the cap of {max_steps} steps (raise max_steps=)"
         )
     return MethodResult(maps, extras)
 
 
 # -- GradientSHAP ------------------------------------------------------------------------------
+class _ShapPoints:
+    """b + α (x − b) (+ σ ε) for every image (outer) and sample (inner), built lazily; the
+    baseline choices, α and ε are shared by every image."""
+
+    def __init__(self, inputs, pool, choice, alphas, noise, sigma):
+        self.inputs, self.pool, self.choice, self.alphas = inputs, pool, choice, alphas
+        self.noise, self.sigma = noise, sigma
+
+    def __len__(self) -> int:
+        return len(self.inputs) * len(self.choice)
+
+    def rows(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.arange(len(self), device=self.inputs.device)[rows]
+        return index // len(self.choice), index % len(self.choice)
+
+    def difference(self, rows: slice) -> torch.Tensor:
+        """x − b for the rows."""
+        image, sample = self.rows(rows)
+        return self.inputs[image] - self.pool[image, self.choice[sample]]
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        image, sample = self.rows(rows)
+        base = self.pool[image, self.choice[sample]]
+        points = base + self.alphas[sample].view(-1, 1, 1, 1) * (self.inputs[image] - base)
+        if self.noise is not None:
+            points = points + self.sigma[image].view(-1, 1, 1, 1) * self.noise[sample]
+        return points
+
+
 @register(
     "gradient_shap",
     family="gradient",
@@ -312,27 +457,36 @@ def gradient_shap(
     seed: int | None = 0,
 ) -> MethodResult:
     """Baselines are drawn uniformly from `baselines`: kinds (see `make_baseline`) or a tensor
-    (B, 3, H, W) of reference inputs; `noise_level` adds SmoothGrad-style noise to the points."""
-    if n_samples < 1:
-        raise MethodError("n_samples must be >= 1")
+    (B, 3, H, W) of reference inputs; `noise_level` adds SmoothGrad-style noise
+    (σ = noise_level · (max − min)) to the points, not to the (x − b) factor."""
+    n_samples = _count("n_samples", n_samples)
+    noise_level = _number("noise_level", noise_level)
     gen = generator(seed)
     inputs = scan.inputs
     n = len(inputs)
     if isinstance(baselines, torch.Tensor):
-        pool = baselines.to(inputs.device, inputs.dtype)
+        pool = baselines.detach().to(inputs.device, inputs.dtype)
         pool = pool.unsqueeze(0) if pool.ndim == 3 else pool
+        if pool.ndim != 4 or pool.shape[1:] != inputs.shape[1:] or len(pool) == 0:
+            raise MethodError(
+                f"baselines tensor must be (B, {', '.join(map(str, inputs.shape[1:]))}), "
+                f"got {tuple(baselines.shape)}"
+            )
         pool = pool.unsqueeze(0).expand(n, *pool.shape)
     else:
+        if isinstance(baselines, str):
+            baselines = (baselines,)
+        if len(baselines) == 0:
+            raise MethodError(f"baselines is empty; give kinds from {BASELINES} or a tensor")
         pool = torch.stack([make_baseline(scan, kind, gen) for kind in baselines], dim=1)
-    choice = torch.randint(pool.shape[1], (n, n_samples), generator=gen).to(inputs.device)
-    chosen = pool[torch.arange(n, device=inputs.device).unsqueeze(1), choice]
-    alphas = torch.rand((n, n_samples, 1, 1, 1), generator=gen).to(inputs)
-    x = inputs.unsqueeze(1)
-    points = chosen + alphas * (x - chosen)
+    choice = torch.randint(pool.shape[1], (n_samples,), generator=gen).to(inputs.device)
+    alphas = torch.rand((n_samples,), generator=gen).to(inputs)
+    noise = None
     if noise_level > 0:
-        noise = torch.randn(points.shape, generator=gen).to(points)
-        points = points + noise * (noise_level * _span(inputs))
-    grads, _ = scan.gradients_at(points.flatten(0, 1), targets.repeat_interleave(n_samples, 0))
-    grads = grads.view(n, n_samples, *grads.shape[1:])
-    maps = (grads * (x - chosen).unsqueeze(2)).mean(dim=1)
-    return MethodResult(maps, {"n_samples": n_samples})
+        noise = torch.randn((n_samples, *inputs.shape[1:]), generator=gen).to(inputs)
+    points = _ShapPoints(inputs, pool, choice, alphas, noise, noise_level * _span(inputs))
+    totals = _Accumulator(n, n_samples)
+    repeated = targets.repeat_interleave(n_samples, dim=0)
+    for rows, grads, _ in scan.iter_gradients(points, repeated):
+        totals.add(rows, grads * points.difference(rows).unsqueeze(1))
+    return MethodResult(totals.result("smoothgrad", inputs.dtype), {"n_samples": n_samples})
