@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextvars
 import copy
 import difflib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -91,18 +91,31 @@ class LayerRow:
 
 
 class Capture:
-    """Module outputs recorded during forwards run inside `capture(...)`, in completion order."""
+    """Module outputs recorded during forwards run inside `capture(...)`, in completion order,
+    each with the tensor's version counter at the time (a later in-place op changes it)."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, nn.Module, torch.Tensor | None]] = []
+        self.calls: list[tuple[str, nn.Module, torch.Tensor | None, int]] = []
 
     def outputs(self, name: str) -> list[torch.Tensor]:
         """Every output of module `name`, one per call."""
-        return [out for called, _, out in self.calls if called == name and out is not None]
+        return [out for called, _, out, _ in self.calls if called == name and out is not None]
 
     def __contains__(self, ref: str | LayerRef) -> bool:
         ref = LayerRef.parse(ref)
-        return any(called == ref.name for called, _, _ in self.calls)
+        return any(called == ref.name for called, _, _, _ in self.calls)
+
+    def overwritten(self, ref: str | LayerRef) -> bool:
+        """True if a later in-place op (`out += identity`, ReLU(inplace=True)) changed the
+        recorded output of `ref` after its module returned it: capture it protected instead."""
+        ref = LayerRef.parse(ref)
+        versions = [
+            (out, version)
+            for called, _, out, version in self.calls
+            if called == ref.name and out is not None
+        ]
+        chosen = versions if ref.call is None else versions[ref.call : ref.call + 1]
+        return any(out._version != version for out, version in chosen)
 
     def __getitem__(self, ref: str | LayerRef) -> torch.Tensor:
         ref = LayerRef.parse(ref)
@@ -131,11 +144,11 @@ class Capture:
     def rows(self) -> list[LayerRow]:
         """The layer table: every recorded call, named `name@k` where a module runs twice."""
         counts: dict[str, int] = {}
-        for name, _, _ in self.calls:
+        for name, _, _, _ in self.calls:
             counts[name] = counts.get(name, 0) + 1
         seen: dict[str, int] = {}
         table = []
-        for name, module, output in self.calls:
+        for name, module, output, _ in self.calls:
             call = seen.get(name, 0)
             seen[name] = call + 1
             table.append(
@@ -153,18 +166,26 @@ class Capture:
 
 
 @contextmanager
-def capture(root: nn.Module, layers: list[str | LayerRef] | None = None) -> Iterator[Capture]:
+def capture(
+    root: nn.Module,
+    layers: list[str | LayerRef] | None = None,
+    protect: Collection[str] | None = None,
+) -> Iterator[Capture]:
     """Record the outputs of `layers` (None: every submodule) during forwards run in this
     block (this thread only).
 
     Outputs stay in the autograd graph, so gradients with respect to them can be taken.
-    Hooks are removed on exit, also when the forward raises.
+    The modules named in `protect` (default: all of an explicit `layers` list) hand the rest
+    of the network a copy of their output, so that a later in-place op cannot overwrite the
+    recorded tensor; recording every module (`layers=None`) protects none by default, and
+    `Capture.overwritten` says when that matters. Hooks are removed on exit, also on errors.
     """
     if layers is None:
         modules = [(name, module) for name, module in root.named_modules() if name]
     else:
         names = dict.fromkeys(LayerRef.parse(layer).name for layer in layers)
         modules = [(name, get_module(root, name)) for name in names]
+    protected = {name for name, _ in modules} if protect is None and layers else set(protect or ())
     result = Capture()
     token = object()
     handles = []
@@ -174,7 +195,11 @@ def capture(root: nn.Module, layers: list[str | LayerRef] | None = None) -> Iter
             def hook(module, _inputs, output, name=name):
                 if _active_capture.get() is token:
                     tensor = output if isinstance(output, torch.Tensor) else None
-                    result.calls.append((name, module, tensor))
+                    version = tensor._version if tensor is not None else 0
+                    result.calls.append((name, module, tensor, version))
+                    if tensor is not None and name in protected:
+                        return tensor.clone()
+                return None
 
             handles.append(module.register_forward_hook(hook))
         reset = _active_capture.set(token)

@@ -70,15 +70,16 @@ class Scan:
         self._layer_grads: dict[tuple, torch.Tensor] = {}
         self._heads: dict[LayerRef, Head] = {}
         self._layer_rows: list[LayerRow] | None = None
+        self._protected: set[str] = set()  # recorded as copies: a later in-place op hit them
         self._forward()
 
     # -- the shared forward -------------------------------------------------------------
     def _forward(self) -> None:
         with ExitStack() as stack:
             runner = stack.enter_context(runnable(self.model.module, self.device))
-            captured = stack.enter_context(
-                capture(runner, None if self._capture_all else self._layers)
-            )
+            layers = None if self._capture_all else self._layers
+            protect = self._protected if self._capture_all else None
+            captured = stack.enter_context(capture(runner, layers, protect))
             if self.relu_rules:
                 stack.enter_context(switchable_relus(self.switch))
             saved = stack.enter_context(_saved_bytes(runner.parameters()))
@@ -140,7 +141,7 @@ class Scan:
                     logits = logits_of(runner(x))
                 check_logits(logits)
                 selected = logits.gather(1, targets[rows])
-                grads = torch.empty((len(x), *selected.shape[1:], *shape), device=self.device)
+                grads = x.new_empty((len(x), *selected.shape[1:], *shape))
                 for t in range(selected.shape[1]):
                     last = t == selected.shape[1] - 1
                     (grads[:, t],) = torch.autograd.grad(
@@ -152,8 +153,8 @@ class Scan:
         self, inputs: torch.Tensor, targets: torch.Tensor, rule: Rule = "standard"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All of `iter_gradients` at once: (M, T, 3, H, W) gradients, (M, T) target logits."""
-        grads = torch.empty((*targets.shape, *inputs.shape[1:]), device=self.device)
-        scores = torch.empty(targets.shape, device=self.device)
+        grads = inputs.new_empty((*targets.shape, *inputs.shape[1:]))
+        scores = inputs.new_empty(targets.shape)
         for rows, chunk_grads, chunk_scores in self.iter_gradients(inputs, targets, rule):
             grads[rows], scores[rows] = chunk_grads, chunk_scores
         return grads, scores
@@ -214,15 +215,20 @@ class Scan:
             self._layers.append(ref)
             if not self._capture_all:
                 self._forward()  # re-records the requested layers; cached gradients stay valid
+        if self._captured.overwritten(ref):  # e.g. ResNet's `out += identity` after bn2
+            self._protected.add(ref.name)
+            self._forward()
         return self._captured[ref]
 
-    def head(self, layer: str | LayerRef) -> Head:
-        """The part of the network after `layer`: logits from replacement activations."""
+    @contextmanager
+    def head(self, layer: str | LayerRef) -> Iterator[Head]:
+        """The part of the network after `layer` (logits from replacement activations),
+        usable inside the block only: a borrowed model is in eval mode just that long."""
         ref = LayerRef.parse(layer)
-        if ref not in self._heads:
-            with self._runner() as runner:
+        with self._runner() as runner:
+            if ref not in self._heads:
                 self._heads[ref] = head_of(runner, ref, _match_format(self.inputs, runner))
-        return self._heads[ref]
+            yield self._heads[ref]
 
     def layer_gradients(self, layer: str | LayerRef, targets: torch.Tensor) -> torch.Tensor:
         """d logit[target] / d activations for every target: (N, T, *activation shape).

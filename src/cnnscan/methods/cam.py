@@ -342,12 +342,12 @@ def ablationcam(scan: Scan, targets: torch.Tensor, *, layer: str | None = None) 
     layer = _layer_name(scan, layer)
     acts = spatial_activations(scan, layer)
     n, k = acts.shape[:2]
-    head = scan.head(layer)
-    weights = torch.zeros((n, targets.shape[1], k), device=acts.device)
+    weights = acts.new_zeros((n, targets.shape[1], k))
     active = [(acts[i].flatten(1) != 0).any(dim=1).nonzero().flatten() for i in range(n)]
     total = sum(len(a) for a in active)
     per_item = acts[0].numel() * acts.element_size() * 8
     with (
+        scan.head(layer) as head,
         tqdm(
             total=total,
             desc=f"ablationcam: {total} head forwards",
