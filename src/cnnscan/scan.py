@@ -18,6 +18,7 @@ from torch import nn
 
 from cnnscan.batching import adaptive_batches, max_batch_for
 from cnnscan.execution import check_logits, logits_of, runnable
+from cnnscan.incremental import PatchedForward, patched_forward
 from cnnscan.layers import LayerRef, LayerRow, capture, default_layer, get_module, trace_layers
 from cnnscan.models import Model, load_model
 from cnnscan.relu import Rule, RuleSwitch, switchable_relus
@@ -229,6 +230,14 @@ class Scan:
             if ref not in self._heads:
                 self._heads[ref] = head_of(runner, ref, _match_format(self.inputs, runner))
             yield self._heads[ref]
+
+    @contextmanager
+    def patched(self, image: int = 0) -> Iterator[PatchedForward | None]:
+        """Forwards of copies of image `image` that differ from it only inside a box, by
+        incremental inference (see `cnnscan.incremental`), usable inside the block only;
+        None if the model does not trace (then use `logits_at`)."""
+        with self._runner() as runner:
+            yield patched_forward(runner, _match_format(self.inputs[image : image + 1], runner))
 
     def layer_gradients(self, layer: str | LayerRef, targets: torch.Tensor) -> torch.Tensor:
         """d logit[target] / d activations for every target: (N, T, *activation shape).
