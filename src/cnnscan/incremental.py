@@ -372,11 +372,7 @@ class PatchedForward:
                     return logits
                 args = fx.node.map_arg(node.args, env.__getitem__)
                 kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-                boxed = [
-                    a
-                    for a in (*_flat(args), *_flat(kwargs.values()))
-                    if isinstance(a, Boxed)
-                ]
+                boxed = [a for a in (*_flat(args), *_flat(kwargs.values())) if isinstance(a, Boxed)]
                 mixed = any(
                     n in self.dependent and isinstance(env[n], torch.Tensor)
                     for n in node.all_input_nodes
@@ -400,9 +396,7 @@ class PatchedForward:
             return values
         return Boxed(clean, values, top, left)
 
-    def _boxed_op(
-        self, node: fx.Node, args: tuple, kwargs: dict, boxed: list[Boxed]
-    ) -> Any:
+    def _boxed_op(self, node: fx.Node, args: tuple, kwargs: dict, boxed: list[Boxed]) -> Any:
         """The node's value computed on boxes, or None to run it on full tensors."""
         if node not in self.clean and not _is_shape_query(node):
             return None
@@ -418,7 +412,8 @@ class PatchedForward:
             pad = _constant_pad(node, module, args, kwargs)
             if pad is not None:
                 left_pad, top_pad = pad
-                return Boxed(self.clean[node], source.values, source.top + top_pad, source.left + left_pad)
+                top, left = source.top + top_pad, source.left + left_pad
+                return Boxed(self.clean[node], source.values, top, left)
             local = self._local(node, module, args, kwargs)
             if local is not None:
                 return self._sliding(node, source, local)
@@ -506,8 +501,10 @@ class PatchedForward:
             return _Local(kernel, stride, before, after, dilation, float("-inf"), run)
         elif node.op == "call_module" and type(module) is nn.AvgPool2d:
             padding = _pair(module.padding)
-            if module.ceil_mode or module.divisor_override or (
-                any(padding) and not module.count_include_pad
+            if (
+                module.ceil_mode
+                or module.divisor_override
+                or (any(padding) and not module.count_include_pad)
             ):
                 return None
             kernel, stride = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)

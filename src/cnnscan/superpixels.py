@@ -46,9 +46,7 @@ def relabel(labels: np.ndarray) -> np.ndarray:
     return inverse.reshape(labels.shape).astype(np.int64)
 
 
-def segment(
-    scan: Scan, segments: Any = 50, segmenter: str = "slic", seed: int = 0
-) -> torch.Tensor:
+def segment(scan: Scan, segments: Any = 50, segmenter: str = "slic", seed: int = 0) -> torch.Tensor:
     """One label map per input of the scan: LongTensor (N, H, W) with labels 0..M_i-1.
 
     `segments` is a number of superpixels (SLIC) or a label map (H, W) / (N, H, W) of your

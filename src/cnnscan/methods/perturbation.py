@@ -134,7 +134,7 @@ class _Occluded:
         top, left = start_y.clamp(max=height - wh), start_x.clamp(max=width - ww)
         rows = top[:, None] + torch.arange(wh, device=top.device)
         cols = left[:, None] + torch.arange(ww, device=top.device)
-        inside = ((rows >= start_y[:, None])[:, :, None] & (cols >= start_x[:, None])[:, None, :])
+        inside = (rows >= start_y[:, None])[:, :, None] & (cols >= start_x[:, None])[:, None, :]
         index = (rows[:, :, None], cols[:, None, :])
         image = self.image[0][:, index[0], index[1]].transpose(0, 1)  # (B, 3, wh, ww)
         fill = self.fill[0][:, index[0], index[1]].transpose(0, 1)
@@ -372,10 +372,8 @@ def lime_kernel(coalitions: torch.Tensor, width: float, distance: str) -> torch.
     the all-on one: cosine (1 − cos, 1 for the empty coalition) or hamming (share off)."""
     on = coalitions.double().sum(dim=1)
     m = coalitions.shape[1]
-    if distance == "cosine":
-        d = torch.where(on > 0, 1 - torch.sqrt(on / m), 1.0)
-    else:
-        d = (m - on) / m
+    cosine = torch.where(on > 0, 1 - torch.sqrt(on / m), 1.0)
+    d = cosine if distance == "cosine" else (m - on) / m
     return torch.sqrt(torch.exp(-(d**2) / width**2))
 
 
@@ -533,6 +531,8 @@ def _constrained_regression(
     rhs = z.T @ (w[:, None] * y)
     ones = torch.ones((z.shape[1], 1), dtype=z.dtype, device=z.device)
     # KKT system [[A, 1], [1ᵀ, 0]] [φ; λ] = [b; total]; least squares if A is singular.
-    kkt = torch.cat([torch.cat([gram, ones], dim=1), torch.cat([ones.T, ones.new_zeros((1, 1))], dim=1)])
+    kkt = torch.cat(
+        [torch.cat([gram, ones], dim=1), torch.cat([ones.T, ones.new_zeros((1, 1))], dim=1)]
+    )
     rhs = torch.cat([rhs, total[None, :]])
     return torch.linalg.lstsq(kkt, rhs, driver="gelsd").solution[:-1]
