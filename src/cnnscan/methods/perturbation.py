@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -164,11 +165,13 @@ def occlusion(
     stride: int | tuple[int, int] = 8,
     fill: str | float | torch.Tensor = "zero",
     space: str = "probability",
+    incremental: bool = True,
 ) -> MethodResult:
     """captum's Occlusion exactly (same windows, strides and baseline give the same map):
     windows start at 0, stride, ... and the last one in each direction is cut at the border.
     `fill`: "zero" (0 in model space, captum's default), "black", "mean" (the image's mean
-    colour), "blur", a number in model space, or a tensor."""
+    colour), "blur", a number in model space, or a tensor. `incremental=False` runs whole
+    forwards instead of incremental inference (same numbers up to float rounding)."""
     space = _space(space)
     wh, ww = _pair("window", window)
     sy, sx = _pair("stride", stride)
@@ -186,19 +189,22 @@ def occlusion(
     fills = fill_values(scan, fill)
     rows, cols = _starts(height, wh, sy), _starts(width, ww, sx)
     per_image = len(rows) * len(cols)
-    clean = target_scores(scan.logits.detach(), targets, space)  # (N, T)
     drops = scan.inputs.new_empty((n, per_image, targets.shape[1]))
-    incremental = []
+    used = []
     with _bar("occlusion", n * per_image, "window") as bar:
         for i in range(n):
             copies = _Occluded(scan.inputs[i : i + 1], fills[i : i + 1], rows, cols, (wh, ww))
-            with scan.patched(i) as forward:
-                incremental.append(forward is not None)
+            with scan.patched(i) if incremental else nullcontext() as forward:
+                used.append(forward is not None)
                 if forward is None:
+                    clean = scan.logits.detach()[i : i + 1]
                     logits = scan.logits_at(copies, progress=bar.update)
-                else:
+                else:  # the clean score from the same computation as the occluded ones
+                    clean = forward.logits
                     logits = _patched_logits(scan, forward, copies, bar)
-            drops[i] = clean[i] - target_scores(logits, targets[i], space)
+            drops[i] = target_scores(clean, targets[i], space) - target_scores(
+                logits, targets[i], space
+            )
     cover_y = _coverage(rows, wh, height).to(scan.inputs.device)
     cover_x = _coverage(cols, ww, width).to(scan.inputs.device)
     grid = drops.double().view(n, len(rows), len(cols), -1)
@@ -208,7 +214,7 @@ def occlusion(
     extras = {
         "forwards": n * per_image,
         "windows": (len(rows), len(cols)),
-        "incremental": all(incremental),
+        "incremental": all(used),
         "space": space,
     }
     return MethodResult(maps, extras)
@@ -319,7 +325,7 @@ def _coalition_scores(
     todo = distinct[~everything]
     x = scan.inputs[image : image + 1]
     blended = _Blended(x, fill, lambda rows: coalition_masks(todo[rows], labels), len(todo))
-    scores = torch.empty((len(distinct), targets.shape[1]), device=x.device)
+    scores = torch.empty((len(distinct), len(targets)), device=x.device)
     if len(todo):
         logits = scan.logits_at(blended, progress=bar.update)
         scores[~everything] = target_scores(logits, targets, space)
@@ -428,7 +434,7 @@ def lime(
             intercepts.append(intercept)
             scores_r2.append(r2)
     extras = {
-        "segments": labels.cpu(),
+        "segments": labels.cpu().numpy(),  # (N, H, W) label maps (kept out of summaries)
         "weights": [w.cpu() for w in weights],
         "intercept": torch.stack(intercepts).cpu(),
         "r2": torch.stack(scores_r2).cpu(),
@@ -508,10 +514,10 @@ def kernel_shap(
             kernel = shapley_kernel(z.shape[1], z.sum(dim=1)) if exact else None
             phi = _constrained_regression(z.double(), y - base, full - base, kernel)
             weights.append(phi.T.to(scan.inputs.dtype))
-            bases.append(base)
+            bases.append(base.to(scan.inputs.dtype))
             errors.append(phi.sum(dim=0) - (full - base))
     extras = {
-        "segments": labels.cpu(),
+        "segments": labels.cpu().numpy(),  # (N, H, W) label maps (kept out of summaries)
         "weights": [w.cpu() for w in weights],
         "base_value": torch.stack(bases).cpu(),
         "sum_error": torch.stack(errors).cpu(),
