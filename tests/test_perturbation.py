@@ -330,11 +330,11 @@ def test_surrogates_are_reproducible_under_a_seed():
     x = torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(9))
     labels = grid_labels(24, 24, 4, 4)  # 16 segments: KernelSHAP samples
     for method in ("lime", "kernel_shap"):
-        run = lambda seed: (
-            cnnscan.explain(  # noqa: E731
-                net, x, method, targets=[1], segments=labels, n_samples=50, seed=seed
-            ).maps
-        )
+
+        def run(seed: int, method: str = method) -> torch.Tensor:
+            options = {"segments": labels, "n_samples": 50, "seed": seed}
+            return cnnscan.explain(net, x, method, targets=[1], **options).maps
+
         first = run(3)
         # equal up to float rounding (measured batch sizes may differ between the calls)
         torch.testing.assert_close(run(3), first, atol=1e-6, rtol=1e-5)
