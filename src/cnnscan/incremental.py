@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from cnnscan.execution import check_logits, logits_of
+from cnnscan.fusion import CONV_ARGS, CONV_DEFAULTS, simplify
 
 # A box covering at least this share of a map is computed as the full map (measured on the
 # default model: beyond about half, the gather/paste overhead outweighs the saved work).
@@ -248,6 +249,7 @@ def patched_forward(runner: nn.Module, image: torch.Tensor) -> PatchedForward | 
     ):
         return None
     try:
+        simplify(traced)
         return PatchedForward(traced, image)
     except (RuntimeError, TypeError, ValueError, NotImplementedError):
         return None
@@ -270,10 +272,6 @@ def _call(root: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict) -> Any
     if node.op == "get_attr":
         return _fetch(root, node.target)
     raise ValueError(f"unexpected node {node.op}")
-
-
-_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -314,8 +312,8 @@ class PatchedForward:
         self.traced = traced
         self.nodes = list(traced.graph.nodes)
         self.clean: dict[fx.Node, torch.Tensor] = {}
-        self.local: dict[fx.Node, _Local | None] = {}
         self.dependent: set[fx.Node] = set()
+        self.boxed: set[str] = set()  # nodes computed on boxes so far (for inspection)
         self._run_clean(image)
 
     # -- the clean pass: every input-dependent spatial value, kept --------------------------
@@ -384,6 +382,8 @@ class PatchedForward:
                     args = fx.node.map_aggregate(args, plain)
                     kwargs = fx.node.map_aggregate(kwargs, plain)
                     value = _call(self.traced, node, args, kwargs)
+                elif isinstance(value, Boxed):
+                    self.boxed.add(node.name)
                 env[node] = value
         raise ValueError("the traced graph has no output")
 
@@ -478,8 +478,8 @@ class PatchedForward:
             weight, bias = module.weight, module.bias
             stride, groups = module.stride, module.groups
         elif node.op == "call_function" and node.target in (F.conv2d, torch.conv2d):
-            bound = dict(_CONV_DEFAULTS)
-            bound.update(zip(_CONV_ARGS, args, strict=False))
+            bound = dict(CONV_DEFAULTS)
+            bound.update(zip(CONV_ARGS, args, strict=False))
             bound.update(kwargs)
             weight, bias = bound["weight"], bound["bias"]
             if not isinstance(weight, torch.Tensor) or weight.ndim != 4:
