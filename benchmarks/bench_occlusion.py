@@ -69,8 +69,9 @@ def main() -> None:
             model, x, "occlusion", targets=[class_id], incremental=incremental, **options
         )
 
-    ours(True)  # warm-up: working copy, learned batch sizes
-    ours(False)
+    for incremental in (True, False):  # warm-up: working copy, learned batch sizes
+        warm = {**options, "stride": args.window}
+        cnnscan.explain(model, x, "occlusion", targets=[class_id], incremental=incremental, **warm)
     ours_s, attr = best_time(lambda: ours(True), args.repeat)
     plain_s, plain = best_time(lambda: ours(False), args.repeat)
     print(f"windows: {attr.extras['windows']} = {attr.extras['forwards']} occluded copies")
