@@ -98,6 +98,7 @@ def test_patched_copies_equal_full_forwards_through_every_local_op():
     assert "add_1" not in forward.boxed
 
 
+@pytest.mark.slow
 def test_patched_copies_equal_full_forwards_on_the_default_model(default_model):
     forward = check(default_model.module, 224, 16, batch=5, tolerance=2e-5)
     # boxes stay small until the 14×14 stage: most of the work there is skipped
