@@ -3,8 +3,8 @@
     python benchmarks/bench_occlusion.py                 # window 16, stride 8; captum at 1, 16, 64
     python benchmarks/bench_occlusion.py --ppe 16        # captum only at its usual best
 
-Default model (EfficientNet-Lite0) on sample:chelsea at 224 px, 2 CPU threads, top-1 class,
-zero baseline, logit space (captum's forward is the model). captum runs at each
+Default model (EfficientNet-Lite0) on sample:chelsea at 224 px, 2 CPU threads (`--threads`),
+top-1 class, zero baseline, logit space (captum's forward is the model). captum runs at each
 `perturbations_per_eval`; the best is the reference. cnnscan runs twice: as it does by
 default (incremental inference through the traced model) and with `incremental=False`
 (plain batched forwards on the channels-last working copy), to show what each part buys.
@@ -56,8 +56,9 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=8)
     parser.add_argument("--ppe", default="1,16,64", help="captum perturbations_per_eval values")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     model = cnnscan.load_model()
     x = model.preprocess("sample:chelsea")
