@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules import module as _module_globals
 
 from cnnscan.execution import check_logits, logits_of
 from cnnscan.fusion import CONV_ARGS, CONV_DEFAULTS, simplify
@@ -180,11 +181,7 @@ _SHAPE_METHODS = {"size", "dim"}
 
 
 def _is_eval_batchnorm(module: nn.Module) -> bool:
-    return (
-        type(module) in (nn.BatchNorm2d, nn.BatchNorm1d)
-        and not module.training
-        and module.track_running_stats
-    )
+    return type(module) is nn.BatchNorm2d and not module.training and module.track_running_stats
 
 
 def _in_place(node: fx.Node, module: nn.Module | None) -> bool:
@@ -216,9 +213,7 @@ def _safe(graph: fx.Graph, root: nn.Module) -> bool:
 # -- the traced model ---------------------------------------------------------------------------
 def _hooked(runner: nn.Module) -> bool:
     """Forward hooks may change outputs in ways boxes cannot follow: such models run whole."""
-    from torch.nn.modules import module as globals_
-
-    if globals_._global_forward_hooks or globals_._global_forward_pre_hooks:
+    if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in runner.modules())
 
@@ -349,6 +344,7 @@ class PatchedForward:
             for node in self.nodes:
                 if node.op == "placeholder":
                     image = self.clean[node]
+                    top, left = top.to(image.device), left.to(image.device)
                     env[node] = self._boxed(node, patches.to(image), top, left)
                     continue
                 if node.op == "output":
