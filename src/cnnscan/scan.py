@@ -18,6 +18,7 @@ from torch import nn
 
 from cnnscan.batching import adaptive_batches, max_batch_for
 from cnnscan.execution import check_logits, logits_of, runnable
+from cnnscan.fold import folded
 from cnnscan.layers import LayerRef, LayerRow, capture, default_layer, get_module, trace_layers
 from cnnscan.models import Model, load_model
 from cnnscan.relu import Rule, RuleSwitch, switchable_relus
@@ -184,10 +185,13 @@ class Scan:
         self, inputs: Indexable, progress: Callable[[int], object] | None = None
     ) -> torch.Tensor:
         """Logits (M, classes) at other inputs (a tensor, or built lazily chunk by chunk),
-        without gradients, in measured batches; `progress(n)` after each chunk of n."""
+        without gradients, in measured batches, BatchNorm folded into the layer before it;
+        `progress(n)` after each chunk of n."""
         out = []
         key = ("logits_at", tuple(inputs[0:1].shape[1:]))
         with self._runner() as runner, torch.no_grad():
+            if runner is not self.model.module:  # a private working copy: fold its BatchNorms
+                runner = folded(runner)
             for chunk in self.batches(len(inputs), key, per_item=self.bytes_per_item // 4):
                 logits = logits_of(runner(_match_format(inputs[chunk], runner)))
                 check_logits(logits)
