@@ -13,7 +13,6 @@ import torchvision
 from nets import SmallConvNet
 from torch import nn
 
-import cnnscan
 from cnnscan.receptive import receptive_fields, trace_receptive_fields
 
 

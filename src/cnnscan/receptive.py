@@ -47,7 +47,8 @@ class Span:
         return self.hi - self.lo + 1
 
     def at(self, unit: int) -> tuple[float, float]:
-        return self.lo + unit * self.step, self.hi + unit * self.step
+        """First and last pixel seen by `unit` (ints where whole)."""
+        return _whole(self.lo + unit * self.step), _whole(self.hi + unit * self.step)
 
     def fold(self, units: int) -> Span:
         """What one unit sees after mixing `units` neighbours of this span: their hull."""
@@ -110,6 +111,10 @@ class ReceptiveField:
             return "?"
         rows, cols = self.jump  # type: ignore[misc]
         return _number(rows) if rows == cols else f"{_number(rows)}×{_number(cols)}"
+
+
+def _whole(value: float) -> float:
+    return int(value) if float(value).is_integer() else value
 
 
 def _number(value: float) -> str:
