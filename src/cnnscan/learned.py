@@ -55,7 +55,8 @@ def filters(model: Any = None, layer: str | None = None) -> torch.Tensor:
     name = convs[0] if layer is None else LayerRef.parse(layer).name  # calls share weights
     module = get_module(model.module, name)
     if not isinstance(module, nn.Conv2d):
-        listing = ", ".join(convs[:40]) + (f", … ({len(convs)} in all)" if len(convs) > 40 else "")
+        more = f", … ({len(convs)} in all; `cnnscan layers` lists them)" if len(convs) > 12 else ""
+        listing = ", ".join(convs[:12]) + more
         raise LayerError(
             f"layer {name!r} is a {type(module).__name__}, not a convolution, so it has no "
             f"filters. Convolution layers: {listing}"

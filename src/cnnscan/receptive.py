@@ -13,7 +13,6 @@ called several times gets one result per call (`name@k`), as in the layer table.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -735,16 +734,12 @@ def trace_receptive_fields(
     return list(zip(captured.rows(), fields, strict=True))
 
 
-def receptive_fields(
+def layer_geometry(
     model: Any = None, image: Any = None, *, device: torch.device | str | None = None
-) -> dict[str, ReceptiveField]:
-    """Receptive field of every layer call, by layer name (`name@k` for a module called
-    several times), from one forward of `image` (default: a blank input of the model's size).
-
-    Sizes are in input pixels and unclipped, the usual convention (VGG16's conv5_3 sees
-    196 × 196 pixels, pool5 212 × 212). The forward runs on PyTorch's "meta" device (shapes
-    only, no arithmetic) when the model allows it, else on `device`.
-    """
+) -> list[tuple[LayerRow, ReceptiveField]]:
+    """The layer table (every module call: name, type, output shape, parameters) with each
+    call's receptive field, from one forward of `image` without gradients (default: a blank
+    input of the model's size). A model built on PyTorch's "meta" device runs shape-only."""
     from cnnscan.explain import as_inputs
     from cnnscan.models import Model, load_model
 
@@ -754,20 +749,17 @@ def receptive_fields(
         x = torch.zeros((1, 3, *model.preprocessing.size), device=device)
     else:
         x = as_inputs(model, image, device)[:1]
-    try:
-        rows = trace_receptive_fields(_meta_copy(model.module), x.to("meta"))
-    except Exception:  # value-dependent Python code or an uncopyable model: compute for real
-        with runnable(model.module, device) as runner:
-            rows = trace_receptive_fields(runner, x)
-    return {row.name: field for row, field in rows}
+    with runnable(model.module, device) as runner:
+        return trace_receptive_fields(runner, x)
 
 
-def _meta_copy(module: nn.Module) -> nn.Module:
-    """A copy of the module's structure in eval mode whose parameters and buffers are
-    shape-only "meta" tensors: the forward costs no arithmetic and no memory."""
-    memo: dict[int, Any] = {
-        id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
-        for p in module.parameters()
-    }
-    memo.update({id(b): torch.empty_like(b, device="meta") for b in module.buffers()})
-    return copy.deepcopy(module, memo).eval()
+def receptive_fields(
+    model: Any = None, image: Any = None, *, device: torch.device | str | None = None
+) -> dict[str, ReceptiveField]:
+    """Receptive field of every layer call, by layer name (`name@k` for a module called
+    several times), from one forward of `image` (default: a blank input of the model's size).
+
+    Sizes are in input pixels and unclipped, the usual convention (VGG16's conv5_3 sees
+    196 × 196 pixels, pool5 212 × 212). See `layer_geometry` for how it runs.
+    """
+    return {row.name: field for row, field in layer_geometry(model, image, device=device)}

@@ -230,6 +230,10 @@ def filter_grid(
         tiles = _grey(_minmax_each(shown.mean(dim=1)))
         names = [str(i) for i in range(len(shown))]
         columns = None
+    elif in_ch == 1:  # depthwise: one channel per filter, laid out like "mean"
+        tiles = _grey(scaled[:, 0])
+        names = [str(i) for i in range(len(shown))]
+        columns = None
     else:
         scaled = scaled[:, : max_channels or in_ch]
         columns = scaled.shape[1]
