@@ -5,6 +5,7 @@ receptive field."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -232,3 +233,18 @@ def test_model_unchanged(method, kind):
     with pytest.raises(MethodError):
         cnnscan.explain(net, x, method, unit=("conv3", 99))
     assert_unchanged(before, net)
+
+
+def test_from_the_command_line(tmp_path, capsys, default_model, chelsea):
+    from cnnscan.cli import main
+
+    argv = ["explain", "sample:chelsea", "--method", "deconvnet", "--out", str(tmp_path)]
+    code = main([*argv, "--option", 'unit=["_blocks.5", 7]'])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "deconvnet for _blocks.5 channel 7" in out
+    expected = cnnscan.explain(default_model, chelsea, "deconvnet", unit=("_blocks.5", 7))
+    saved = np.load(tmp_path / "deconvnet_img0_unit7.npy")
+    np.testing.assert_allclose(saved, expected.maps[0, 0].numpy(), rtol=1e-5, atol=1e-7)
+    code = main([*argv, "--option", 'unit=["_blocks.5", 500]'])
+    assert code == 1 and "has 80 channels (0..79)" in capsys.readouterr().err
