@@ -22,6 +22,7 @@ import cnnscan
 from cnnscan import LayerError, render
 from cnnscan.cli import main
 from cnnscan.learned import depth_layers
+from cnnscan.report import LEARNED_TILE_PX
 
 
 # -- filters ---------------------------------------------------------------------------------------
@@ -339,7 +340,7 @@ def test_report_section(quick_report, default_model, chelsea):
     assert (out / "learned" / "filters__conv_stem.png").is_file()
     layer = alts[-1].removeprefix("feature maps of ")
     maps = cnnscan.feature_maps(default_model, chelsea, layer)[layer][0]
-    expected = render.feature_grid(maps, cnnscan.top_channels(maps, 16), tile_px=40)
+    expected = render.feature_grid(maps, cnnscan.top_channels(maps, 16), tile_px=LEARNED_TILE_PX)
     shown = decode(figures[-1][0])
     assert shown.shape == expected.shape
     assert (np.abs(shown.astype(int) - expected).max(axis=-1) > 8).mean() < 0.01

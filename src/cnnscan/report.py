@@ -31,6 +31,7 @@ from cnnscan.scan import Scan
 
 CELL_PX = 160
 LEARNED_CHANNELS = 16  # feature maps shown per layer in the report
+LEARNED_TILE_PX = 64  # their size in pixels
 
 
 @dataclass
@@ -128,7 +129,7 @@ def learned_pictures(scan: Scan, rows: Sequence[LayerRow]) -> Learned:
     for layer in depth_layers(rows):
         maps = scan.activations(layer).detach()[0]
         channels = top_channels(maps, LEARNED_CHANNELS)
-        picture = render.feature_grid(maps, channels, tile_px=40)
+        picture = render.feature_grid(maps, channels, tile_px=LEARNED_TILE_PX)
         learned.feature_maps.append((layer, tuple(maps.shape), picture))
     return learned
 
