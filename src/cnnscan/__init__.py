@@ -17,9 +17,11 @@ from cnnscan.errors import (
 )
 from cnnscan.explain import explain, explain_many, predict
 from cnnscan.images import load_image, sample_image
+from cnnscan.learned import conv_layers, feature_maps, filters, top_channels
 from cnnscan.methods import MethodInfo, get_method, list_methods
 from cnnscan.models import Model, load_model
 from cnnscan.preprocessing import Preprocessing
+from cnnscan.receptive import ReceptiveField, receptive_fields
 from cnnscan.scan import Scan
 
 __version__ = "0.1.0"
@@ -34,14 +36,20 @@ __all__ = [
     "Model",
     "ModelError",
     "Preprocessing",
+    "ReceptiveField",
     "Scan",
     "TargetError",
+    "conv_layers",
     "explain",
     "explain_many",
+    "feature_maps",
+    "filters",
     "get_method",
     "list_methods",
     "load_image",
     "load_model",
     "predict",
+    "receptive_fields",
     "sample_image",
+    "top_channels",
 ]

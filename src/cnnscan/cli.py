@@ -14,7 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from cnnscan.errors import CnnscanError
-from cnnscan.render import VIEWS
+from cnnscan.render import FILTER_MODES, SCALES, VIEWS
 
 DEFAULT_IMAGE = "sample:chelsea"
 
@@ -36,6 +36,14 @@ EXAMPLES = {
     "methods": """examples:
   cnnscan methods
   cnnscan methods --family gradient""",
+    "filters": """examples:
+  cnnscan filters --out filters/                 # first conv layer as RGB tiles
+  cnnscan filters --layer _blocks.1._depthwise_conv --out filters/
+  cnnscan filters --model vgg16 --layer features.2 --mode mean --out filters/""",
+    "features": """examples:
+  cnnscan features sample:chelsea --layer _swish@1 --top 32 --out maps/
+  cnnscan features cat.jpg --layer _blocks.2 --layer _blocks.8 --scale per-map --out maps/
+  cnnscan features cat.jpg --model resnet50 --layer layer3 --out maps/""",
 }
 
 
@@ -113,13 +121,46 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--out", default="cnnscan-explain", help="output folder")
     model_options(explain)
 
-    layers = command("layers", "Table of layers: name, type, output shape, parameters.")
+    layers = command(
+        "layers", "Table of layers: name, type, output shape, receptive field, parameters."
+    )
     model_options(layers)
     layers.add_argument("--image", default=DEFAULT_IMAGE, help="image used for the shapes")
     layers.add_argument("--leaves", action="store_true", help="only leaf modules")
 
     methods = command("methods", "List the explanation methods.")
     methods.add_argument("--family", default=None)
+
+    filters = command("filters", "Grid picture of a convolution layer's filters (weights).")
+    model_options(filters)
+    filters.add_argument("--layer", default=None, help="conv layer (default: the first one)")
+    filters.add_argument(
+        "--mode",
+        default="auto",
+        choices=FILTER_MODES,
+        help="rgb: colour tiles (3 input channels); channels: a row of grey tiles per filter; "
+        "mean: averaged over input channels; auto (default): rgb if possible, else channels",
+    )
+    filters.add_argument("--max-filters", type=_positive_int, default=64, help="default 64")
+    filters.add_argument(
+        "--max-channels", type=_positive_int, default=32, help="channels mode (default 32)"
+    )
+    filters.add_argument("--out", default="cnnscan-filters", help="output folder")
+
+    features = command("features", "Grid picture of a layer's feature maps for an image.")
+    features.add_argument("image", help="image path or sample:NAME")
+    features.add_argument(
+        "--layer",
+        action="append",
+        required=True,
+        help="layer name (repeatable; `cnnscan layers` lists them, name@k picks a call)",
+    )
+    features.add_argument(
+        "--top", type=_positive_int, default=None, help="only the N channels of highest mean"
+    )
+    features.add_argument("--scale", default="shared", choices=SCALES, help="colour scale")
+    features.add_argument("--out", default="cnnscan-features", help="output folder")
+    model_options(features)
     return parser
 
 
@@ -226,19 +267,88 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
-    from cnnscan.explain import make_scan
+    from cnnscan.images import load_image
+    from cnnscan.receptive import layer_geometry
 
+    picture = load_image(args.image)
     model = _load(args)
-    rows = make_scan(model, args.image).layer_table()
-    if args.leaves:
-        rows = [row for row in rows if row.is_leaf]
+    table = layer_geometry(model, picture)
+    rows = [row for row, _ in table if row.is_leaf or not args.leaves]
+    fields = {row.name: field for row, field in table}
     width = max(len(row.name) for row in rows) + 2
-    print(f"{'layer':<{width}}{'type':<28}{'output shape':<20}{'parameters':>12}")
+    print(
+        f"{'layer':<{width}}{'type':<28}{'output shape':<20}{'RF':>9}{'jump':>7}{'parameters':>12}"
+    )
     for row in rows:
         shape = "×".join(map(str, row.output_shape)) if row.output_shape else "-"
-        print(f"{row.name:<{width}}{row.type:<28}{shape:<20}{row.parameters:>12,}")
+        field = fields[row.name]
+        print(
+            f"{row.name:<{width}}{row.type:<28}{shape:<20}{field.describe():>9}"
+            f"{field.describe_jump():>7}{row.parameters:>12,}"
+        )
+    unknown = {field.note for field in fields.values() if not field.known}
+    if unknown:
+        print(f"RF ?: {'; '.join(sorted(unknown))}")
     print(f"{model.name}: {sum(p.numel() for p in model.module.parameters()):,} parameters")
     return 0
+
+
+def _cmd_filters(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from cnnscan.learned import conv_layers, filters
+    from cnnscan.render import filter_grid, png_bytes
+
+    model = _load(args)
+    weights = filters(model, args.layer)
+    layer = args.layer or conv_layers(model)[0]
+    picture = filter_grid(
+        weights, args.mode, max_filters=args.max_filters, max_channels=args.max_channels
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"filters_{_file_name(layer)}"
+    (out / f"{stem}.png").write_bytes(png_bytes(picture))
+    np.save(out / f"{stem}.npy", weights.cpu().numpy())
+    shown = min(len(weights), args.max_filters)
+    kernel = "×".join(map(str, weights.shape[1:]))
+    print(f"{layer}: {len(weights)} filters of {kernel} (in×h×w), {shown} drawn")
+    print(f"wrote {(out / f'{stem}.png').resolve()} and the exact weights ({stem}.npy)")
+    return 0
+
+
+def _cmd_features(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from cnnscan.images import load_image
+    from cnnscan.learned import feature_maps, top_channels
+    from cnnscan.render import feature_grid, png_bytes
+
+    picture = load_image(args.image)  # bad images fail before the model loads
+    model = _load(args)
+    maps = feature_maps(model, picture, args.layer)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for layer, tensor in maps.items():
+        if tensor.ndim != 4:
+            raise CnnscanError(
+                f"layer {layer} outputs shape {tuple(tensor.shape)}, not feature maps "
+                "(N, C, H, W); pick a convolutional layer (see `cnnscan layers`)"
+            )
+        channels = top_channels(tensor[0], args.top)
+        stem = f"features_{_file_name(layer)}"
+        grid = feature_grid(tensor[0], channels, scale=args.scale)
+        (out / f"{stem}.png").write_bytes(png_bytes(grid))
+        np.save(out / f"{stem}.npy", tensor[0].cpu().numpy())
+        means = tensor[0].flatten(1).mean(dim=1)
+        strongest = ", ".join(f"{int(c)} ({float(means[c]):.3g})" for c in channels[:5])
+        print(f"{layer}: {'×'.join(map(str, tensor.shape[1:]))}; strongest channels {strongest}")
+    print(f"wrote {len(maps)} grid(s) and raw maps (.npy) to {out.resolve()}")
+    return 0
+
+
+def _file_name(layer: str) -> str:
+    return layer.replace("@", "_call").replace("/", "_")
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
@@ -257,6 +367,8 @@ _COMMANDS = {
     "explain": _cmd_explain,
     "layers": _cmd_layers,
     "methods": _cmd_methods,
+    "filters": _cmd_filters,
+    "features": _cmd_features,
 }
 
 

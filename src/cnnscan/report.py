@@ -22,10 +22,28 @@ from cnnscan import render
 from cnnscan.attribution import Attribution
 from cnnscan.errors import TargetError
 from cnnscan.explain import ModelLike, make_scan, run_method, top_predictions
+from cnnscan.layers import LayerRow
+from cnnscan.learned import conv_layers, depth_layers, filters, top_channels
 from cnnscan.methods import MethodInfo, get_method, list_methods
 from cnnscan.models import Model, load_model
+from cnnscan.receptive import ReceptiveField, receptive_fields
+from cnnscan.scan import Scan
 
 CELL_PX = 160
+LEARNED_CHANNELS = 16  # feature maps shown per layer in the report
+LEARNED_TILE_PX = 64  # their size in pixels
+
+
+@dataclass
+class Learned:
+    """The report's "What the network learned" pictures (uint8 RGB)."""
+
+    filters_layer: str | None = None
+    filters: np.ndarray | None = None  # first convolution's filters, min-max per filter
+    feature_maps: list[tuple[str, tuple[int, ...], np.ndarray]] = field(default_factory=list)
+    # A synthesized image of the top-1 class (class-logit maximization, `cnnscan.synthesize`)
+    # belongs here; the scan leaves it None until synthesis is part of it.
+    class_image: np.ndarray | None = None
 
 
 @dataclass
@@ -39,6 +57,8 @@ class ScanResult:
     attributions: dict[str, Attribution]
     seconds: dict[str, float] = field(default_factory=dict)
     layers: list[Any] = field(default_factory=list)
+    learned: Learned = field(default_factory=Learned)
+    receptive: dict[str, ReceptiveField] = field(default_factory=dict)
 
 
 def default_methods(full: bool = False) -> list[str]:
@@ -79,6 +99,12 @@ def run_scan(
     began = time.perf_counter()
     layers = scan.layer_table()
     seconds["layer table"] = time.perf_counter() - began
+    began = time.perf_counter()
+    learned = learned_pictures(scan, layers)
+    seconds["what the network learned"] = time.perf_counter() - began
+    began = time.perf_counter()
+    receptive = receptive_fields(model, scan.inputs[:1])
+    seconds["receptive fields"] = time.perf_counter() - began
     return ScanResult(
         model=model,
         image_name=image_name,
@@ -87,7 +113,25 @@ def run_scan(
         attributions=attributions,
         seconds=seconds,
         layers=layers,
+        learned=learned,
+        receptive=receptive,
     )
+
+
+def learned_pictures(scan: Scan, rows: Sequence[LayerRow]) -> Learned:
+    """The first convolution's filters and the strongest feature maps of three layers at
+    increasing depth, read from the scan's forward (no new forward)."""
+    convs = conv_layers(scan.model)
+    learned = Learned()
+    if convs:
+        learned.filters_layer = convs[0]
+        learned.filters = render.filter_grid(filters(scan.model, convs[0]), tile_px=24)
+    for layer in depth_layers(rows):
+        maps = scan.activations(layer).detach()[0]
+        channels = top_channels(maps, LEARNED_CHANNELS)
+        picture = render.feature_grid(maps, channels, tile_px=LEARNED_TILE_PX)
+        learned.feature_maps.append((layer, tuple(maps.shape), picture))
+    return learned
 
 
 def _b64(rgb: np.ndarray) -> str:
@@ -139,6 +183,7 @@ def write_report(result: ScanResult, out: str | Path) -> Path:
         }
         for info in infos
     ]
+    learned = _write_learned(result.learned, out / "learned")
     grid = []
     for t, prediction in enumerate(result.predictions):
         cells = []
@@ -176,11 +221,48 @@ def write_report(result: ScanResult, out: str | Path) -> Path:
         views=_top1_views(result),
         timings=list(result.seconds.items()),
         layers=result.layers,
+        receptive=result.receptive,
+        learned=learned,
         cell_px=CELL_PX,
     )
     path = out / "report.html"
     path.write_text(html, encoding="utf-8")
     return path
+
+
+def _write_learned(learned: Learned, out: Path) -> dict[str, Any]:
+    """Write the learned-pictures PNGs and return what the template shows."""
+    out.mkdir(parents=True, exist_ok=True)
+    figures = []
+    if learned.filters is not None:
+        (out / f"filters_{learned.filters_layer}.png").write_bytes(
+            render.png_bytes(learned.filters)
+        )
+        figures.append(
+            {
+                "png": _b64(learned.filters),
+                "alt": f"filters of {learned.filters_layer}",
+                "caption": f"filters of {learned.filters_layer} (first convolution), "
+                "min-max per filter",
+            }
+        )
+    for layer, shape, picture in learned.feature_maps:
+        name = layer.replace("@", "_call")
+        (out / f"features_{name}.png").write_bytes(render.png_bytes(picture))
+        figures.append(
+            {
+                "png": _b64(picture),
+                "alt": f"feature maps of {layer}",
+                "caption": f"{layer} ({'×'.join(map(str, shape))}): the "
+                f"{min(LEARNED_CHANNELS, shape[0])} channels of highest mean activation, "
+                "one colour scale",
+            }
+        )
+    class_image = None
+    if learned.class_image is not None:
+        (out / "class_image.png").write_bytes(render.png_bytes(learned.class_image))
+        class_image = _b64(learned.class_image)
+    return {"figures": figures, "class_image": class_image}
 
 
 def _top1_views(result: ScanResult) -> list[dict[str, str]]:

@@ -124,6 +124,17 @@ class Scan:
             columns.append(self._input_grads[key])
         return torch.stack(columns, dim=1)
 
+    def input_gradients_of(
+        self, output: torch.Tensor, seed: torch.Tensor, rule: Rule = "standard"
+    ) -> torch.Tensor:
+        """d ⟨output, seed⟩ / d input (N, 3, H, W) for a tensor of the shared forward's graph
+        (e.g. `activations(layer)`: a unit's gradient), through the ReLUs by `rule`."""
+        if rule != "standard" and not self.relu_rules:
+            raise RuntimeError(f"the {rule!r} rule needs a Scan made with relu_rules=True")
+        with self.switch.use(rule):
+            (grad,) = torch.autograd.grad(output, self._x, grad_outputs=seed, retain_graph=True)
+        return grad.contiguous()
+
     def iter_gradients(
         self, inputs: Indexable, targets: torch.Tensor, rule: Rule = "standard"
     ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
