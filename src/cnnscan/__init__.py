@@ -21,6 +21,7 @@ from cnnscan.methods import MethodInfo, get_method, list_methods
 from cnnscan.models import Model, load_model
 from cnnscan.preprocessing import Preprocessing
 from cnnscan.scan import Scan
+from cnnscan.synthesis import Synthesis, class_image, deepdream, invert, synthesize
 
 __version__ = "0.1.0"
 
@@ -35,13 +36,18 @@ __all__ = [
     "ModelError",
     "Preprocessing",
     "Scan",
+    "Synthesis",
     "TargetError",
+    "class_image",
+    "deepdream",
     "explain",
     "explain_many",
     "get_method",
+    "invert",
     "list_methods",
     "load_image",
     "load_model",
     "predict",
     "sample_image",
+    "synthesize",
 ]

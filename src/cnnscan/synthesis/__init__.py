@@ -2,6 +2,8 @@
 and inverted representations, built from small swappable pieces (objectives, image
 parameterizations, robustness transforms) in the style of lucid/lucent."""
 
+from cnnscan.synthesis.deepdream import deepdream
+from cnnscan.synthesis.invert import features, invert
 from cnnscan.synthesis.objectives import (
     Objective,
     Probe,
@@ -28,8 +30,11 @@ __all__ = [
     "channel",
     "class_image",
     "class_logit",
+    "deepdream",
     "diversity",
     "feature_match",
+    "features",
+    "invert",
     "l2",
     "layer_norm",
     "neuron",

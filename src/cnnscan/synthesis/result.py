@@ -55,7 +55,7 @@ class Synthesis:
         """Write `STEM.png` (or `STEM-K.png` per image of a batch) and `STEM.json`."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = stem or re.sub(r"[^A-Za-z0-9_.@-]+", "_", self.objective).strip("_") or "synthesis"
+        stem = re.sub(r"[^A-Za-z0-9_.@-]+", "_", stem or self.objective).strip("_") or "synthesis"
         images = self.images
         written = []
         for k, image in enumerate(images):

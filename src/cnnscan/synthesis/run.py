@@ -67,7 +67,7 @@ def synthesize(
     objective = as_objective(objective)
     steps = _count("steps", steps)
     batch = _count("batch", batch)
-    height, width = _size(size)
+    height, width = size_pair(size)
     lr = _number("lr", lr, positive=True)
     if param not in PARAMS:
         raise MethodError(f"unknown image parameterization {param!r}; use one of {PARAMS}")
@@ -114,7 +114,7 @@ def synthesize(
             optimizer.zero_grad(set_to_none=True)
             (-value).backward()
             optimizer.step()
-            history.append(_finite(value, step))
+            history.append(finite(value, step))
             bar.set_postfix(objective=f"{history[-1]:.4g}", refresh=False)
         final_pixels = image().detach()
         final = evaluate(runner, model, objective, final_pixels)
@@ -138,15 +138,17 @@ def class_image(
     lr: float = 0.05,
     l2_weight: float = 0.1,
     tv_weight: float = 1.0,
-    param: str = "pixel",
+    param: str = "fft",
     decorrelate: bool = True,
-    transforms: str | Sequence[Transform] | None = "jitter",
+    transforms: str | Sequence[Transform] | None = "standard",
     seed: int | None = 0,
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> Synthesis:
-    """Simonyan et al.'s class model: an image maximizing the class logit minus an L2 and a
-    total-variation penalty, from a pixel parameterization. Seconds with the defaults."""
+    """A class model (Simonyan et al.): an image maximizing the logit of `class_id` (an id or
+    a class name) minus an L2 and a total-variation penalty. `param="pixel",
+    transforms="none"` is the paper's setting; the default Fourier parameterization with
+    robustness transforms turns the same objective into a recognizable picture. Seconds."""
     model = model if isinstance(model, Model) else load_model(model)
     k = _class_id(class_id, model.labels)
     objective = (
@@ -230,7 +232,7 @@ def photo_pixels(
     return pixels.to(device)
 
 
-def _size(size: int | tuple[int, int]) -> tuple[int, int]:
+def size_pair(size: int | tuple[int, int]) -> tuple[int, int]:
     pair = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
     try:
         height, width = (int(s) for s in pair)
@@ -242,7 +244,7 @@ def _size(size: int | tuple[int, int]) -> tuple[int, int]:
     return height, width
 
 
-def _finite(value: torch.Tensor, step: int) -> float:
+def finite(value: torch.Tensor, step: int) -> float:
     number = float(value.detach())
     if not math.isfinite(number):
         raise MethodError(
