@@ -64,7 +64,7 @@ def deepdream(
         (round(full[0] / octave_scale**k), round(full[1] / octave_scale**k))
         for k in reversed(range(octaves))
     ]
-    if min(sizes[0]) < _MIN_OCTAVE:
+    if octaves > 1 and min(sizes[0]) < _MIN_OCTAVE:
         raise MethodError(
             f"{octaves} octaves at scale {octave_scale} shrink the image to {sizes[0]}; use "
             f"fewer octaves or a larger size (the smallest octave must be >= {_MIN_OCTAVE} px)"

@@ -197,7 +197,7 @@ def evaluate(
             stop_early=not validate,
         )
     except RuntimeError as e:
-        if not validate:
+        if not validate or "size" not in str(e).lower():
             raise
         raise ModelError(
             f"the model fails on a {tuple(x.shape[-2:])} image ({str(e).splitlines()[0]}); "
