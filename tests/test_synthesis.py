@@ -338,6 +338,25 @@ def test_model_unchanged(run, kind):
         assert_unchanged(before, net)
 
 
+@pytest.mark.parametrize("param", ["fft", "pixel"])
+def test_init_starts_from_the_picture(param):
+    picture = torch.rand(3, 20, 24, generator=torch.Generator().manual_seed(6)) * 0.9 + 0.05
+    result = cnnscan.synthesize(
+        small_net(),
+        "conv3:1",
+        steps=1,
+        size=(20, 24),
+        lr=1e-7,
+        param=param,
+        init=picture,
+        transforms="none",
+        batch=2,
+        device="cpu",
+        progress=False,
+    )
+    assert torch.allclose(result.pixels, picture.expand(2, -1, -1, -1), atol=1e-4)
+
+
 def test_progress_bar_is_silent_without_a_terminal(capsys):
     cnnscan.synthesize(SafetyNet(), "conv3:1", steps=2, size=16)
     assert capsys.readouterr().err == ""
