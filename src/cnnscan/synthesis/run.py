@@ -31,7 +31,7 @@ from cnnscan.synthesis.objectives import (
     l2,
     total_variation,
 )
-from cnnscan.synthesis.param import PARAMS, image_param
+from cnnscan.synthesis.param import image_param
 from cnnscan.synthesis.result import Synthesis
 from cnnscan.synthesis.transforms import Transform, resolve
 from cnnscan.targets import _class_id
@@ -69,8 +69,6 @@ def synthesize(
     batch = _count("batch", batch)
     height, width = size_pair(size)
     lr = _number("lr", lr, positive=True)
-    if param not in PARAMS:
-        raise MethodError(f"unknown image parameterization {param!r}; use one of {PARAMS}")
     transform = resolve(transforms)
     device = torch.device(device) if device is not None else model.device
     settings = {
@@ -86,22 +84,21 @@ def synthesize(
     }
     began = time.perf_counter()
     gen = generator(seed)
-    with runnable(model.module, device) as runner:
-        image = image_param(
-            param, (batch, 3, height, width), decorrelate=decorrelate, generator=gen, device=device
-        )
-        if init is not None:
-            image.set_pixels(
-                photo_pixels(model, init, (height, width), device).expand(batch, -1, -1, -1)
-            )
+    image = image_param(
+        param, (batch, 3, height, width), decorrelate=decorrelate, generator=gen, device=device
+    )
+    if init is not None:
+        start = photo_pixels(model, init, (height, width), device)
+        image.set_pixels(start.expand(batch, -1, -1, -1))
+    optimizer = torch.optim.Adam(image.parameters, lr=lr)
+    history: list[float] = []
+    bar = tqdm(
+        total=steps, desc=objective.name[:40], unit="step", disable=None if progress else True
+    )
+    with runnable(model.module, device) as runner, bar:
         initial = evaluate(runner, model, objective, image().detach(), validate=True)
-        optimizer = torch.optim.Adam(image.parameters, lr=lr)
         fmt = memory_format(runner)
-        history = []
-        bar = tqdm(
-            range(steps), desc=objective.name[:40], unit="step", disable=None if progress else True
-        )
-        for step in bar:
+        for step in range(steps):
             pixels = image()
             seen = model.preprocessing.normalize(transform(pixels, gen))
             found = probe(
@@ -116,6 +113,7 @@ def synthesize(
             optimizer.step()
             history.append(finite(value, step))
             bar.set_postfix(objective=f"{history[-1]:.4g}", refresh=False)
+            bar.update(1)
         final_pixels = image().detach()
         final = evaluate(runner, model, objective, final_pixels)
     return Synthesis(
