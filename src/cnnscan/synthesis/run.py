@@ -146,7 +146,7 @@ def class_image(
     """A class model (Simonyan et al.): an image maximizing the logit of `class_id` (an id or
     a class name) minus an L2 and a total-variation penalty. `param="pixel",
     transforms="none"` is the paper's setting; the default Fourier parameterization with
-    robustness transforms turns the same objective into a recognizable picture in 64 steps."""
+    robustness transforms trades the noise for the class's textures and parts, in 64 steps."""
     model = model if isinstance(model, Model) else load_model(model)
     k = _class_id(class_id, model.labels)
     objective = (
