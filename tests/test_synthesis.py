@@ -372,6 +372,7 @@ def test_progress_bar_is_silent_without_a_terminal(capsys):
         ("acts.relu@5:1", {}, LayerError, "acts.relu@5 does not exist"),
         (synthesis.class_logit(5), {}, TargetError, r"5 classes \(0..4\)"),
         (synthesis.neuron("fc", 0), {}, TargetError, "spatial"),
+        (synthesis.neuron("conv3", 0, x=9), {}, TargetError, r"x in 0..7"),
         (synthesis.diversity("conv3"), {}, MethodError, "batch >= 2"),
         ("conv3", {}, MethodError, "LAYER:CHANNEL"),
         ("conv3:1", {"steps": 0}, MethodError, "steps must be an integer >= 1"),

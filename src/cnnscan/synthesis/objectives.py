@@ -204,7 +204,16 @@ def neuron(layer: str | LayerRef, k: int, x: int | None = None, y: int | None = 
         col = acts.shape[3] // 2 if x is None else x
         return acts[:, k, row, col].mean()
 
-    return Objective(value, f"neuron({ref}:{k})", (ref,), False, (_check_channel(ref, k, True),))
+    def check_position(p: Probe) -> None:
+        h, w = p[ref].shape[2:]
+        if (y is not None and not 0 <= y < h) or (x is not None and not 0 <= x < w):
+            raise TargetError(
+                f"position x={x}, y={y} is outside layer {ref}'s {h}×{w} map "
+                f"(x in 0..{w - 1}, y in 0..{h - 1})"
+            )
+
+    checks = (_check_channel(ref, k, True), check_position)
+    return Objective(value, f"neuron({ref}:{k})", (ref,), False, checks)
 
 
 def class_logit(k: int) -> Objective:
