@@ -23,6 +23,7 @@ from cnnscan.models import Model, load_model
 from cnnscan.preprocessing import Preprocessing
 from cnnscan.receptive import ReceptiveField, receptive_fields
 from cnnscan.scan import Scan
+from cnnscan.synthesis import Synthesis, class_image, deepdream, invert, synthesize
 
 __version__ = "0.1.0"
 
@@ -38,18 +39,23 @@ __all__ = [
     "Preprocessing",
     "ReceptiveField",
     "Scan",
+    "Synthesis",
     "TargetError",
+    "class_image",
     "conv_layers",
+    "deepdream",
     "explain",
     "explain_many",
     "feature_maps",
     "filters",
     "get_method",
+    "invert",
     "list_methods",
     "load_image",
     "load_model",
     "predict",
     "receptive_fields",
     "sample_image",
+    "synthesize",
     "top_channels",
 ]

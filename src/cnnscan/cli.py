@@ -44,6 +44,14 @@ EXAMPLES = {
   cnnscan features sample:chelsea --layer _swish@1 --top 32 --out maps/
   cnnscan features cat.jpg --layer _blocks.2 --layer _blocks.8 --scale per-map --out maps/
   cnnscan features cat.jpg --model resnet50 --layer layer3 --out maps/""",
+    "dream": """examples:
+  cnnscan dream --class 285                      # what the model thinks an Egyptian cat is
+  cnnscan dream --class "tiger cat" --param pixel --steps 200   # Simonyan et al.'s setting
+  cnnscan dream --channel _blocks.10._swish@0:5 --steps 256 --seed 1
+  cnnscan dream --channel _blocks.10._swish@0:5 --batch 4 --diversity 1
+  cnnscan dream --neuron _blocks.6._swish@1:7
+  cnnscan dream --deepdream sample:chelsea --layer _blocks.6._swish@1 --octaves 4
+  cnnscan dream --invert sample:chelsea --layer _blocks.10._swish@1 --out inverted/""",
 }
 
 
@@ -161,6 +169,30 @@ def _parser() -> argparse.ArgumentParser:
     features.add_argument("--scale", default="shared", choices=SCALES, help="colour scale")
     features.add_argument("--out", default="cnnscan-features", help="output folder")
     model_options(features)
+    dream = command(
+        "dream",
+        "Synthesize images: activation maximization of a class, channel or neuron, DeepDream "
+        "on a photo, or a photo reconstructed from one layer's features.",
+    )
+    mode = dream.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--class", dest="class_id", metavar="CLASS", help="class id or name")
+    mode.add_argument("--channel", metavar="LAYER:K", help="channel K of LAYER")
+    mode.add_argument("--neuron", metavar="LAYER:K", help="channel K of LAYER at its centre")
+    mode.add_argument("--deepdream", metavar="IMAGE", help="dream on this photo (needs --layer)")
+    mode.add_argument("--invert", metavar="IMAGE", help="invert this photo (needs --layer)")
+    dream.add_argument("--layer", default=None, help="layer for --deepdream / --invert")
+    dream.add_argument("--octaves", type=_positive_int, default=4, help="DeepDream octaves")
+    dream.add_argument("--steps", type=_positive_int, default=None, help="optimization steps")
+    dream.add_argument("--size", type=_positive_int, default=None, help="image size in pixels")
+    dream.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    dream.add_argument("--param", choices=("fft", "pixel"), default=None, help="image parameters")
+    dream.add_argument("--batch", type=_positive_int, default=1, help="images to optimize")
+    dream.add_argument(
+        "--diversity", type=float, default=0.0, help="weight of the diversity term (--batch >= 2)"
+    )
+    dream.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    dream.add_argument("--out", default="cnnscan-dream", help="output folder")
+    model_options(dream)
     return parser
 
 
@@ -362,6 +394,60 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dream(args: argparse.Namespace) -> int:
+    from cnnscan import synthesis
+
+    options = {
+        key: value
+        for key, value in {"steps": args.steps, "size": args.size, "lr": args.lr}.items()
+        if value is not None
+    }
+    if args.param is not None:
+        options["param"] = args.param
+    photo = args.deepdream or args.invert
+    if photo is not None and args.layer is None:
+        raise CnnscanError(
+            f"--{'deepdream' if args.deepdream else 'invert'} needs --layer LAYER "
+            "(`cnnscan layers` lists them), e.g. --layer _blocks.6._swish@1"
+        )
+    model = _load(args)
+    common = {"seed": args.seed, "progress": True}
+    if args.class_id is not None:
+        target = int(args.class_id) if args.class_id.lstrip("-").isdigit() else args.class_id
+        result = synthesis.class_image(model, target, **common, **options)
+        stem = f"class-{result.settings['class_id']}"
+    elif args.channel or args.neuron:
+        spec = args.channel or args.neuron
+        layer, sep, k = spec.rpartition(":")
+        if not sep or not layer or not k.isdigit():
+            raise CnnscanError(f"expected LAYER:K (e.g. _blocks.10._swish@0:5), got {spec!r}")
+        objective = (synthesis.channel if args.channel else synthesis.neuron)(layer, int(k))
+        if args.diversity:
+            objective = objective + args.diversity * synthesis.diversity(layer)
+        result = synthesis.synthesize(model, objective, batch=args.batch, **common, **options)
+        stem = f"{'channel' if args.channel else 'neuron'}-{layer}-{k}"
+    elif args.deepdream:
+        if "lr" in options or "param" in options:
+            raise CnnscanError("--deepdream takes gradient steps on the photo: no --lr / --param")
+        options["steps"] = options.get("steps", 10)
+        result = synthesis.deepdream(
+            model, args.deepdream, args.layer, octaves=args.octaves, **common, **options
+        )
+        stem = f"deepdream-{args.layer}"
+    else:
+        if "size" in options:
+            raise CnnscanError("--invert works at the model's input size: no --size")
+        result = synthesis.invert(model, args.invert, args.layer, **common, **options)
+        stem = f"invert-{args.layer}"
+    written = result.save(args.out, stem)
+    print(
+        f"{result.objective}: {result.initial:.4g} -> {result.final:.4g} in "
+        f"{len(result.history)} steps ({result.seconds:.1f} s)"
+    )
+    print(f"wrote {len(written)} files to {Path(args.out).resolve()}")
+    return 0
+
+
 _COMMANDS = {
     "scan": _cmd_scan,
     "explain": _cmd_explain,
@@ -369,6 +455,7 @@ _COMMANDS = {
     "methods": _cmd_methods,
     "filters": _cmd_filters,
     "features": _cmd_features,
+    "dream": _cmd_dream,
 }
 
 
