@@ -26,3 +26,7 @@ class TargetError(CnnscanError, ValueError):
 
 class MethodError(CnnscanError, ValueError):
     """A method name or option is not valid."""
+
+
+class BatchError(CnnscanError, ValueError):
+    """A batch run cannot start: bad input listing, options, or an output folder in use."""
