@@ -119,7 +119,7 @@ def _table(path: Path, path_column: str, label_column: str, id_column: str) -> l
         full = Path(written) if Path(written).is_absolute() else base / written
         ids = columns.get(id_column)
         image_id = str(ids[i]) if ids is not None and ids[i] is not None else written
-        label = columns[label_column][i] if label_column in columns else None
+        label = _blank_to_none(columns[label_column][i]) if label_column in columns else None
         box, problem = _box([columns[c][i] for c in BOX_COLUMNS]) if present else (None, None)
         items.append(Item(str(full), image_id, None, box, problem, label))
     return items
@@ -143,6 +143,7 @@ def _read_table(path: Path) -> dict[str, list[Any]]:
 
 def _box(values: list[Any]) -> tuple[tuple[float, float, float, float] | None, str | None]:
     """(box, None), (None, None) when the row has no box, or (None, problem)."""
+    values = [_blank_to_none(v) for v in values]
     if all(v is None for v in values):
         return None, None
     try:
@@ -153,6 +154,11 @@ def _box(values: list[Any]) -> tuple[tuple[float, float, float, float] | None, s
     if not all(math.isfinite(v) for v in numbers) or x1 <= x0 or y1 <= y0:
         return None, f"box {list(numbers)} is empty or not finite (it needs x0 < x1, y0 < y1)"
     return numbers, None  # type: ignore[return-value]
+
+
+def _blank_to_none(value: Any) -> Any:
+    """Empty cells of a CSV column read as text are missing values."""
+    return None if isinstance(value, str) and not value.strip() else value
 
 
 def _check_unique(items: list[Item]) -> None:

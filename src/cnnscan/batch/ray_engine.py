@@ -10,6 +10,7 @@ whose workers must be able to import cnnscan and read the image paths.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -57,9 +58,9 @@ def run_ray(
     if not parts:
         return
     ray = _import_ray()
-    with _ray_session(ray, address, workers):
+    with _ray_session(ray, address, workers), _quiet("ray.data"):
         context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
+        context.enable_progress_bars = False  # ours counts images
         context.print_on_execution_start = False
         listing = [
             {"number": number, "items": json.dumps([item.to_dict() for item in items])}
@@ -90,6 +91,18 @@ def _import_ray() -> Any:
             "the Ray engine needs Ray Data: pip install 'cnnscan[ray]' (or 'ray[data]')"
         ) from e
     return ray
+
+
+@contextmanager
+def _quiet(logger_name: str):
+    """Ray Data's progress chatter off (warnings about real problems still show)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextmanager
