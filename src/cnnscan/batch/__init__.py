@@ -21,6 +21,7 @@ __all__ = [
     "Results",
     "Settings",
     "discover",
+    "load",
     "run",
     "summarize",
     "write_summary",
