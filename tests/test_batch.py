@@ -304,6 +304,44 @@ def test_bad_settings_fail_before_any_work(folder, tiny, tmp_path):
     assert not (tmp_path / "rows").exists()
 
 
+class NanOnBright(torch.nn.Module):
+    """SmallConvNet whose logits are NaN for a bright image (mean input above 1.5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = SmallConvNet(classes=5)
+
+    def forward(self, x):
+        logits = self.net(x)
+        bright = x.mean(dim=(1, 2, 3)) > 1.5
+        return torch.where(bright[:, None], torch.full_like(logits, float("nan")), logits)
+
+
+def test_an_image_that_fails_alone_is_an_error_row(folder, tmp_path):
+    white = tmp_path / "white.png"
+    Image.new("RGB", (40, 40), "white").save(white)
+    model = cnnscan.load_model(
+        NanOnBright(), preprocessing=Preprocessing(size=(32, 32), resize_shorter=None)
+    )
+    images = [folder / "chelsea.jpg", white, folder / "coffee.png"]
+    results = run(images, tmp_path / "out", model, batch_size=3)
+    assert sorted({r["image_id"] for r in results.rows().to_pylist()}) == sorted(
+        [str(folder / "chelsea.jpg"), str(folder / "coffee.png")]
+    )
+    (error,) = results.errors().to_pylist()
+    assert error["image_id"] == str(white) and error["stage"] == "explain"
+    assert "NaN" in error["reason"]
+
+
+def test_settings_that_fail_on_the_first_batch_stop_the_run_and_can_be_fixed(
+    folder, tiny, tmp_path
+):
+    with pytest.raises(cnnscan.LayerError, match="spatial"):
+        run(folder, tmp_path, tiny, methods=["gradcam"], layer="fc")
+    results = run(folder, tmp_path, tiny, methods=["gradcam"])  # same folder, fixed settings
+    assert len(results.rows().to_pylist()) == len(GOOD)
+
+
 def test_model_is_left_as_it_was(folder, tmp_path):
     module = SmallConvNet(classes=5).train()
     before = {k: v.clone() for k, v in module.state_dict().items()}

@@ -59,6 +59,7 @@ def run(
     images already done are skipped. `on_part(part)` is called after each part is committed.
     Returns a `Results` reader of the output folder.
     """
+    found = discover(source, path_column=path_column, label_column=label_column)
     model = model if isinstance(model, Model) else load_model(model)
     for name, value in (("batch_size", batch_size), ("workers", workers), ("part_size", part_size)):
         if not isinstance(value, int) or value < 1:
@@ -78,9 +79,7 @@ def run(
         device=device,
     )
     explainer = Explainer(model, settings)  # checks methods, options, layers, targets
-    items = resolve_labels(
-        discover(source, path_column=path_column, label_column=label_column), model.labels
-    )
+    items = resolve_labels(found, model.labels)
     store = Store(out, explainer.metric_columns)
     try:
         done = store.open(_recorded(model, settings, explainer.metric_columns, source))

@@ -124,7 +124,8 @@ class Store:
         self.out.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         saved = self.out / "run.json"
-        if saved.exists():
+        started = any((self.out / "manifest").glob("part-*.json"))
+        if saved.exists() and started:
             previous = json.loads(saved.read_text())
             changed = [k for k in RESULT_SETTINGS if previous.get(k) != settings.get(k)]
             if changed:
@@ -135,7 +136,7 @@ class Store:
                     f"{self.out} holds a run with other settings ({details}); use another "
                     "--out folder, or the same settings to resume it"
                 )
-        else:
+        else:  # a new run, or one that committed nothing: these settings are the run's
             self._write_bytes(saved, json.dumps(settings, indent=2).encode())
         for name in _DIRS:
             (self.out / name).mkdir(exist_ok=True)
