@@ -115,28 +115,23 @@ def cmd_speed(args, model, paths, work: Path) -> None:
         )
 
 
-def inline_reads(items, load, workers, ahead):
-    """No prefetching: each image is read when the compute asks for it."""
-    for item in items:
-        yield item, compute._attempt(load, item)
-
-
 def cmd_loaders(args, model, paths, work: Path) -> None:
     engine(model, paths[:8], work / "warm")
     original = compute.prefetch
-    readers = {
-        "thread pool (2 threads)": original,
-        "DataLoader (2 worker processes)": dataloader_prefetch,
-        "no prefetching": inline_reads,
+    readers = {  # name: (reader, workers)
+        "thread pool (2 threads)": (original, 2),
+        "DataLoader (2 worker processes)": (dataloader_prefetch, 2),
+        "no prefetching (--workers 0)": (original, 0),
     }
     for rep in range(args.repeat):
         rates = {}
-        for name, reader in readers.items():
+        for name, (reader, workers) in readers.items():
             compute.prefetch = reader
             try:
-                rates[name] = len(paths) / engine(model, paths, work / "loader", workers=2)
+                seconds = engine(model, paths, work / "loader", workers=workers)
             finally:
                 compute.prefetch = original
+            rates[name] = len(paths) / seconds
         listing = ", ".join(f"{name} {rate:.2f} img/s" for name, rate in rates.items())
         print(f"  round {rep + 1}: {listing}")
 

@@ -193,6 +193,11 @@ def test_rows_match_single_image_explain(tiny_run, tiny, folder):
         assert [r["target"] for r in ranked] == [r["class_id"] for r in reference[:2]]
 
 
+def test_reading_inline_or_ahead_gives_the_same_output(tiny_run, folder, tiny, tmp_path):
+    inline = run(folder, tmp_path, tiny, targets="top2", part_size=4, batch_size=3, workers=0)
+    same_results(inline, tiny_run)
+
+
 def test_errors_table_names_each_broken_file(tiny_run):
     errors = {row["image_id"]: row for row in tiny_run.errors().to_pylist()}
     assert errors.keys() == BROKEN.keys()

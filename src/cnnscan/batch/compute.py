@@ -269,8 +269,13 @@ def prefetch(
     items: Iterator[Item], load, workers: int, ahead: int
 ) -> Iterator[tuple[Item, torch.Tensor | BaseException]]:
     """(item, loaded value or the exception it raised), in order, with up to `ahead` items
-    being read on `workers` threads while the caller computes (PIL decodes without the GIL)."""
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="cnnscan-read") as pool:
+    being read on `workers` threads while the caller computes (PIL decodes without the GIL);
+    `workers=0` reads each item when it is asked for."""
+    if workers == 0:
+        for item in items:
+            yield item, _attempt(load, item)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="cnnscan-read") as pool:
         pending: deque[tuple[Item, Future]] = deque()
 
         def submit() -> None:

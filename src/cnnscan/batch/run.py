@@ -55,15 +55,17 @@ def run(
     `resolution`: store maps at the method's own ("layer") or the input's resolution.
     `metrics`: evaluation metrics per row (e.g. "deletion", "insertion", "pointing_game").
     `engine="ray"` maps the same per-part function with Ray Data on `workers` actors (a
-    local Ray, or the cluster at `address`). Running again with the same `out` resumes:
+    local Ray, or the cluster at `address`); in-process, `workers` threads read ahead (0: read
+    each image when the compute needs it). Running again with the same `out` resumes:
     images already done are skipped. `on_part(part)` is called after each part is committed.
     Returns a `Results` reader of the output folder.
     """
     found = discover(source, path_column=path_column, label_column=label_column)
     model = model if isinstance(model, Model) else load_model(model)
     for name, value in (("batch_size", batch_size), ("workers", workers), ("part_size", part_size)):
-        if not isinstance(value, int) or value < 1:
-            raise BatchError(f"{name} must be a positive whole number, got {value!r}")
+        least = 0 if name == "workers" and engine == "local" else 1
+        if not isinstance(value, int) or value < least:
+            raise BatchError(f"{name} must be a whole number >= {least}, got {value!r}")
     if engine not in ("local", "ray"):
         raise BatchError(f"engine must be 'local' or 'ray', got {engine!r}")
     settings = Settings(
