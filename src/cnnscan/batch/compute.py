@@ -98,7 +98,8 @@ class Explainer:
     # -- explaining ----------------------------------------------------------------------
     def explain_part(self, number: int, items: list[Item], workers: int = 1) -> Part:
         """One part on its own (the Ray engine's unit of work)."""
-        return next(self.explain_parts([(number, items)], workers))
+        (part,) = self.explain_parts([(number, items)], workers)
+        return part
 
     def explain_parts(
         self,
