@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from cnnscan.errors import CnnscanError
 from cnnscan.render import FILTER_MODES, SCALES, VIEWS
+from cnnscan.report import CLASS_IMAGE_STEPS
 
 DEFAULT_IMAGE = "sample:chelsea"
 
@@ -105,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     scan.add_argument(
         "--full", action="store_true", help="every registered method, also slow ones (Score-CAM)"
+    )
+    scan.add_argument(
+        "--class-image-steps",
+        type=int,
+        default=CLASS_IMAGE_STEPS,
+        help=f"steps of the synthesized top-1 class image (default {CLASS_IMAGE_STEPS}; 0: skip)",
     )
     scan.add_argument("--open", action="store_true", help="open the report in a browser")
 
@@ -259,6 +266,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             image_name=name,
             progress=progress,
+            class_image_steps=args.class_image_steps,
         )
     path = write_report(result, args.out)
     for p in result.predictions:
