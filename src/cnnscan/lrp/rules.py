@@ -46,7 +46,7 @@ class Layer(Protocol):
 
 def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
     """z + ε·sign(z), with sign(0) = +1 (zennit's stabilizer)."""
-    return z + ((z == 0).to(z) + z.sign()) * epsilon
+    return z + torch.where(z >= 0, epsilon, -epsilon)
 
 
 def _pos(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -148,7 +148,9 @@ class _SignSplit:
 
         def run(c: torch.Tensor) -> torch.Tensor:
             g_pos, g_neg = self.terms.transpose([c * s for s in scales])
-            return self.positive * g_pos + self.negative * g_neg
+            assert g_pos is not None
+            c_in = self.positive * g_pos
+            return c_in if g_neg is None else c_in.addcmul_(self.negative, g_neg)
 
         return run
 
@@ -333,5 +335,6 @@ class Pass(Rule):
 
 
 def pass_ratio(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """y / x, and 0 where x = 0 (no relevance there): c_in = c_out · ratio passes R through."""
-    return torch.where(x != 0, y / torch.where(x != 0, x, 1), 0)
+    """y / x, and 0 where x = 0 (no relevance there; y = f(0) = 0 for the layers this
+    serves): c_in = c_out · ratio passes R through."""
+    return (y / x).nan_to_num_(0.0, 0.0, 0.0)

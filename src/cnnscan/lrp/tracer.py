@@ -59,6 +59,18 @@ _ACTIVATIONS: dict[Any, int | bool | None] = {
     torch.prelu: None,
 }
 
+# ops that only rearrange or zero-pad values: relevance rules that need the image itself
+# (ZBox, Flat) follow the model input through them
+_REARRANGE = {
+    F.pad,
+    torch.flatten,
+    torch.Tensor.flatten,
+    torch.Tensor.view,
+    torch.reshape,
+    torch.Tensor.reshape,
+    torch.Tensor.contiguous,
+}
+
 
 @dataclass(frozen=True)
 class _Call:
@@ -191,7 +203,7 @@ class _Tracer(TorchFunctionMode):
             for name, module in root.named_modules()
             for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
         }
-        # tensors computed from the model input by padding only: tensor -> (it, input -> it)
+        # tensors made from the model input by `_REARRANGE` ops: tensor -> (it, input -> it)
         self.from_input: dict[int, tuple[torch.Tensor, Callable]] = {id(inputs): (inputs, _same)}
         self.produced: dict[int, _Produced] = {}  # conv/linear outputs, for merging batch norms
         self.record = Record()
@@ -204,8 +216,8 @@ class _Tracer(TorchFunctionMode):
             return self._batch_norm(args, kwargs)
         if func in _ACTIVATIONS:
             return self._activation(func, args, kwargs)
-        if func is F.pad:
-            return self._pad(func, args, kwargs)
+        if func in _REARRANGE:
+            return self._rearrange(func, args, kwargs)
         return self._other(func, args, kwargs)
 
     # -- layers -------------------------------------------------------------------------
@@ -332,7 +344,7 @@ class _Tracer(TorchFunctionMode):
         )
         return _PassThrough.apply(x_in, func, args, kwargs, inplace)
 
-    def _pad(self, func, args, kwargs):
+    def _rearrange(self, func, args, kwargs):
         out = func(*args, **kwargs)
         x_in = args[0] if args else kwargs.get("input")
         entry = self.from_input.get(id(x_in))
