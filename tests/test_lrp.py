@@ -108,7 +108,7 @@ def test_vgg11_matches_zennit(composite, small_input):
 @pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_gamma_box"])
 def test_vgg11_bn_matches_zennit_with_its_batchnorm_canonizer(composite, small_input):
     r, _ = compare_with_zennit(
-        torchvision_net("vgg11_bn"), small_input, composite, [SequentialMergeBatchNorm()]
+        torchvision_net("vgg11_bn"), small_input, composite, [SequentialMergeBatchNorm()], (3,)
     )
     assert r > 0.99, r
     net = torchvision_net("vgg11_bn", bn_eps=1e-12)
@@ -122,7 +122,7 @@ def test_resnet18_matches_zennit_with_its_resnet_canonizer(composite, small_inpu
     # zennit needs its canonizer to split the residual sum in proportion to the summands;
     # the gradient × input form gives that for free.
     r, _ = compare_with_zennit(
-        torchvision_net("resnet18"), small_input, composite, [ResNetCanonizer()]
+        torchvision_net("resnet18"), small_input, composite, [ResNetCanonizer()], (3,)
     )
     assert r > 0.99, r
     net = torchvision_net("resnet18", bn_eps=1e-12)

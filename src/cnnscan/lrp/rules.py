@@ -59,11 +59,12 @@ def _neg(t: torch.Tensor | None) -> torch.Tensor | None:
 
 class _Terms:
     """Outputs op(input_k, w_k, b_k) with their graphs kept, so that each target's backward
-    costs only the transposed operations: `transpose(grads)` = Σ_k J_kᵀ grads_k per input."""
+    costs only the transposed operations: `transpose(grads)` = Σ_k J_kᵀ grads_k per input.
+    An input given as None is known to add nothing (a zero input of a linear op)."""
 
-    def __init__(self, layer: Layer, inputs: list[torch.Tensor]):
+    def __init__(self, layer: Layer, inputs: list[torch.Tensor | None]):
         self.layer = layer
-        self.leaves = [t.detach().requires_grad_(True) for t in inputs]
+        self.leaves = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
         self.outputs: list[torch.Tensor] = []
         self.sources: list[int] = []
 
@@ -75,18 +76,16 @@ class _Terms:
         self.sources.append(source)
         return out.detach()
 
-    def needed(self, source: int) -> bool:
-        """A zero input of a linear op adds nothing: skip its terms."""
-        return not self.layer.linear or bool(self.leaves[source].any())
-
-    def transpose(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        used = torch.autograd.grad(
-            self.outputs, self.leaves, grads, retain_graph=True, allow_unused=True
+    def transpose(self, grads: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Σ_k J_kᵀ grads_k for each input (None for an input no output used)."""
+        used = sorted(set(self.sources))
+        found = torch.autograd.grad(
+            self.outputs, [self.leaves[i] for i in used], grads, retain_graph=True
         )
-        return [
-            torch.zeros_like(leaf) if g is None else g
-            for leaf, g in zip(self.leaves, used, strict=True)
-        ]
+        result: list[torch.Tensor | None] = [None] * len(self.leaves)
+        for i, g in zip(used, found, strict=True):
+            result[i] = g
+        return result
 
 
 def _check(name: str, value: float, *, positive: bool = False) -> float:
@@ -125,19 +124,21 @@ class Epsilon(Rule):
 
 
 class _SignSplit:
-    """x⁺ / x⁻ terms of the sign-aware rules: c_in = 1[x>0]·g(x⁺) + 1[x<0]·g(x⁻)."""
+    """x⁺ / x⁻ terms of the sign-aware rules: c_in = 1[x>0]·g(x⁺) + 1[x<0]·g(x⁻). The x⁻
+    terms are dropped when x has no negative values and the op is linear (after a ReLU)."""
 
     def __init__(self, layer: Layer):
         x = layer.x
-        self.terms = _Terms(layer, [x.clamp(min=0), x.clamp(max=0)])
+        negative = not layer.linear or bool((x < 0).any())
+        self.terms = _Terms(layer, [x.clamp(min=0), x.clamp(max=0) if negative else None])
         self.positive = (x > 0).to(x)
-        self.negative = (x < 0).to(x)
+        self.negative = (x < 0).to(x) if negative else None
 
     def z(self, pairs: list[tuple[int, torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
-        """Σ op(x^±, w, b) over the pairs (source, weight, bias) whose input is non-zero."""
+        """Σ op(x^±, w, b) over the pairs (source, weight, bias) whose input is not dropped."""
         total = None
         for source, weight, bias in pairs:
-            if source == 0 or self.terms.needed(source):
+            if self.terms.leaves[source] is not None:
                 out = self.terms.add(source, weight, bias)
                 total = out if total is None else total + out
         assert total is not None
@@ -147,7 +148,11 @@ class _SignSplit:
         """scales[k]: what c_out is multiplied by for the k-th output added by `z`."""
 
         def run(c: torch.Tensor) -> torch.Tensor:
-            g_pos, g_neg = self.terms.transpose([c * s for s in scales])
+            products: dict[int, torch.Tensor] = {}
+            for s in scales:
+                if id(s) not in products:
+                    products[id(s)] = c * s
+            g_pos, g_neg = self.terms.transpose([products[id(s)] for s in scales])
             assert g_pos is not None
             c_in = self.positive * g_pos
             return c_in if g_neg is None else c_in.addcmul_(self.negative, g_neg)
