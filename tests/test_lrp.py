@@ -401,3 +401,13 @@ def test_rule_objects_check_their_parameters():
         AlphaBeta(1.0, 1.0)
     with pytest.raises(MethodError, match="gamma must be a number >= 0"):
         Gamma(-0.5)
+
+
+def test_signed_view_keeps_zero_grey_for_a_map_without_negatives():
+    # z⁺ relevance is often all ≥ 0: zero must still be the diverging map's centre.
+    maps = torch.zeros(1, 1, 3, 4, 4)
+    maps[..., 1, 1] = 1.0
+    attr = cnnscan.Attribution(maps, torch.zeros(1, 1, dtype=torch.long), "lrp", maps[:, 0])
+    picture = attr.image(0, 0, "signed")
+    assert abs(int(picture[0, 0, 0]) - int(picture[0, 0, 2])) < 5  # grey, not blue
+    assert picture[1, 1, 0] > 150 > picture[1, 1, 2]  # red
