@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 
 import pytest
 import torch
@@ -411,3 +412,19 @@ def test_signed_view_keeps_zero_grey_for_a_map_without_negatives():
     picture = attr.image(0, 0, "signed")
     assert abs(int(picture[0, 0, 0]) - int(picture[0, 0, 2])) < 5  # grey, not blue
     assert picture[1, 1, 0] > 150 > picture[1, 1, 2]  # red
+
+
+def test_the_graph_is_freed_without_waiting_for_the_garbage_collector():
+    # A layer's rule must not hold the layer's output (output -> grad_fn -> rule -> output
+    # would be a cycle that keeps every activation alive until a gc pass, or longer).
+    from cnnscan.lrp.tracer import _Plan
+
+    net = Residual().eval()
+    gc.collect()
+    gc.disable()
+    try:
+        cnnscan.explain(net, torch.randn(1, 3, 16, 16), "lrp", targets=[0, 1])
+        alive = sum(type(obj) is _Plan for obj in gc.get_objects())
+    finally:
+        gc.enable()
+    assert alive == 0

@@ -88,6 +88,17 @@ class _Call:
     def arg(self, index: int, name: str, default: Any = None) -> Any:
         return self.args[index] if index < len(self.args) else self.kwargs.get(name, default)
 
+    def stripped(self) -> _Call:
+        """This call with its input, weight and bias emptied: what a layer keeps for its
+        rule (no live activations)."""
+        args, kwargs = list(self.args), dict(self.kwargs)
+        for slot, index in enumerate(self.slots):
+            if index < len(args):
+                args[index] = None
+            else:
+                kwargs.pop(_SLOT_NAMES[slot], None)
+        return replace(self, args=tuple(args), kwargs=kwargs)
+
     def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         args, kwargs = list(self.args), dict(self.kwargs)
         for slot, value in enumerate((x, weight, bias)):
@@ -126,9 +137,10 @@ class LayerCall:
 
 
 class _Plan:
-    """A layer's rule, prepared on the first backward that reaches it."""
+    """A layer's rule, prepared on the first backward that reaches it; `value` is the
+    layer's output, held only until the autograd function has returned it."""
 
-    def __init__(self, rule: Rule, layer: LayerCall, value: torch.Tensor):
+    def __init__(self, rule: Rule, layer: LayerCall, value: torch.Tensor | None):
         self.rule, self.layer, self.value = rule, layer, value
         self._run: Callable[[torch.Tensor], torch.Tensor] | None = None
 
@@ -149,6 +161,7 @@ class _Relevance(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, plan: _Plan, source: torch.Tensor) -> torch.Tensor:
         ctx.plan = plan
+        assert plan.value is not None
         return plan.value
 
     @staticmethod
@@ -233,7 +246,7 @@ class _Tracer(TorchFunctionMode):
         layer = LayerCall(
             name or _label(func),
             kind,
-            call,
+            call.stripped(),
             x_in.detach(),
             weight.detach(),
             None if bias is None else bias.detach(),
@@ -286,7 +299,7 @@ class _Tracer(TorchFunctionMode):
         layer = LayerCall(
             name or "batch_norm",
             kind,
-            call,
+            call.stripped(),
             x_in.detach(),
             x_in.new_ones(channels) if weight is None else weight.detach(),
             x_in.new_zeros(channels) if bias is None else bias.detach(),
@@ -321,8 +334,12 @@ class _Tracer(TorchFunctionMode):
                 f"the pass rule needs a layer whose output has its input's shape; "
                 f"{layer.name!r} maps {tuple(layer.x.shape)} to {tuple(value.shape)}"
             )
-        out = _Relevance.apply(_Plan(rule, layer, value), source)
-        layer.y, layer.versions = out, (layer.x._version, out._version)
+        plan = _Plan(rule, layer, value)
+        out = _Relevance.apply(plan, source)
+        # an alias (same storage and version counter) without out's grad_fn: no cycle
+        # out -> grad_fn -> plan -> out that would keep the graph alive after use
+        plan.value, layer.y = None, out.detach()
+        layer.versions = (layer.x._version, out._version)
         self.record.rules[layer.name] = rule.name
         return out
 
