@@ -131,8 +131,8 @@ class _SignSplit:
         x = layer.x
         negative = not layer.linear or bool((x < 0).any())
         self.terms = _Terms(layer, [x.clamp(min=0), x.clamp(max=0) if negative else None])
-        self.positive = (x > 0).to(x)
-        self.negative = (x < 0).to(x) if negative else None
+        self.positive = x > 0
+        self.negative = x < 0 if negative else None
 
     def z(self, pairs: list[tuple[int, torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
         """Σ op(x^±, w, b) over the pairs (source, weight, bias) whose input is not dropped."""
@@ -154,8 +154,8 @@ class _SignSplit:
                     products[id(s)] = c * s
             g_pos, g_neg = self.terms.transpose([products[id(s)] for s in scales])
             assert g_pos is not None
-            c_in = self.positive * g_pos
-            return c_in if g_neg is None else c_in.addcmul_(self.negative, g_neg)
+            c_in = g_pos * self.positive
+            return c_in if g_neg is None else c_in.add_(g_neg * self.negative)
 
         return run
 
