@@ -3,6 +3,7 @@ one-layer examples of each rule, conservation on hand-built nets, and LRP-ε →
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import gc
@@ -60,17 +61,24 @@ def randomize_batchnorm(net: nn.Module, seed: int = 0) -> nn.Module:
 
 
 @functools.cache
-def torchvision_net(arch: str, bn_eps: float | None = None) -> nn.Module:
-    """A random-weight torchvision model, built once per test session (do not modify it);
-    `bn_eps` replaces its BatchNorms' ε."""
+def torchvision_net(arch: str) -> nn.Module:
+    """A random-weight torchvision model, built once per test session (put back any change)."""
     torch.manual_seed(0)
-    net = randomize_batchnorm(getattr(torchvision.models, arch)(weights=None).eval())
-    if bn_eps is not None:
-        net = copy.deepcopy(net)
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.eps = bn_eps
-    return net
+    return randomize_batchnorm(getattr(torchvision.models, arch)(weights=None).eval())
+
+
+@contextlib.contextmanager
+def batchnorm_eps(net: nn.Module, eps: float):
+    """The net with every BatchNorm's ε replaced, for the duration of the block."""
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [m.eps for m in norms]
+    for m in norms:
+        m.eps = eps
+    try:
+        yield net
+    finally:
+        for m, value in zip(norms, saved, strict=True):
+            m.eps = value
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +120,9 @@ def test_vgg11_bn_matches_zennit_with_its_batchnorm_canonizer(composite, small_i
         torchvision_net("vgg11_bn"), small_input, composite, [SequentialMergeBatchNorm()], (3,)
     )
     assert r > 0.99, r
-    net = torchvision_net("vgg11_bn", bn_eps=1e-12)
-    assert_matches_zennit(net, small_input, composite, [SequentialMergeBatchNorm()])
-    attr = cnnscan.explain(net, small_input, "lrp", targets=[0], composite=composite)
+    with batchnorm_eps(torchvision_net("vgg11_bn"), 1e-12) as net:
+        assert_matches_zennit(net, small_input, composite, [SequentialMergeBatchNorm()])
+        attr = cnnscan.explain(net, small_input, "lrp", targets=[0], composite=composite)
     assert len(attr.extras["merged_batchnorm"]) == 8  # every BatchNorm merged into its conv
 
 
@@ -126,21 +134,18 @@ def test_resnet18_matches_zennit_with_its_resnet_canonizer(composite, small_inpu
         torchvision_net("resnet18"), small_input, composite, [ResNetCanonizer()], (3,)
     )
     assert r > 0.99, r
-    net = torchvision_net("resnet18", bn_eps=1e-12)
-    assert_matches_zennit(net, small_input, composite, [ResNetCanonizer()])
+    with batchnorm_eps(torchvision_net("resnet18"), 1e-12) as net:
+        assert_matches_zennit(net, small_input, composite, [ResNetCanonizer()])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_gamma_box"])
 def test_default_model_matches_zennit(default_model, small_input, composite):
     # Depthwise convs, Conv2dStaticSamePadding (zero-padded z^B bounds), ReLU6 modules called
     # twice, 49 merged BatchNorms, skip connections. zennit's merge leaves x/√(1+ε) in each
     # BatchNorm (ε = 1e-3 here), which we do not: with ε → 0 both agree exactly.
     net = copy.deepcopy(default_model.module).eval()
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.eps = 1e-12
-    assert_matches_zennit(net, small_input, composite, efficientnet_lite_canonizers(net))
+    with batchnorm_eps(net, 1e-12):
+        assert_matches_zennit(net, small_input, composite, efficientnet_lite_canonizers(net))
 
 
 # -- hand-computed one-layer examples ----------------------------------------------------
@@ -325,7 +330,6 @@ def test_a_batch_gives_each_images_own_map():
 
 
 # -- the default model -------------------------------------------------------------------------
-@pytest.mark.slow
 def test_default_model_top5_on_chelsea(default_model, chelsea):
     attr = cnnscan.explain(
         default_model, chelsea, "lrp", targets="top5", composite="epsilon_gamma_box"
