@@ -7,8 +7,9 @@ zennit gets the canonizers it needs for this model (BatchNorm merged into each c
 connections through its Sum module; tests/zennit_refs.py) and runs one forward and backward
 per target, as its attributors do; cnnscan runs one forward and one backward per target.
 The plain gradient of the 5 targets (one forward, 5 backwards) is printed as the floor.
-Every timing is the median of `--repeats` runs after one warm-up; the maps are compared
-first (zennit leaves x/√(1+ε) in each merged BatchNorm, so they differ slightly here).
+Timings are medians of `--repeats` runs after one warm-up, wall-clock and CPU time (steadier
+when other jobs share the machine). The maps are compared first (zennit leaves x/√(1+ε) in
+each merged BatchNorm, so they differ slightly here).
 """
 
 from __future__ import annotations
@@ -30,14 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from zennit_refs import efficientnet_lite_canonizers, zennit_lrp
 
 
-def median_time(fn, repeats: int) -> float:
+def median_time(fn, repeats: int) -> tuple[float, float]:
+    """Median wall-clock and CPU seconds (CPU time is steadier on a shared machine)."""
     fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        began = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,9 +72,14 @@ def main() -> None:
     def gradient():
         return cnnscan.explain(model, x, "gradient", targets=[targets])
 
+    forward = median_time(lambda: reference(x), args.repeats)
     floor = median_time(gradient, args.repeats)
-    print(f"plain gradient, 5 targets: {floor:.3f} s")
-    print(f"{'composite':24} {'cnnscan':>9} {'zennit':>9} {'ratio':>7} {'min r':>9} {'sum err':>8}")
+    print(f"one forward: {forward[0]:.3f} s wall, {forward[1]:.3f} s CPU")
+    print(f"plain gradient, 5 targets: {floor[0]:.3f} s wall, {floor[1]:.3f} s CPU")
+    print(
+        f"{'composite':24} {'cnnscan':>9} {'zennit':>9} {'ratio':>7} {'CPU ratio':>9} "
+        f"{'min r':>9} {'sum err':>8}"
+    )
     for name, make in zennit.items():
 
         def ours(name=name):
@@ -86,8 +94,8 @@ def main() -> None:
         sum_err = float(((sums[0] - sums[1]).abs() / sums[1].abs()).max())
         t_ours, t_theirs = median_time(ours, args.repeats), median_time(theirs, args.repeats)
         print(
-            f"{name:24} {t_ours:8.3f}s {t_theirs:8.3f}s {t_theirs / t_ours:6.2f}x "
-            f"{agreement:9.6f} {sum_err:8.2%}"
+            f"{name:24} {t_ours[0]:8.3f}s {t_theirs[0]:8.3f}s {t_theirs[0] / t_ours[0]:6.2f}x "
+            f"{t_theirs[1] / t_ours[1]:8.2f}x {agreement:9.6f} {sum_err:8.2%}"
         )
 
 
