@@ -432,3 +432,25 @@ def test_the_graph_is_freed_without_waiting_for_the_garbage_collector():
     finally:
         gc.enable()
     assert alive == 0
+
+
+class ChangesAnInputLater(nn.Module):
+    """conv2 reads h, then h is modified in place: conv2's rule can no longer see its input."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        y = self.conv2(h)
+        h.add_(1.0)
+        return self.fc((y + h).mean(dim=(2, 3)))
+
+
+def test_an_input_changed_in_place_after_its_layer_is_an_error_not_a_wrong_map():
+    with pytest.raises(MethodError, match=r"input of layer 'conv2' was modified in place"):
+        cnnscan.explain(ChangesAnInputLater(), torch.randn(1, 3, 8, 8), "lrp", targets=[0])
