@@ -18,7 +18,7 @@ from cnnscan.execution import check_logits, logits_of, runnable
 from cnnscan.lrp.composites import Composite, Key, Params, RuleLike, RuleMap, named_composite
 from cnnscan.lrp.tracer import trace
 from cnnscan.methods import MethodResult, register
-from cnnscan.scan import _match_format
+from cnnscan.scan import match_format
 
 if TYPE_CHECKING:
     from cnnscan.preprocessing import Preprocessing
@@ -85,7 +85,7 @@ def lrp(
     with runnable(scan.model.module, scan.device) as runner:
         names = {name for name, _ in runner.named_modules() if name}
         rule_map = RuleMap(chosen, params, names, bounds)
-        x = _match_format(inputs, runner).requires_grad_(True)
+        x = match_format(inputs, runner).requires_grad_(True)
         sink = torch.zeros_like(x, requires_grad=True)
         with trace(runner, rule_map, x, sink) as record:
             logits = logits_of(runner(x))
