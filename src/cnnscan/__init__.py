@@ -18,7 +18,7 @@ from cnnscan.errors import (
 from cnnscan.explain import explain, explain_many, predict
 from cnnscan.images import load_image, sample_image
 from cnnscan.methods import MethodInfo, get_method, list_methods
-from cnnscan.models import Model, load_model
+from cnnscan.models import Model, list_models, load_model
 from cnnscan.preprocessing import Preprocessing
 from cnnscan.scan import Scan
 
@@ -40,6 +40,7 @@ __all__ = [
     "explain_many",
     "get_method",
     "list_methods",
+    "list_models",
     "load_image",
     "load_model",
     "predict",

@@ -36,6 +36,10 @@ EXAMPLES = {
     "methods": """examples:
   cnnscan methods
   cnnscan methods --family gradient""",
+    "models": """examples:
+  cnnscan models '*vgg*'                         # torchvision, timm and Keras names
+  cnnscan scan cat.jpg --model InceptionResNetV2 --weights none
+  cnnscan scan cat.jpg --model model.onnx        # or model.keras""",
 }
 
 
@@ -120,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
 
     methods = command("methods", "List the explanation methods.")
     methods.add_argument("--family", default=None)
+
+    models = command("models", "List the model names --model accepts.")
+    models.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. '*vgg*'")
     return parser
 
 
@@ -252,11 +259,22 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    from cnnscan.zoo import list_models
+
+    names = list_models(args.pattern)
+    if not names:
+        raise CnnscanError(f"no model name matches {args.pattern!r}; try '*{args.pattern}*'")
+    print("\n".join(names))
+    return 0
+
+
 _COMMANDS = {
     "scan": _cmd_scan,
     "explain": _cmd_explain,
     "layers": _cmd_layers,
     "methods": _cmd_methods,
+    "models": _cmd_models,
 }
 
 

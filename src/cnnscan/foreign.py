@@ -173,7 +173,7 @@ class KerasModule(nn.Module):
             if isinstance(layer, keras.layers.InputLayer):
                 continue
             name = layer.name.replace(".", "_")
-            if name in parent._modules or name in vars(parent):
+            if hasattr(parent, name):  # e.g. a layer called "double" or "float"
                 name = f"{name}_layer"
             dense = isinstance(layer, keras.layers.Dense) and len(layer.kernel.shape) == 2
             proxy = _KerasDense(layer) if dense else _KerasLayer(layer)

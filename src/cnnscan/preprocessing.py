@@ -86,7 +86,11 @@ class Preprocessing:
 
 
 def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
-    """torchvision's CenterCrop arithmetic (offsets rounded; a larger crop is padded black)."""
-    left = round((image.width - width) / 2.0)
-    top = round((image.height - height) / 2.0)
+    """torchvision's CenterCrop arithmetic: offsets rounded, and a crop larger than the
+    picture pads it with black, the odd pixel going to the right/bottom."""
+
+    def offset(size: int, crop: int) -> int:
+        return -((crop - size) // 2) if crop > size else round((size - crop) / 2.0)
+
+    left, top = offset(image.width, width), offset(image.height, height)
     return image.crop((left, top, left + width, top + height))

@@ -96,7 +96,8 @@ def list_models(pattern: str = "*") -> list[str]:
     timm = [f"{TIMM_PREFIX}{n}" if n in taken else n for n in timm_names()]
     names = [DEFAULT_MODEL, *torchvision, *timm, *KERAS_APPLICATIONS]
     wanted = pattern.lower()
-    return sorted(n for n in dict.fromkeys(names) if fnmatch.fnmatchcase(n.lower(), wanted))
+    chosen = (n for n in dict.fromkeys(names) if fnmatch.fnmatchcase(n.lower(), wanted))
+    return sorted(chosen, key=str.lower)
 
 
 def load_named(name: str, weights: str | Path | None) -> Any:
@@ -132,7 +133,9 @@ def _unknown(name: str) -> str:
     )
 
 
-def _keras_application(name: str, weights: str | Path | None) -> Any:
+def keras_equivalent(name: str) -> str:
+    """The name `load_model` uses for a tf.keras.applications name (e.g. "InceptionResNetV2"
+    -> "timm:inception_resnet_v2"), or a ModelError saying why there is none here."""
     candidates, note = KERAS_APPLICATIONS[name]
     if not candidates:
         raise ModelError(
@@ -146,7 +149,11 @@ def _keras_application(name: str, weights: str | Path | None) -> Any:
             f"{name} maps to timm's {candidates[0].removeprefix(TIMM_PREFIX)} ({note}); "
             "install it with: pip install 'cnnscan[timm]'"
         )
-    model = load_named(usable[0], weights)
+    return usable[0]
+
+
+def _keras_application(name: str, weights: str | Path | None) -> Any:
+    model = load_named(keras_equivalent(name), weights)
     return replace(model, name=f"{name} ({model.name})")
 
 
