@@ -39,7 +39,9 @@ def png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims width × height but holds no pixel data."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
@@ -80,7 +82,10 @@ def write_odd_images(folder: Path) -> dict[str, Path]:
         paths[name] = folder / name
 
     save("one_pixel.png", Image.new("RGB", (1, 1), (200, 30, 40)))
-    save("sixteen_bit.png", Image.fromarray((np.arange(96 * 64).reshape(64, 96) * 10).astype(np.uint16)))
+    save(
+        "sixteen_bit.png",
+        Image.fromarray((np.arange(96 * 64).reshape(64, 96) * 10).astype(np.uint16)),
+    )
     palette = Image.new("P", (32, 24), 0)
     palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
     palette.info["transparency"] = 1
@@ -110,9 +115,9 @@ def test_one_pixel_image(tmp_path):
     model = cnnscan.load_model(SmallConvNet(classes=5))
     x = model.preprocess(image)  # upsampled to the model's input size
     assert x.shape == (1, 3, 224, 224)
-    expected = (torch.tensor([200, 30, 40]) / 255 - torch.tensor(model.preprocessing.mean)) / torch.tensor(
-        model.preprocessing.std
-    )
+    expected = (
+        torch.tensor([200, 30, 40]) / 255 - torch.tensor(model.preprocessing.mean)
+    ) / torch.tensor(model.preprocessing.std)
     torch.testing.assert_close(x[0, :, 100, 100], expected.float(), rtol=0, atol=1e-6)
 
 
@@ -131,7 +136,7 @@ def test_every_odd_image_converts_as_pil_would(tmp_path):
         assert image.size == upright.size, name
 
 
-# -- the CLI: one line, no traceback, no output folder ------------------------------------------------
+# -- the CLI: one line, no traceback, no output folder ---------------------------------------
 class NaNNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -206,18 +211,27 @@ def test_cli_bad_images(capsys, tmp_path, files, name, command):
         (["--model", "{files}/not_a_model.onnx"], "not an ONNX model"),
         (["--model", "{files}/not_a_model.keras"], "not a Keras model"),
         (["--model", "{files}/tiny.pt"], "--trust-pickle"),
-        (["--model", "squeezenet1_1", "--weights", "{files}/squeezenet1_0.pt"], "features.0.weight"),
+        (
+            ["--model", "squeezenet1_1", "--weights", "{files}/squeezenet1_0.pt"],
+            "features.0.weight",
+        ),
         (["--model", "{files}/nan.pt", "--trust-pickle"], "NaN"),
         (["--model", "{files}/feature_map.pt", "--trust-pickle"], "shape"),
         (["--model", "{files}/tiny.pt", "--trust-pickle", "--targets", "5"], "out of range"),
         (
-            ["--model", "{files}/tiny.pt", "--trust-pickle", "--labels", "{files}/labels.txt"]
-            + ["--targets", "cats"],
+            [
+                *("--model", "{files}/tiny.pt", "--trust-pickle", "--targets", "cats"),
+                "--labels",
+                "{files}/labels.txt",
+            ],
             "Close matches: cat",
         ),
         (
-            ["--model", "{files}/tiny.pt", "--trust-pickle", "--method", "gradcam"]
-            + ["--layer", "conv9"],
+            [
+                *("--model", "{files}/tiny.pt", "--trust-pickle", "--method", "gradcam"),
+                "--layer",
+                "conv9",
+            ],
             "Valid names",
         ),
         (["--model", "resnet5"], "Did you mean"),
@@ -237,11 +251,17 @@ def test_cli_bad_models_and_targets(capsys, tmp_path, files, extra, needle):
 def test_cli_unknown_layer_lists_the_valid_ones(capsys, tmp_path, files):
     code, _, err = run_cli(
         capsys,
-        ["explain", "sample:coffee", "--model", str(files / "tiny.pt"), "--trust-pickle"]
-        + ["--method", "gradcam", "--layer", "conv9", "--out", str(tmp_path / "out")],
+        [
+            *("explain", "sample:coffee", "--model", str(files / "tiny.pt"), "--trust-pickle"),
+            *("--method", "gradcam", "--layer", "conv9", "--out", str(tmp_path / "out")),
+        ],
     )
     assert code == 1
-    valid = [name for name, _ in torch.load(files / "tiny.pt", weights_only=False).named_modules() if name]
+    valid = [
+        name
+        for name, _ in torch.load(files / "tiny.pt", weights_only=False).named_modules()
+        if name
+    ]
     assert all(name in err for name in valid)
 
 
@@ -264,21 +284,28 @@ def test_cli_converts_odd_images(capsys, tmp_path, files, name):
     out = tmp_path / "out"
     code, _, err = run_cli(
         capsys,
-        ["explain", str(path), "--model", str(files / "tiny.pt"), "--trust-pickle"]
-        + ["--method", "gradient", "--targets", "2", "--out", str(out)],
+        [
+            *("explain", str(path), "--model", str(files / "tiny.pt"), "--trust-pickle"),
+            *("--method", "gradient", "--targets", "2", "--out", str(out)),
+        ],
     )
     assert code == 0, err
     # The written map is the one of the picture PIL itself decodes and turns upright.
     reference = Image.open(path)
     reference.seek(0)
-    upright = ImageOps.exif_transpose(reference.convert("RGBA") if name != "rotated.jpg" else reference)
+    upright = ImageOps.exif_transpose(
+        reference.convert("RGBA") if name != "rotated.jpg" else reference
+    )
     background = Image.new("RGBA", upright.size, (255, 255, 255, 255))
     rgb = Image.alpha_composite(background, upright.convert("RGBA")).convert("RGB")
     model = cnnscan.load_model(str(files / "tiny.pt"), trust_pickle=True)
     if name != "sixteen_bit.png":  # PIL's own conversion clips 16-bit values; ours scales them
         expected = cnnscan.explain(model, model.preprocessing(rgb), "gradient", targets=[2])
         np.testing.assert_allclose(
-            np.load(out / "gradient_img0_class2.npy"), expected.maps[0, 0].numpy(), rtol=1e-4, atol=1e-6
+            np.load(out / "gradient_img0_class2.npy"),
+            expected.maps[0, 0].numpy(),
+            rtol=1e-4,
+            atol=1e-6,
         )
 
 

@@ -227,7 +227,9 @@ def test_every_method_runs_on_a_keras_model_and_leaves_it_alone(keras, keras_fil
     assert torch.isfinite(attr.maps).all() and attr.maps.abs().sum() > 0
     for key, value in model.module.state_dict().items():
         assert torch.equal(value, before[key]), key
-    assert hooks == {id(layer): len(layer._forward_hooks) for layer in model.module.keras_model.layers}
+    assert hooks == {
+        id(layer): len(layer._forward_hooks) for layer in model.module.keras_model.layers
+    }
 
 
 def test_keras_model_passed_directly_is_not_modified(keras):
@@ -274,3 +276,32 @@ def test_keras_lambda_layers_need_trust(keras, tmp_path):
     model = load_model(tmp_path / "lambda.keras", trust_pickle=True)
     assert model.num_classes == 2
     assert "double_layer" in dict(model.module.named_modules())  # clashes with Module.double
+
+
+def test_keras_routing_hooks_act_only_in_their_own_forward(keras):
+    # Two forwards of one KerasModule at the same time (threads sharing a working copy, or
+    # as here, one forward nested in another): each layer output goes through its submodule
+    # once per forward, never through the hooks the other forward installed.
+    module = load_model(build_keras(keras)).module
+    calls = []
+    module.get_submodule("relu1").register_forward_hook(lambda *_: calls.append(1))
+    nested = []
+
+    def forward_inside(_layer, _inputs, _output):
+        if not nested:
+            nested.append(None)
+            nested[0] = module(X)
+
+    handle = module.keras_model.get_layer("conv1").register_forward_hook(forward_inside)
+    try:
+        outer = module(X)
+    finally:
+        handle.remove()
+    assert len(calls) == 2
+    torch.testing.assert_close(nested[0], outer)
+
+
+def test_a_model_file_with_separate_weights_is_refused(onnx_file):
+    _, path = onnx_file
+    with pytest.raises(ModelError, match="carries its own weights"):
+        load_model(path, weights=path.with_suffix(".pt"))

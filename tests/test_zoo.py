@@ -19,7 +19,6 @@ import cnnscan
 from cnnscan import ModelError, load_model, zoo
 
 timm = pytest.importorskip("timm")
-import timm.data  # noqa: E402
 
 DOCS = Path(__file__).parents[1] / "docs" / "models.md"
 
@@ -52,7 +51,9 @@ def test_every_torchvision_and_timm_name_is_listed():
 def test_torchvision_wins_a_shared_name_and_timm_prefix_picks_timm():
     assert isinstance(load_model("resnet18", weights=None).module, torchvision.models.ResNet)
     assert isinstance(load_model("timm:resnet18", weights=None).module, timm.models.ResNet)
-    assert isinstance(load_model("torchvision:resnet18", weights=None).module, torchvision.models.ResNet)
+    assert isinstance(
+        load_model("torchvision:resnet18", weights=None).module, torchvision.models.ResNet
+    )
 
 
 def test_timm_only_names_and_pretrained_tags_load():
@@ -288,4 +289,6 @@ def test_missing_timm_says_how_to_install(monkeypatch):
         load_model("timm:resnet18", weights=None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert isinstance(load_model("EfficientNetB0", weights=None).module, torchvision.models.EfficientNet)
+        assert isinstance(
+            load_model("EfficientNetB0", weights=None).module, torchvision.models.EfficientNet
+        )

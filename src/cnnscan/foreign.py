@@ -12,6 +12,7 @@ flows on into the Keras graph.
 
 from __future__ import annotations
 
+import contextvars
 import os
 from functools import partial
 from pathlib import Path
@@ -189,20 +190,28 @@ class KerasModule(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        token = object()  # this call's hooks act in this call only (threads may share layers)
         handles = [
-            self._layer(at).register_forward_hook(partial(_route, self.get_submodule(name)))
+            self._layer(at).register_forward_hook(partial(_route, self.get_submodule(name), token))
             for at, name in self._routes
         ]
+        active = _forwarding.set(token)
         try:
             return self.keras_model(x.permute(0, 2, 3, 1), training=False)
         finally:
+            _forwarding.reset(active)
             for handle in handles:
                 handle.remove()
 
 
-def _route(proxy: _KerasLayer, _layer: nn.Module, _inputs: Any, output: Any) -> Any:
+_forwarding: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "cnnscan_keras_forward", default=None
+)
+
+
+def _route(proxy: _KerasLayer, token: object, _layer: nn.Module, _inputs: Any, output: Any) -> Any:
     """Pass a Keras layer's output through its proxy (channels-first) and back."""
-    if not isinstance(output, torch.Tensor):
+    if _forwarding.get() is not token or not isinstance(output, torch.Tensor):
         return None
     routed = proxy(output)
     return routed.permute(0, 2, 3, 1) if output.ndim == 4 else routed

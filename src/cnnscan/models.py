@@ -80,6 +80,11 @@ def load_model(
         model = _bundled_default(weights)
     elif isinstance(source, str | Path) and _looks_like_file(source):
         path = Path(source)
+        if weights not in ("imagenet", None):
+            raise ModelError(
+                f"weights={str(weights)!r} applies to a named architecture; the model file "
+                f"{path.name} carries its own weights (use load_model('ARCH', weights=path))"
+            )
         if not path.is_file():
             raise ModelError(
                 f"no such model file: {path}. For weights of a named architecture use "

@@ -208,8 +208,9 @@ def _linear_parameters(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | 
 
 
 def _gap_classifier(scan: Scan, acts: torch.Tensor) -> torch.Tensor:
-    """The weight (classes, channels) of the linear layer that turns the layer's globally averaged activations into the
-    logits, verified on this batch (so CAM never silently uses the wrong weights)."""
+    """The weight (classes, channels) of the linear layer that turns the layer's globally
+    averaged activations into the logits, verified on this batch (so CAM never silently uses
+    the wrong weights)."""
     pooled = acts.mean(dim=(-2, -1))
     logits = scan.logits.detach()
     for module in reversed(list(scan.model.module.modules())):
