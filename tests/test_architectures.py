@@ -33,10 +33,11 @@ ARCHITECTURES = {
     "shufflenet_v2_x0_5": (64, "conv5", True),
 }
 # Score-CAM runs the whole network once per channel of the layer (440 to 2048 here): it runs
-# on the architectures where that takes about a second; Ablation-CAM re-runs only the head,
-# everywhere but VGG16, whose 120-million-weight head would take as long.
-SCORECAM = {"mobilenet_v3_small", "regnet_y_400mf", "shufflenet_v2_x0_5"}
-NO_ABLATIONCAM = {"vgg16"}
+# on the architecture with the fewest channels (its masked forwards are the same code on every
+# architecture); Ablation-CAM re-runs only the head once per channel, everywhere but AlexNet
+# and VGG16, whose 60- and 120-million-weight heads would take seconds.
+SCORECAM = {"regnet_y_400mf"}
+NO_ABLATIONCAM = {"alexnet", "vgg16"}
 OPTIONS = {  # the fewest samples and steps: these run the network at new inputs
     "smoothgrad": {"n_samples": 1},
     "gradient_shap": {"n_samples": 1},
@@ -104,6 +105,7 @@ def test_every_method_on_the_architecture(name):
             assert attr.maps.shape == (1, 1, 1, *acts.shape[-2:]), method
         else:
             assert attr.maps.shape[-2:] == (size, size), method
+        if info.family == "gradient":  # (a relu'd CAM may be all zero for random weights)
             assert attr.maps.abs().sum() > 0, method
 
     # Grad-CAM's closed form: relu(Σ_k mean_ij(g_k) A_k), at the default layer.
