@@ -53,6 +53,10 @@ EXAMPLES = {
   cnnscan dream --neuron _blocks.6._swish@1:7
   cnnscan dream --deepdream sample:chelsea --layer _blocks.6._swish@1 --octaves 4
   cnnscan dream --invert sample:chelsea --layer _blocks.10._swish@1 --out inverted/""",
+    "models": """examples:
+  cnnscan models '*vgg*'                         # torchvision, timm and Keras names
+  cnnscan scan cat.jpg --model InceptionResNetV2 --weights none
+  cnnscan scan cat.jpg --model model.onnx        # or model.keras""",
 }
 
 
@@ -200,6 +204,8 @@ def _parser() -> argparse.ArgumentParser:
     dream.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     dream.add_argument("--out", default="cnnscan-dream", help="output folder")
     model_options(dream)
+    models = command("models", "List the model names --model accepts.")
+    models.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. '*vgg*'")
     return parser
 
 
@@ -453,6 +459,15 @@ def _cmd_dream(args: argparse.Namespace) -> int:
         f"{len(result.history)} steps ({result.seconds:.1f} s)"
     )
     print(f"wrote {len(written)} files to {Path(args.out).resolve()}")
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from cnnscan.zoo import list_models
+
+    names = list_models(args.pattern)
+    if not names:
+        raise CnnscanError(f"no model name matches {args.pattern!r}; try '*{args.pattern}*'")
+    print("\n".join(names))
     return 0
 
 
@@ -464,6 +479,7 @@ _COMMANDS = {
     "filters": _cmd_filters,
     "features": _cmd_features,
     "dream": _cmd_dream,
+    "models": _cmd_models,
 }
 
 
