@@ -360,6 +360,64 @@ def test_model_is_left_as_it_was(folder, tmp_path):
     assert not any(m._forward_hooks or m._backward_hooks for m in module.modules())
 
 
+# -- metrics, by cnnscan's evaluation API -------------------------------------------------------
+def test_metric_columns_match_evaluating_each_image_alone(folder, tiny, tmp_path):
+    pytest.importorskip("cnnscan.metrics")
+    table = tmp_path / "boxes.csv"
+    table.write_text(
+        "path,x0,y0,x1,y1\n"
+        f"{folder}/chelsea.jpg,100,50,300,250\n"
+        f"{folder}/coffee.png,,,,\n"
+        f"{folder}/noise_a.jpg,0,0,40,32\n"
+        f"{folder}/nested/gray.png,30,0,60,40\n"
+    )
+    results = run(
+        table,
+        tmp_path / "out",
+        tiny,
+        methods=["gradcam", "gradient"],
+        metrics=["deletion", "insertion", "pointing_game"],
+        batch_size=4,
+    )
+    rows = results.rows().to_pylist()
+    assert len(rows) == 8
+    boxes = {item.image_id: item.box for item in cnnscan.batch.discover(table)}
+    for row in rows:
+        attr = cnnscan.explain(tiny, row["path"], row["method"], targets=[row["target"]])
+        box = boxes[row["image_id"]]
+        reference = cnnscan.evaluate(
+            tiny,
+            row["path"],
+            attr,
+            ["deletion_auc", "insertion_auc", *(["pointing_game"] if box else [])],
+            box=box,
+        )
+        assert row["deletion_auc"] == pytest.approx(reference["deletion_auc"], abs=1e-4)
+        assert row["insertion_auc"] == pytest.approx(reference["insertion_auc"], abs=1e-4)
+        if box is None:
+            assert row["pointing_game"] is None
+        else:
+            assert row["pointing_game"] == pytest.approx(reference["pointing_game"])
+    summary = results.summary()
+    for method in ("gradcam", "gradient"):
+        mine = [r for r in rows if r["method"] == method]
+        numbers = summary["methods"][method]
+        assert numbers["mean_deletion_auc"] == pytest.approx(
+            np.mean([r["deletion_auc"] for r in mine])
+        )
+        hits = [r["pointing_game"] for r in mine if r["pointing_game"] is not None]
+        assert numbers["mean_pointing_game"] == pytest.approx(np.mean(hits))
+        assert numbers["count_pointing_game"] == 3
+
+
+def test_unknown_metrics_are_refused_before_any_work(folder, tiny, tmp_path):
+    pytest.importorskip("cnnscan.metrics")
+    with pytest.raises(BatchError, match="unknown metric 'delet'"):
+        run(folder, tmp_path, tiny, metrics=["delet"])
+    with pytest.raises(BatchError, match="cnnscan evaluate"):
+        run(folder, tmp_path, tiny, metrics=["model_randomization"])
+
+
 # -- resume ------------------------------------------------------------------------------
 def test_resume_after_an_interruption_matches_an_uninterrupted_run(
     folder, tiny, tmp_path, monkeypatch

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +32,13 @@ from cnnscan.scan import Scan
 
 Resolution = Literal["layer", "input"]
 _TOP_K = re.compile(r"^top[-_ ]?(\d+)$", re.IGNORECASE)
+
+
+class Loaded(NamedTuple):
+    """What the reading threads prepare for one image."""
+
+    input: torch.Tensor  # (1, 3, H, W) on the CPU
+    region: torch.Tensor | None  # its box on the input (H, W), for the localization metrics
 
 
 @dataclass(frozen=True)
@@ -87,13 +94,16 @@ class Explainer:
         return self._evaluator.columns if self._evaluator is not None else []
 
     # -- reading ------------------------------------------------------------------------
-    def load(self, item: Item) -> torch.Tensor:
-        """The model input (1, 3, H, W) on the CPU for one image; ImageError if unreadable."""
+    def load(self, item: Item) -> Loaded:
+        """The model input (1, 3, H, W) on the CPU for one image, and its box as a region of
+        the input when a metric needs it; ImageError if the image is unusable."""
         if item.problem is not None:
             raise ImageError(item.problem)
         if item.label is None and self.settings.targets == "label":
             raise ImageError("no label for this image (targets='label' needs one per image)")
-        return self.model.preprocessing(load_image(item.path))
+        picture = load_image(item.path)
+        region = self._evaluator.region(item, picture) if self._evaluator is not None else None
+        return Loaded(self.model.preprocessing(picture), region)
 
     # -- explaining ----------------------------------------------------------------------
     def explain_part(self, number: int, items: list[Item], workers: int = 1) -> Part:
@@ -115,7 +125,7 @@ class Explainer:
         loaded = prefetch(stream, self.load, workers, ahead)
         for number, items in parts:
             part = Part(number, [item.image_id for item in items])
-            batch: list[tuple[Item, torch.Tensor]] = []
+            batch: list[tuple[Item, Loaded]] = []
             for _ in items:
                 item, result = next(loaded)
                 if isinstance(result, BaseException):
@@ -131,9 +141,7 @@ class Explainer:
                 self._explain_batch(batch, part, progress)
             yield part
 
-    def _explain_batch(
-        self, batch: list[tuple[Item, torch.Tensor]], part: Part, progress=None
-    ) -> None:
+    def _explain_batch(self, batch: list[tuple[Item, Loaded]], part: Part, progress=None) -> None:
         """Explain a batch; if it fails, each image alone, recording the ones that fail as
         errors. If every image of the run's first batch fails, the settings are at fault, not
         the data: the error is raised."""
@@ -141,9 +149,9 @@ class Explainer:
             self._compute(batch, part)
             self._succeeded = True
         except (CnnscanError, RuntimeError, ValueError):
-            for item, tensor in batch:
+            for item, loaded in batch:
                 try:
-                    self._compute([(item, tensor)], part)
+                    self._compute([(item, loaded)], part)
                     self._succeeded = True
                 except (CnnscanError, RuntimeError, ValueError) as e:
                     part.add_error(item.path, item.image_id, "explain", _reason(e))
@@ -152,9 +160,9 @@ class Explainer:
         if progress is not None:
             progress(len(batch))
 
-    def _compute(self, batch: list[tuple[Item, torch.Tensor]], part: Part) -> None:
+    def _compute(self, batch: list[tuple[Item, Loaded]], part: Part) -> None:
         items = [item for item, _ in batch]
-        x = torch.cat([tensor for _, tensor in batch]).to(self.device)
+        x = torch.cat([loaded.input for _, loaded in batch]).to(self.device)
         scan = Scan(
             self.model,
             x,
@@ -173,7 +181,9 @@ class Explainer:
             )
             for info in self.infos
         }
-        scores = self._evaluator.scores(scan, attrs, items) if self._evaluator else {}
+        scores = {}
+        if self._evaluator is not None:
+            scores = self._evaluator.scores(scan, attrs, [loaded.region for _, loaded in batch])
         rows: dict[str, list] = {}
         for info in self.infos:
             self._add_rows(rows, part, items, scan, attrs[info.name], scores.get(info.name, {}))
@@ -268,7 +278,7 @@ class Explainer:
 
 def prefetch(
     items: Iterator[Item], load, workers: int, ahead: int
-) -> Iterator[tuple[Item, torch.Tensor | BaseException]]:
+) -> Iterator[tuple[Item, Loaded | BaseException]]:
     """(item, loaded value or the exception it raised), in order, with up to `ahead` items
     being read on `workers` threads while the caller computes (PIL decodes without the GIL);
     `workers=0` reads each item when it is asked for."""
@@ -296,7 +306,7 @@ def prefetch(
                 future.cancel()
 
 
-def _attempt(load, item: Item) -> torch.Tensor | BaseException:
+def _attempt(load, item: Item) -> Loaded | BaseException:
     try:
         return load(item)
     except Exception as e:  # any unreadable file is one error row, never the end of the run
