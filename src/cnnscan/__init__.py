@@ -6,6 +6,7 @@ image = cnnscan.load_image("sample:chelsea")
 attr = cnnscan.explain(model, image, "integrated_gradients", targets="top5")
 """
 
+from cnnscan import batch
 from cnnscan.attribution import Attribution
 from cnnscan.errors import (
     CnnscanError,
@@ -41,6 +42,7 @@ __all__ = [
     "Scan",
     "Synthesis",
     "TargetError",
+    "batch",
     "class_image",
     "conv_layers",
     "deepdream",
