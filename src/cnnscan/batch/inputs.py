@@ -1,17 +1,18 @@
 """What a batch run reads: a folder (recursive), a glob, one image, or a CSV/Parquet table
 with a path column (optionally a label column and box columns x0, y0, x1, y1).
 
-Each image becomes an `Item` with a stable `image_id` (its path relative to the folder, the
-path as matched by the glob, or the table's `id` column / path as written), which is what
-resume uses to know which images are done. Problems that concern one image (a label that
-names no class, a malformed box) are kept on the item and land in the errors table; only
-problems with the listing itself raise.
+Each image becomes an `Item` with an absolute path and a stable `image_id` (its path
+relative to the folder, the path as matched by the glob, or the table's `id` column / path
+as written), which is what resume uses to know which images are done. Problems that
+concern one image (a label that names no class, a malformed box) are kept on the item and
+land in the errors table; only problems with the listing itself raise.
 """
 
 from __future__ import annotations
 
 import glob
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -64,7 +65,7 @@ def discover(
     """The images of `source` in a stable order (sorted for folders and globs, table order
     for tables). A list of paths is taken as given."""
     if isinstance(source, list | tuple):
-        items = [Item(str(p), str(p)) for p in source]
+        items = [Item(_absolute(p), str(p)) for p in source]
     else:
         text = str(source)
         path = Path(text)
@@ -73,10 +74,10 @@ def discover(
         elif path.is_file() and path.suffix.lower() in TABLE_EXTENSIONS:
             items = _table(path, path_column, label_column, id_column)
         elif path.is_file():
-            items = [Item(str(path), path.name)]
+            items = [Item(_absolute(path), path.name)]
         elif glob.has_magic(text):
             matches = sorted(p for p in glob.glob(text, recursive=True) if Path(p).is_file())
-            items = [Item(p, p) for p in matches]
+            items = [Item(_absolute(p), p) for p in matches]
         else:
             raise BatchError(
                 f"input {text!r} does not exist; give a folder of images, a glob such as "
@@ -94,7 +95,7 @@ def _folder(root: Path) -> list[Item]:
     files = sorted(
         p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
     )
-    return [Item(str(p), p.relative_to(root).as_posix()) for p in files]
+    return [Item(_absolute(p), p.relative_to(root).as_posix()) for p in files]
 
 
 def _table(path: Path, path_column: str, label_column: str, id_column: str) -> list[Item]:
@@ -116,12 +117,12 @@ def _table(path: Path, path_column: str, label_column: str, id_column: str) -> l
             items.append(Item("", f"row {i + 1}", problem=f"row {i + 1} of {path} has no path"))
             continue
         written = str(written)
-        full = Path(written) if Path(written).is_absolute() else base / written
+        full = _absolute(base / written)  # an absolute `written` replaces `base`
         ids = columns.get(id_column)
         image_id = str(ids[i]) if ids is not None and ids[i] is not None else written
         label = _blank_to_none(columns[label_column][i]) if label_column in columns else None
         box, problem = _box([columns[c][i] for c in BOX_COLUMNS]) if present else (None, None)
-        items.append(Item(str(full), image_id, None, box, problem, label))
+        items.append(Item(full, image_id, None, box, problem, label))
     return items
 
 
@@ -154,6 +155,11 @@ def _box(values: list[Any]) -> tuple[tuple[float, float, float, float] | None, s
     if not all(math.isfinite(v) for v in numbers) or x1 <= x0 or y1 <= y0:
         return None, f"box {list(numbers)} is empty or not finite (it needs x0 < x1, y0 < y1)"
     return numbers, None  # type: ignore[return-value]
+
+
+def _absolute(path: str | Path) -> str:
+    """Absolute paths, so that workers started elsewhere (a Ray cluster) find the files."""
+    return os.path.abspath(path)
 
 
 def _blank_to_none(value: Any) -> Any:
