@@ -134,6 +134,16 @@ def test_folder_is_searched_recursively_for_images_only(folder):
     assert all(Path(item.path).is_file() for item in items)
 
 
+def test_relative_inputs_become_absolute_paths(folder, monkeypatch):
+    monkeypatch.chdir(folder)
+    with pytest.raises(BatchError, match="no images found"):
+        discover("nested/*.webp")  # a glob recurses only with **
+    items = discover("nested/**/*.webp")
+    assert [(i.image_id, i.path) for i in items] == [
+        ("nested/deeper/astronaut.webp", str(folder / "nested/deeper/astronaut.webp"))
+    ]
+
+
 def test_glob_and_list_inputs(folder):
     jpgs = discover(str(folder / "**" / "*.jpg"))
     assert sorted(Path(i.path).name for i in jpgs) == [
