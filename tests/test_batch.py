@@ -5,6 +5,7 @@ engine's output against the in-process engine's."""
 from __future__ import annotations
 
 import json
+import pickle
 import signal
 import subprocess
 import sys
@@ -585,6 +586,21 @@ def test_ray_engine_gives_the_same_output_as_in_process(folder, default_model, t
     distributed = run(images, tmp_path / "ray", default_model, engine="ray", workers=2, **options)
     same_results(distributed, local)
     assert json.loads((tmp_path / "ray" / "summary.json").read_text())["rows"] == 10
+
+
+def test_ray_worker_returns_cnnscan_errors_as_data(folder, tiny):
+    """Bad settings found by a worker reach the driver as the error itself (one line in the
+    CLI), not wrapped in Ray's task error."""
+    from cnnscan.batch.ray_engine import _Worker
+
+    worker = _Worker(tiny, cnnscan.batch.Settings(methods=("gradcam",), layer="fc"))
+    listing = json.dumps([cnnscan.batch.Item(str(folder / "chelsea.jpg"), "cat").to_dict()])
+    out = worker({"number": np.array([3]), "items": np.array([listing], dtype=object)})
+    error = pickle.loads(out["result"][0])
+    assert isinstance(error, cnnscan.LayerError) and "spatial" in str(error)
+    good = _Worker(tiny, cnnscan.batch.Settings(methods=("gradcam",)))
+    part = pickle.loads(good({"number": np.array([3]), "items": np.array([listing])})["result"][0])
+    assert part.number == 3 and part.rows["image_id"] == ["cat"]
 
 
 def test_cli_batch(folder, tmp_path, capsys):

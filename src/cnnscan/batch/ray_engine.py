@@ -24,25 +24,29 @@ import numpy as np
 from cnnscan.batch.compute import Explainer, Settings
 from cnnscan.batch.inputs import Item
 from cnnscan.batch.store import Part
-from cnnscan.errors import BatchError
+from cnnscan.errors import BatchError, CnnscanError
 from cnnscan.models import Model
 
 OBJECT_STORE_BYTES = 512 * 2**20  # an embedded Ray's object store: parts are small
 
 
 class _Worker:
-    """A Ray actor: builds the explainer once, then explains one part per call."""
+    """A Ray actor: builds the explainer once, then explains one part per call; cnnscan's
+    own errors (bad settings) come back as data, so the driver reports them in one line."""
 
     def __init__(self, model: Model, settings: Settings):
         self.explainer = Explainer(model, settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        parts = []
+        results = []
         for number, listing in zip(batch["number"], batch["items"], strict=True):
             items = [Item.from_dict(entry) for entry in json.loads(str(listing))]
-            part = self.explainer.explain_part(int(number), items, workers=1)
-            parts.append(pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL))
-        return {"number": batch["number"], "part": np.array(parts, dtype=object)}
+            try:
+                result: Part | CnnscanError = self.explainer.explain_part(int(number), items, 1)
+            except CnnscanError as e:  # the driver raises it as it is, not wrapped by Ray
+                result = e
+            results.append(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+        return {"number": batch["number"], "result": np.array(results, dtype=object)}
 
 
 def run_ray(
@@ -77,9 +81,11 @@ def run_ray(
         )
         sizes = {number: len(items) for number, items in parts}
         for row in explained.iter_rows():
-            part = pickle.loads(row["part"])  # made by our own workers just now
-            commit(part)
-            progress(sizes[part.number])
+            result = pickle.loads(row["result"])  # made by our own workers just now
+            if isinstance(result, CnnscanError):
+                raise result
+            commit(result)
+            progress(sizes[result.number])
 
 
 def _import_ray() -> Any:
