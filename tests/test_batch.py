@@ -317,6 +317,11 @@ def test_bad_settings_fail_before_any_work(folder, tiny, tmp_path):
         run(folder, tmp_path, tiny, resolution="pixels")
     with pytest.raises(cnnscan.TargetError):
         run(folder, tmp_path, tiny, targets=[17])
+    for bad in ({"batch_size": 0}, {"workers": -1}, {"top_k": 0}, {"engine": "spark"}):
+        with pytest.raises(BatchError, match=next(iter(bad))):
+            run(folder, tmp_path, tiny, **bad)
+    with pytest.raises(BatchError, match="no methods"):
+        run(folder, tmp_path, tiny, methods=[])
     assert not (tmp_path / "rows").exists()
 
 

@@ -60,14 +60,17 @@ def run(
     images already done are skipped. `on_part(part)` is called after each part is committed.
     Returns a `Results` reader of the output folder.
     """
-    found = discover(source, path_column=path_column, label_column=label_column)
-    model = model if isinstance(model, Model) else load_model(model)
-    for name, value in (("batch_size", batch_size), ("workers", workers), ("part_size", part_size)):
-        least = 0 if name == "workers" and engine == "local" else 1
-        if not isinstance(value, int) or value < least:
-            raise BatchError(f"{name} must be a whole number >= {least}, got {value!r}")
     if engine not in ("local", "ray"):
         raise BatchError(f"engine must be 'local' or 'ray', got {engine!r}")
+    counts = {"batch_size": batch_size, "workers": workers, "part_size": part_size, "top_k": top_k}
+    for name, value in counts.items():
+        least = 0 if name == "workers" and engine == "local" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise BatchError(f"{name} must be a whole number >= {least}, got {value!r}")
+    if not methods:
+        raise BatchError("no methods given; e.g. methods=['gradcam'] (see cnnscan.list_methods())")
+    found = discover(source, path_column=path_column, label_column=label_column)
+    model = model if isinstance(model, Model) else load_model(model)
     settings = Settings(
         methods=tuple([methods] if isinstance(methods, str) else methods),
         options={k: dict(v) for k, v in (options or {}).items()},
