@@ -234,6 +234,7 @@ class Results:
         if not (self.out / "run.json").exists():
             raise BatchError(f"{self.out} is not the output folder of a batch run (no run.json)")
         self.settings = json.loads((self.out / "run.json").read_text())
+        self._cached: tuple[tuple[str, str], np.ndarray] | None = None
 
     def parts(self) -> list[str]:
         return [f"part-{n:06d}" for n, _ in Store(self.out).manifest()]
@@ -265,9 +266,13 @@ class Results:
 
     def array(self, row: dict[str, Any] | Any) -> np.ndarray:
         """The map (C, h, w) a row refers to (a dict, pandas row or anything indexable by
-        'array_file', 'array_key', 'array_index')."""
-        with np.load(self.out / row["array_file"]) as data:
-            return data[row["array_key"]][int(row["array_index"])]
+        'array_file', 'array_key', 'array_index'). The last array read is kept, so going
+        through the rows in table order decompresses each array once."""
+        key = (row["array_file"], row["array_key"])
+        if self._cached is None or self._cached[0] != key:
+            with np.load(self.out / key[0]) as data:
+                self._cached = (key, data[key[1]])
+        return self._cached[1][int(row["array_index"])]
 
     def summary(self) -> dict[str, Any]:
         return json.loads((self.out / "summary.json").read_text())
