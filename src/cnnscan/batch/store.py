@@ -272,7 +272,7 @@ class Results:
         if self._cached is None or self._cached[0] != key:
             with np.load(self.out / key[0]) as data:
                 self._cached = (key, data[key[1]])
-        return self._cached[1][int(row["array_index"])]
+        return self._cached[1][int(row["array_index"])].copy()
 
     def summary(self) -> dict[str, Any]:
         return json.loads((self.out / "summary.json").read_text())
