@@ -115,20 +115,26 @@ def cmd_speed(args, model, paths, work: Path) -> None:
         )
 
 
+def inline_reads(items, load, workers, ahead):
+    """No reading ahead: each image is read when the compute asks for it."""
+    for item in items:
+        yield item, compute._attempt(load, item)
+
+
 def cmd_loaders(args, model, paths, work: Path) -> None:
     engine(model, paths[:8], work / "warm")
     original = compute.prefetch
-    readers = {  # name: (reader, workers)
-        "thread pool (2 threads)": (original, 2),
-        "DataLoader (2 worker processes)": (dataloader_prefetch, 2),
-        "no prefetching (--workers 0)": (original, 0),
+    readers = {
+        "a reading thread per worker": original,
+        "a DataLoader process per worker": dataloader_prefetch,
+        "inline": inline_reads,
     }
     for rep in range(args.repeat):
         rates = {}
-        for name, (reader, workers) in readers.items():
+        for name, reader in readers.items():
             compute.prefetch = reader
             try:
-                seconds = engine(model, paths, work / "loader", workers=workers)
+                seconds = engine(model, paths, work / "loader")
             finally:
                 compute.prefetch = original
             rates[name] = len(paths) / seconds

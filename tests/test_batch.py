@@ -204,9 +204,12 @@ def test_rows_match_single_image_explain(tiny_run, tiny, folder):
         assert [r["target"] for r in ranked] == [r["class_id"] for r in reference[:2]]
 
 
-def test_reading_inline_or_ahead_gives_the_same_output(tiny_run, folder, tiny, tmp_path):
-    inline = run(folder, tmp_path, tiny, targets="top2", part_size=4, batch_size=3, workers=0)
-    same_results(inline, tiny_run)
+@pytest.mark.parametrize("workers", [1, 3])
+def test_any_number_of_workers_gives_the_same_output(tiny_run, folder, tiny, tmp_path, workers):
+    threads = torch.get_num_threads()
+    other = run(folder, tmp_path, tiny, targets="top2", part_size=4, batch_size=3, workers=workers)
+    same_results(other, tiny_run)
+    assert torch.get_num_threads() == threads  # shared among the workers during the run only
 
 
 def test_errors_table_names_each_broken_file(tiny_run):
@@ -317,7 +320,7 @@ def test_bad_settings_fail_before_any_work(folder, tiny, tmp_path):
         run(folder, tmp_path, tiny, resolution="pixels")
     with pytest.raises(cnnscan.TargetError):
         run(folder, tmp_path, tiny, targets=[17])
-    for bad in ({"batch_size": 0}, {"workers": -1}, {"top_k": 0}, {"engine": "spark"}):
+    for bad in ({"batch_size": 0}, {"workers": 0}, {"top_k": 0}, {"engine": "spark"}):
         with pytest.raises(BatchError, match=next(iter(bad))):
             run(folder, tmp_path, tiny, **bad)
     with pytest.raises(BatchError, match="no methods"):

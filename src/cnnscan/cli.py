@@ -254,9 +254,9 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward")
     batch.add_argument(
         "--workers",
-        type=int,
+        type=_positive_int,
         default=2,
-        help="reading threads (local; 0 reads inline) or Ray actors (ray); default 2",
+        help="explainers in parallel: threads (local) or Ray actors (ray); default 2",
     )
     batch.add_argument(
         "--part-size", type=_positive_int, default=64, help="images per output file (64)"

@@ -106,40 +106,32 @@ class Explainer:
         return Loaded(self.model.preprocessing(picture), region)
 
     # -- explaining ----------------------------------------------------------------------
-    def explain_part(self, number: int, items: list[Item], workers: int = 1) -> Part:
-        """One part on its own (the Ray engine's unit of work)."""
-        (part,) = self.explain_parts([(number, items)], workers)
-        return part
-
-    def explain_parts(
+    def explain_part(
         self,
-        parts: list[tuple[int, list[Item]]],
-        workers: int = 2,
+        number: int,
+        items: list[Item],
+        readers: int = 1,
         progress: Callable[[int], object] | None = None,
-    ) -> Iterator[Part]:
-        """Explain parts in order, reading ahead on `workers` threads across part borders;
-        batches never span two parts, so a part's results do not depend on its neighbours.
-        `progress(n)` after every n images done."""
-        stream = (item for _, items in parts for item in items)
-        ahead = max(2 * self.settings.batch_size, 4 * workers)
-        loaded = prefetch(stream, self.load, workers, ahead)
-        for number, items in parts:
-            part = Part(number, [item.image_id for item in items])
-            batch: list[tuple[Item, Loaded]] = []
-            for _ in items:
-                item, result = next(loaded)
-                if isinstance(result, BaseException):
-                    part.add_error(item.path, item.image_id, "read", _reason(result))
-                    if progress is not None:
-                        progress(1)
-                    continue
-                batch.append((item, result))
-                if len(batch) == self.settings.batch_size:
-                    self._explain_batch(batch, part, progress)
-                    batch = []
-            if batch:
+    ) -> Part:
+        """Explain one part, its images read ahead on `readers` threads, in batches that
+        never span two parts (so a part's results do not depend on its neighbours or on
+        which engine ran it). `progress(n)` after every n images done."""
+        part = Part(number, [item.image_id for item in items])
+        ahead = max(2 * self.settings.batch_size, 4 * readers)
+        batch: list[tuple[Item, Loaded]] = []
+        for item, result in prefetch(iter(items), self.load, readers, ahead):
+            if isinstance(result, BaseException):
+                part.add_error(item.path, item.image_id, "read", _reason(result))
+                if progress is not None:
+                    progress(1)
+                continue
+            batch.append((item, result))
+            if len(batch) == self.settings.batch_size:
                 self._explain_batch(batch, part, progress)
-            yield part
+                batch = []
+        if batch:
+            self._explain_batch(batch, part, progress)
+        return part
 
     def _explain_batch(self, batch: list[tuple[Item, Loaded]], part: Part, progress=None) -> None:
         """Explain a batch; if it fails, each image alone, recording the ones that fail as
@@ -280,12 +272,7 @@ def prefetch(
     items: Iterator[Item], load, workers: int, ahead: int
 ) -> Iterator[tuple[Item, Loaded | BaseException]]:
     """(item, loaded value or the exception it raised), in order, with up to `ahead` items
-    being read on `workers` threads while the caller computes (PIL decodes without the GIL);
-    `workers=0` reads each item when it is asked for."""
-    if workers == 0:
-        for item in items:
-            yield item, _attempt(load, item)
-        return
+    being read on `workers` threads while the caller computes (PIL decodes without the GIL)."""
     with ThreadPoolExecutor(workers, thread_name_prefix="cnnscan-read") as pool:
         pending: deque[tuple[Item, Future]] = deque()
 
