@@ -546,9 +546,11 @@ def test_resume_after_sigkill(folder, tmp_path):
             SmallConvNet(classes=5), preprocessing=Preprocessing(size=(32, 32), resize_shorter=None)
         )
         flag = pathlib.Path(sys.argv[2])
+        committed = []
 
         def on_part(part):
-            if part.number == 2:
+            committed.append(part.number)
+            if len(committed) == 3:
                 flag.write_text("halfway")
                 time.sleep(600)
 
@@ -571,7 +573,7 @@ def test_resume_after_sigkill(folder, tmp_path):
         if process.poll() is None:
             process.kill()
     committed = [number for number, _ in Store(out).manifest()]
-    assert committed == [0, 1, 2]
+    assert len(committed) == 3  # of 6 parts
     for table in ("rows", "predictions", "errors", "arrays"):
         numbers = {int(p.name[5:11]) for p in (out / table).glob("part-*")}
         assert numbers <= set(committed), f"{table}: files of uncommitted parts"
