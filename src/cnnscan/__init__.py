@@ -12,12 +12,14 @@ from cnnscan.errors import (
     ImageError,
     LayerError,
     MethodError,
+    MetricError,
     ModelError,
     TargetError,
 )
 from cnnscan.explain import explain, explain_many, predict
 from cnnscan.images import load_image, sample_image
 from cnnscan.methods import MethodInfo, get_method, list_methods
+from cnnscan.metrics import evaluate, evaluate_many
 from cnnscan.models import Model, load_model
 from cnnscan.preprocessing import Preprocessing
 from cnnscan.scan import Scan
@@ -31,11 +33,14 @@ __all__ = [
     "LayerError",
     "MethodError",
     "MethodInfo",
+    "MetricError",
     "Model",
     "ModelError",
     "Preprocessing",
     "Scan",
     "TargetError",
+    "evaluate",
+    "evaluate_many",
     "explain",
     "explain_many",
     "get_method",

@@ -36,6 +36,11 @@ EXAMPLES = {
     "methods": """examples:
   cnnscan methods
   cnnscan methods --family gradient""",
+    "evaluate": """examples:
+  cnnscan evaluate                               # default methods on the bundled cat photo
+  cnnscan evaluate cat.jpg --methods gradcam,integrated_gradients --box 40,20,300,280
+  cnnscan evaluate cat.jpg --mask cat-mask.png --metrics pointing_game,energy_in_box
+  cnnscan evaluate cat.jpg --steps 224 --cascade --out eval/""",
 }
 
 
@@ -120,6 +125,40 @@ def _parser() -> argparse.ArgumentParser:
 
     methods = command("methods", "List the explanation methods.")
     methods.add_argument("--family", default=None)
+
+    evaluate = command(
+        "evaluate",
+        "Score explanation methods on one image: deletion/insertion AUC, confidence drop, "
+        "pointing game, sanity checks; a ranked table plus curves (PNG) and scores (JSON).",
+    )
+    evaluate.add_argument(
+        "image", nargs="?", default=DEFAULT_IMAGE, help="image path or sample:NAME"
+    )
+    evaluate.add_argument(
+        "--methods", default=None, help="comma-separated methods (default: those of a scan)"
+    )
+    evaluate.add_argument("--target", default="top1", help="topK (K-th class) or a class id/name")
+    evaluate.add_argument(
+        "--metrics", default=None, help="comma-separated metrics (default: all but max_sensitivity)"
+    )
+    region = evaluate.add_mutually_exclusive_group()
+    region.add_argument("--box", default=None, help="object box x0,y0,x1,y1 in image pixels")
+    region.add_argument("--mask", default=None, help="object mask image (the photo's size)")
+    evaluate.add_argument(
+        "--steps", type=_positive_int, default=50, help="deletion/insertion steps (default 50)"
+    )
+    evaluate.add_argument(
+        "--substrate", default=None, help="zero, black, mean, blur or noise (default: RISE's)"
+    )
+    evaluate.add_argument(
+        "--reduce", default="abs", help="channel reduction: abs (default), signed, positive"
+    )
+    evaluate.add_argument(
+        "--cascade", action="store_true", help="randomize every block, not only the top one"
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    evaluate.add_argument("--out", default="cnnscan-evaluate", help="output folder")
+    model_options(evaluate)
     return parser
 
 
@@ -252,11 +291,48 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cnnscan.images import load_image
+    from cnnscan.methods import get_method
+    from cnnscan.metrics import METRICS
+    from cnnscan.metrics.report import evaluate_methods, print_table, write_evaluation
+    from cnnscan.report import default_methods
+
+    names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    methods = [get_method(name).name for name in names] if names else default_methods()
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    unknown = [m for m in metrics or () if m not in METRICS]
+    if unknown:
+        raise CnnscanError(f"unknown metric(s) {', '.join(unknown)}; metrics: {', '.join(METRICS)}")
+    picture = load_image(args.image)  # bad images fail before the model loads
+    model = _load(args)
+    target = _parse_targets(args.target)
+    result = evaluate_methods(
+        model,
+        picture,
+        methods,
+        target=target[0] if isinstance(target, list) and len(target) == 1 else target,
+        metrics=metrics,
+        steps=args.steps,
+        substrate=args.substrate,
+        reduce=args.reduce,
+        box=args.box,
+        mask=args.mask,
+        cascade=args.cascade,
+        seed=args.seed,
+    )
+    print_table(result)
+    path = write_evaluation(result, args.out)
+    print(f"wrote scores and curves to {path.resolve()}")
+    return 0
+
+
 _COMMANDS = {
     "scan": _cmd_scan,
     "explain": _cmd_explain,
     "layers": _cmd_layers,
     "methods": _cmd_methods,
+    "evaluate": _cmd_evaluate,
 }
 
 
