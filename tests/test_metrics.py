@@ -584,3 +584,97 @@ def test_curves_have_known_end_points():
     assert scores["curves"]["deletion"][-1] == pytest.approx(zero, abs=1e-6)
     assert scores["curves"]["insertion"][-1] == pytest.approx(p, abs=1e-6)
     assert faithfulness.DEFAULT_SUBSTRATES == {"deletion": "zero", "insertion": "blur"}
+
+
+# -- CLI and report ---------------------------------------------------------------------------
+def run_cli(args: list[str]) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from cnnscan.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(args)
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def test_cli_evaluate_prints_the_ranking_and_writes_scores_and_curves(tmp_path):
+    code, out, err = run_cli(
+        [
+            "evaluate",
+            "sample:chelsea",
+            "--methods",
+            "gradcam,gradient",
+            "--steps",
+            "4",
+            "--metrics",
+            "deletion_auc,insertion_auc,pointing_game,energy_in_box",
+            "--box",
+            "60,20,330,300",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0, err
+    document = json.loads((tmp_path / "scores.json").read_text())
+    assert document["class_id"] == 285
+    ranking = document["ranking"]
+    assert {row["method"] for row in ranking} == {"gradcam", "gradient", "random"}
+    scores = [row["insertion_auc"] - row["deletion_auc"] for row in ranking]
+    assert scores == sorted(scores, reverse=True)
+    assert [row["rank"] for row in ranking] == [1, 2, 3]
+    lines = [line for line in out.splitlines() if line[:1].isdigit()]
+    assert [line.split()[1] for line in lines] == [row["method"] for row in ranking]
+    for row in ranking:
+        assert 0 <= row["energy_in_box"] <= 1 and row["pointing_game"] in (0.0, 1.0)
+        assert Image.open(tmp_path / "curves" / f"{row['method']}.png").size == (480, 320)
+    for kind in ("deletion", "insertion"):
+        assert (tmp_path / "curves" / f"{kind}.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--box", "1,2,3"], "a box is four numbers"),
+        (["--box", "5000,5000,6000,6000"], "outside the picture"),
+        (["--metrics", "deletion,insertion_auc"], "unknown metric"),
+        (["--methods", "gradcamm"], "unknown method"),
+    ],
+)
+def test_cli_evaluate_bad_input_is_one_line(tmp_path, args, message):
+    code, _, err = run_cli(
+        [
+            "evaluate",
+            "sample:chelsea",
+            "--methods",
+            "gradcam",
+            "--steps",
+            "2",
+            "--metrics",
+            "pointing_game",
+            "--out",
+            str(tmp_path),
+            *args,
+        ]
+    )
+    assert code == 1
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_scan_report_has_the_leaderboard(quick_report):
+    """`cnnscan scan` ranks every computed method for the top-1 class, with curves and the
+    model-randomization verdict (guided backprop fails it, the gradient passes)."""
+    code, out, _, _ = quick_report
+    assert code == 0
+    board = json.loads((out / "leaderboard.json").read_text())
+    ranking = board["ranking"]
+    assert {row["method"] for row in ranking} == {"gradient", "guided_backprop", "random"}
+    verdicts = {row["method"]: row.get("model_randomization", {}).get("verdict") for row in ranking}
+    assert verdicts["guided_backprop"] == "fails model randomization"
+    assert verdicts["gradient"] == "passes"
+    html = (out / "report.html").read_text()
+    assert "Leaderboard" in html
+    for row in ranking:
+        assert f"curves of {row['method']}" in html
+    assert html.count("fails model randomization") >= 1

@@ -295,7 +295,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cnnscan.images import load_image
     from cnnscan.methods import get_method
     from cnnscan.metrics import METRICS
-    from cnnscan.metrics.report import evaluate_methods, print_table, write_evaluation
+    from cnnscan.metrics.localization import region
+    from cnnscan.metrics.outputs import evaluate_methods, print_table, write_evaluation
     from cnnscan.report import default_methods
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
@@ -304,8 +305,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     unknown = [m for m in metrics or () if m not in METRICS]
     if unknown:
         raise CnnscanError(f"unknown metric(s) {', '.join(unknown)}; metrics: {', '.join(METRICS)}")
+    needs = [m for m in metrics or () if m in ("pointing_game", "energy_in_box")]
+    if needs and args.box is None and args.mask is None:
+        raise CnnscanError(f"{', '.join(needs)} need --box x0,y0,x1,y1 or --mask FILE")
     picture = load_image(args.image)  # bad images fail before the model loads
     model = _load(args)
+    if args.box is not None or args.mask is not None:  # bad regions fail before any work
+        prep = model.preprocessing
+        region(prep.size, box=args.box, mask=args.mask, picture=picture, preprocessing=prep)
     target = _parse_targets(args.target)
     result = evaluate_methods(
         model,

@@ -39,6 +39,8 @@ class ScanResult:
     attributions: dict[str, Attribution]
     seconds: dict[str, float] = field(default_factory=dict)
     layers: list[Any] = field(default_factory=list)
+    leaderboard: list[dict[str, Any]] = field(default_factory=list)  # see metrics.leaderboard
+    leaderboard_options: dict[str, Any] = field(default_factory=dict)
 
 
 def default_methods(full: bool = False) -> list[str]:
@@ -56,9 +58,12 @@ def run_scan(
     image_name: str = "image",
     device: torch.device | str | None = None,
     progress: Callable[[str], None] | None = None,
+    evaluate: str = "default",
 ) -> ScanResult:
     """One shared forward, then every method for the top-k classes, each timed;
-    `progress(name)` is called as each method finishes."""
+    `progress(name)` is called as each method finishes. `evaluate` ranks the methods' maps
+    of the top-1 class in a leaderboard: "default" (the cheap checks, `LEADERBOARD`),
+    "full" (also the full cascade and the random-class check) or "none"."""
     started = time.perf_counter()
     model = model if isinstance(model, Model) else load_model(model)
     infos = [get_method(name) for name in (methods or default_methods())]
@@ -79,6 +84,11 @@ def run_scan(
     began = time.perf_counter()
     layers = scan.layer_table()
     seconds["layer table"] = time.perf_counter() - began
+    board, board_options = [], {}
+    if evaluate != "none":
+        began = time.perf_counter()
+        board, board_options = _leaderboard(model, picture, scan, attributions, evaluate)
+        seconds["leaderboard"] = time.perf_counter() - began
     return ScanResult(
         model=model,
         image_name=image_name,
@@ -87,7 +97,50 @@ def run_scan(
         attributions=attributions,
         seconds=seconds,
         layers=layers,
+        leaderboard=board,
+        leaderboard_options=board_options,
     )
+
+
+# What the scan's leaderboard computes: "default" keeps the scan in seconds (measured: see
+# docs/evaluation.md), "full" adds the whole cascade of model randomization and the
+# random-class check, which re-run every method once per block / once more.
+LEADERBOARD = {
+    "default": {
+        "metrics": ("deletion_auc", "insertion_auc", "model_randomization", "completeness"),
+        "steps": 20,
+    },
+    "full": {
+        "metrics": (
+            "deletion_auc",
+            "insertion_auc",
+            "model_randomization",
+            "target_randomization",
+            "completeness",
+        ),
+        "steps": 50,
+        "cascade": True,
+    },
+}
+
+
+def _leaderboard(model, picture, scan, attributions, mode: str):
+    """The top-1 class's leaderboard rows and the options that produced them."""
+    from tqdm import tqdm
+
+    from cnnscan.metrics.leaderboard import leaderboard
+
+    if mode not in LEADERBOARD:
+        raise ValueError(f"evaluate must be one of none, {', '.join(LEADERBOARD)}; got {mode!r}")
+    settings = dict(LEADERBOARD[mode])
+    metrics = settings.pop("metrics")
+    with tqdm(desc="leaderboard", unit="forward", disable=None, leave=False) as bar:
+        rows = leaderboard(
+            model, picture, attributions, metrics, scan=scan, progress=bar.update, **settings
+        )
+    from cnnscan.metrics.sanity import THRESHOLD
+
+    return rows, {"mode": mode, "metrics": list(metrics), "threshold": THRESHOLD, **settings}
 
 
 def _b64(rgb: np.ndarray) -> str:
@@ -162,6 +215,13 @@ def write_report(result: ScanResult, out: str | Path) -> Path:
                 "cells": cells,
             }
         )
+    if result.leaderboard:
+        from cnnscan.metrics.outputs import json_ready
+
+        document = {"options": result.leaderboard_options, "ranking": result.leaderboard}
+        (out / "leaderboard.json").write_text(
+            json.dumps(json_ready(document), indent=2, allow_nan=False)
+        )
     html = _template().render(
         model_name=result.model.name,
         image_name=result.image_name,
@@ -177,10 +237,48 @@ def write_report(result: ScanResult, out: str | Path) -> Path:
         timings=list(result.seconds.items()),
         layers=result.layers,
         cell_px=CELL_PX,
+        leaderboard=_leaderboard_rows(result),
+        leaderboard_options=result.leaderboard_options,
     )
     path = out / "report.html"
     path.write_text(html, encoding="utf-8")
     return path
+
+
+def _leaderboard_rows(result: ScanResult) -> list[dict[str, Any]]:
+    """The leaderboard as the template shows it: numbers, small curve PNGs, verdicts."""
+    from cnnscan.metrics.outputs import method_curves
+
+    rows = []
+    for row in result.leaderboard:
+        model_check = row.get("model_randomization") or {}
+        target_check = row.get("target_randomization") or {}
+        rows.append(
+            {
+                "rank": row["rank"],
+                "method": row["method"],
+                "reference": row["reference"],
+                "deletion": row.get("deletion_auc"),
+                "insertion": row.get("insertion_auc"),
+                "score": row.get("score"),
+                "curves": _b64(method_curves(row, size=(120, 80))) if "curves" in row else "",
+                "verdict": model_check.get("verdict", ""),
+                "model_rho": (model_check.get("spearman") or [None])[0],
+                "model_ssim": (model_check.get("ssim") or [None])[0],
+                "cascade": list(
+                    zip(
+                        model_check.get("blocks", []),
+                        model_check.get("spearman", []),
+                        model_check.get("ssim", []),
+                        strict=True,
+                    )
+                ),
+                "target_verdict": target_check.get("verdict", ""),
+                "target_rho": target_check.get("spearman"),
+                "completeness": row.get("completeness"),
+            }
+        )
+    return rows
 
 
 def _top1_views(result: ScanResult) -> list[dict[str, str]]:

@@ -23,6 +23,7 @@ from cnnscan.methods import get_method
 from cnnscan.metrics import faithfulness, localization, robustness, sanity
 from cnnscan.metrics.relevance import REDUCTIONS, random_attribution, relevance
 from cnnscan.models import Model, load_model
+from cnnscan.scan import Scan
 
 METRICS = (
     "deletion_auc",
@@ -113,11 +114,13 @@ def evaluate_many(
     mask: Any = None,
     tolerance: int = 15,
     cascade: bool = False,
+    threshold: float = sanity.THRESHOLD,
     n_samples: int = 10,
     noise_level: float = 0.02,
     method_options: Mapping[str, dict[str, Any]] | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
+    scan: Scan | None = None,
     progress: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """Scores of several attributions of the same image(s): {name: {metric: value}}.
@@ -127,9 +130,12 @@ def evaluate_many(
     Options: `steps` of deletion/insertion; `substrate` for both (default RISE's: zeros for
     deletion, a blur for insertion); `reduce` ("abs", "signed", "positive") the channel
     reduction; `box` / `mask` the object region and `tolerance` the pointing game's slack in
-    pixels; `cascade=True` randomizes every block, not only the top one; `n_samples` and
+    pixels; `cascade=True` randomizes every block, not only the top one; `threshold` the
+    Spearman ρ from which a sanity check fails; `n_samples` and
     `noise_level` of max-sensitivity; `method_options` {name: options} for the methods'
-    re-runs (sanity checks, max-sensitivity); `seed` for every random choice.
+    re-runs (sanity checks, max-sensitivity); `seed` for every random choice; `scan` a
+    scan of the same inputs to reuse (saves a forward); `progress(n)` after each chunk of
+    perturbed forwards.
     """
     if not isinstance(attrs, Mapping):
         attrs = {attr.method: attr for attr in attrs}
@@ -169,7 +175,14 @@ def evaluate_many(
                     f"{name}: {', '.join(rerun)} re-run the method, but {attr.method!r} is "
                     "not a registered method; leave those metrics out"
                 ) from e
-    scan = make_scan(model, inputs, infos, device=device)
+    reusable = (
+        scan is not None
+        and scan.model.module is model.module
+        and scan.inputs.shape == inputs.shape
+        and torch.equal(scan.inputs, inputs)
+    )
+    if not reusable:
+        scan = make_scan(model, inputs, infos, device=device)
     rel = {name: relevance(attr, reduce) for name, attr in attrs.items()}
     results: dict[str, dict[str, Any]] = {name: {} for name in attrs}
 
@@ -245,7 +258,7 @@ def evaluate_many(
                 "spearman": [_plain(s.spearman) for s in sims[name]],
                 "ssim": [_plain(s.ssim) for s in sims[name]],
                 "verdict": _plain(
-                    sanity.verdict(sims[name][0].spearman, "fails model randomization")
+                    sanity.verdict(sims[name][0].spearman, "fails model randomization", threshold)
                 ),
             }
     if "target_randomization" in chosen:
@@ -258,7 +271,7 @@ def evaluate_many(
                 "spearman": _plain(sims[name].spearman),
                 "ssim": _plain(sims[name].ssim),
                 "verdict": _plain(
-                    sanity.verdict(sims[name].spearman, "fails target randomization")
+                    sanity.verdict(sims[name].spearman, "fails target randomization", threshold)
                 ),
             }
     if "max_sensitivity" in chosen:
