@@ -93,7 +93,13 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated methods (default: every method that takes seconds; see --full)",
     )
     scan.add_argument(
-        "--full", action="store_true", help="every registered method, also slow ones (Score-CAM)"
+        "--full",
+        action="store_true",
+        help="every registered method, also slow ones (Score-CAM), and the full sanity checks "
+        "(cascading randomization of every block, random-class check) in the leaderboard",
+    )
+    scan.add_argument(
+        "--no-leaderboard", action="store_true", help="skip the evaluation leaderboard"
     )
     scan.add_argument("--open", action="store_true", help="open the report in a browser")
 
@@ -225,6 +231,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             image_name=name,
             progress=progress,
+            evaluate="none" if args.no_leaderboard else "full" if args.full else "default",
         )
     path = write_report(result, args.out)
     for p in result.predictions:

@@ -48,7 +48,8 @@ DEFAULT_METRICS = (
 )
 _NEEDS_REGION = ("pointing_game", "energy_in_box")
 _RERUN = ("model_randomization", "target_randomization", "max_sensitivity")
-# Where methods report how well their maps add up to the explained score change.
+# Where methods report how well their maps add up to the explained score change: these
+# extras first, then any other `*_error_relative` extra of shape (N, T).
 COMPLETENESS_KEYS = ("completeness_error_relative", "conservation_error_relative")
 
 __all__ = [
@@ -302,7 +303,8 @@ def _plain_curves(curves: torch.Tensor) -> Any:
 def _completeness(attr: Attribution) -> Any:
     """The relative completeness / conservation error the method reported, or None when it
     reports none (the method makes no such promise)."""
-    for key in COMPLETENESS_KEYS:
+    others = [key for key in attr.extras if key.endswith("_error_relative")]
+    for key in dict.fromkeys([*COMPLETENESS_KEYS, *others]):
         value = attr.extras.get(key)
         if isinstance(value, torch.Tensor) and value.shape == attr.targets.shape:
             return _plain(value.double().cpu())
