@@ -620,15 +620,19 @@ def test_cli_evaluate_prints_the_ranking_and_writes_scores_and_curves(tmp_path):
     document = json.loads((tmp_path / "scores.json").read_text())
     assert document["class_id"] == 285
     ranking = document["ranking"]
-    assert {row["method"] for row in ranking} == {"gradcam", "gradient", "random"}
+    assert {row["method"] for row in ranking} == {"gradcam", "gradient", "random", "random 7×7"}
     scores = [row["insertion_auc"] - row["deletion_auc"] for row in ranking]
     assert scores == sorted(scores, reverse=True)
-    assert [row["rank"] for row in ranking] == [1, 2, 3]
+    assert [row["rank"] for row in ranking] == [1, 2, 3, 4]
     lines = [line for line in out.splitlines() if line[:1].isdigit()]
-    assert [line.split()[1] for line in lines] == [row["method"] for row in ranking]
+    assert len(lines) == len(ranking)
+    for line, row in zip(lines, ranking, strict=True):
+        assert line.split()[0] == str(row["rank"]) and row["method"] in line
+        assert ("7×7" in line) == ("7×7" in row["method"])
     for row in ranking:
         assert 0 <= row["energy_in_box"] <= 1 and row["pointing_game"] in (0.0, 1.0)
-        assert Image.open(tmp_path / "curves" / f"{row['method']}.png").size == (480, 320)
+        stem = row["method"].replace(" ", "_").replace("×", "x")
+        assert Image.open(tmp_path / "curves" / f"{stem}.png").size == (480, 320)
     for kind in ("deletion", "insertion"):
         assert (tmp_path / "curves" / f"{kind}.png").exists()
 

@@ -1,6 +1,8 @@
 """The per-image method leaderboard: every method's map for one class, ranked by how well
-the model's confidence follows it (insertion AUC − deletion AUC, higher is better), beside a
-uniform-random map as the chance reference and each method's sanity-check verdict."""
+the model's confidence follows it (insertion AUC − deletion AUC, higher is better), beside
+each method's sanity-check verdict and chance references: a uniform-random map per pixel
+and, when layer maps are ranked, one at the coarsest layer resolution upsampled the same
+way (pixel-wise deletion rewards scattered maps: see docs/evaluation.md)."""
 
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ def leaderboard(
 ) -> list[dict[str, Any]]:
     """Rows {method, rank, deletion_auc, insertion_auc, score, <other metrics>, curves,
     reference} best first, for target column `target` of one-image attributions; the
-    random-map row (reference=True) is ranked among them."""
+    random-map rows (reference=True) are ranked among them."""
     for name, attr in attrs.items():
         if attr.targets.shape[0] != 1:
             raise MetricError(
@@ -63,16 +65,19 @@ def leaderboard(
             )
     chosen = {name: select_target(attr, target) for name, attr in attrs.items()}
     scores = evaluate_many(model, image, chosen, metrics, **options) if chosen else {}
-    if chosen:
-        cheap = [m for m in metrics if m not in _RERUN and m != "completeness"]
-        baseline = random_attribution(next(iter(chosen.values())), options.get("seed", 0))
-        if cheap:
-            scores[REFERENCE] = evaluate_many(
-                model, image, {REFERENCE: baseline}, cheap, **options
-            )[REFERENCE]
+    cheap = [m for m in metrics if m not in _RERUN and m != "completeness"]
+    if chosen and cheap:
+        first = next(iter(chosen.values()))
+        seed = options.get("seed", 0)
+        references = {REFERENCE: random_attribution(first, seed)}
+        coarse = min((a.maps.shape[-2:] for a in chosen.values()), key=lambda s: s[0] * s[1])
+        if tuple(coarse) != tuple(first.input_size):
+            reference = random_attribution(first, seed, tuple(coarse))
+            references[reference.method] = reference
+        scores.update(evaluate_many(model, image, references, cheap, **options))
     rows = []
     for name, values in scores.items():
-        row = {"method": name, "reference": name == REFERENCE, **values}
+        row = {"method": name, "reference": name.startswith(REFERENCE), **values}
         if "deletion_auc" in values and "insertion_auc" in values:
             row["score"] = values["insertion_auc"] - values["deletion_auc"]
         rows.append(row)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -160,7 +161,7 @@ def write_evaluation(result: Evaluation, out: str | Path) -> Path:
     with_curves = [row for row in result.rows if "curves" in row]
     for row in with_curves:
         title = f"{row['method']} for {result.class_id} {result.label}"
-        (out / "curves" / f"{row['method']}.png").write_bytes(
+        (out / "curves" / f"{file_stem(row['method'])}.png").write_bytes(
             render.png_bytes(method_curves(row, title=title))
         )
     for kind in ("deletion", "insertion"):
@@ -174,6 +175,11 @@ def write_evaluation(result: Evaluation, out: str | Path) -> Path:
             picture = curves_image(fractions, drawn, size=(640, 420), title=f"{kind} curves")
             (out / "curves" / f"{kind}.png").write_bytes(render.png_bytes(picture))
     return out
+
+
+def file_stem(name: str) -> str:
+    """A method or reference name as a portable file name ("random 7×7" -> "random_7x7")."""
+    return re.sub(r"[^\w.-]+", "_", name.replace("×", "x"))
 
 
 def json_ready(value: Any) -> Any:

@@ -63,15 +63,19 @@ def is_constant(maps: torch.Tensor) -> torch.Tensor:
     return flat.amax(dim=-1) == flat.amin(dim=-1)
 
 
-def random_attribution(attr: Attribution, seed: int = 0) -> Attribution:
-    """A uniform-random map per (image, target) at input resolution: the chance reference."""
+def random_attribution(
+    attr: Attribution, seed: int = 0, size: tuple[int, int] | None = None
+) -> Attribution:
+    """A uniform-random map per (image, target), the chance reference: at input resolution,
+    or at `size` (h, w) and upsampled like a CAM of that resolution."""
     n, t = attr.targets.shape
     gen = torch.Generator().manual_seed(seed)
-    maps = torch.rand((n, t, 1, *attr.input_size), generator=gen).to(attr.inputs.device)
+    size = tuple(size or attr.input_size)
+    maps = torch.rand((n, t, 1, *size), generator=gen).to(attr.inputs.device)
     return Attribution(
         maps=maps,
         targets=attr.targets,
-        method="random",
+        method="random" if size == tuple(attr.input_size) else f"random {size[0]}×{size[1]}",
         inputs=attr.inputs,
         scores=attr.scores,
         labels=attr.labels,
