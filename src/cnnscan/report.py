@@ -86,9 +86,9 @@ def run_scan(
     seconds["layer table"] = time.perf_counter() - began
     board, board_options = [], {}
     if evaluate != "none":
-        began = time.perf_counter()
-        board, board_options = _leaderboard(model, picture, scan, attributions, evaluate)
-        seconds["leaderboard"] = time.perf_counter() - began
+        parts: dict[str, float] = {}
+        board, board_options = _leaderboard(model, picture, scan, attributions, evaluate, parts)
+        seconds.update({f"leaderboard: {name}": value for name, value in parts.items()})
     return ScanResult(
         model=model,
         image_name=image_name,
@@ -124,7 +124,7 @@ LEADERBOARD = {
 }
 
 
-def _leaderboard(model, picture, scan, attributions, mode: str):
+def _leaderboard(model, picture, scan, attributions, mode: str, timings: dict[str, float]):
     """The top-1 class's leaderboard rows and the options that produced them."""
     from tqdm import tqdm
 
@@ -136,7 +136,14 @@ def _leaderboard(model, picture, scan, attributions, mode: str):
     metrics = settings.pop("metrics")
     with tqdm(desc="leaderboard", unit="forward", disable=None, leave=False) as bar:
         rows = leaderboard(
-            model, picture, attributions, metrics, scan=scan, progress=bar.update, **settings
+            model,
+            picture,
+            attributions,
+            metrics,
+            scan=scan,
+            progress=bar.update,
+            timings=timings,
+            **settings,
         )
     from cnnscan.metrics.sanity import THRESHOLD
 

@@ -9,6 +9,7 @@ values: a float for an attribution with one image and one target, else nested li
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from cnnscan.attribution import Attribution
-from cnnscan.errors import MetricError
+from cnnscan.errors import MethodError, MetricError
 from cnnscan.explain import ModelLike, make_scan
 from cnnscan.images import load_image
 from cnnscan.methods import get_method
@@ -123,6 +124,7 @@ def evaluate_many(
     device: torch.device | str | None = None,
     scan: Scan | None = None,
     progress: Any = None,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Scores of several attributions of the same image(s): {name: {metric: value}}.
 
@@ -136,8 +138,9 @@ def evaluate_many(
     `noise_level` of max-sensitivity; `method_options` {name: options} for the methods'
     re-runs (sanity checks, max-sensitivity); `seed` for every random choice; `scan` a
     scan of the same inputs to reuse (saves a forward); `progress(n)` after each chunk of
-    perturbed forwards.
+    perturbed forwards; `timings`, a dict that gets the seconds spent per metric added.
     """
+    timings = {} if timings is None else timings
     if not isinstance(attrs, Mapping):
         attrs = {attr.method: attr for attr in attrs}
     if not attrs:
@@ -165,17 +168,14 @@ def evaluate_many(
             )
     rerun = [m for m in chosen if m in _RERUN]
     infos = []
-    for name, attr in attrs.items():
-        if rerun:
-            try:
-                infos.append(get_method(attr.method))
-            except MetricError:
-                raise
-            except Exception as e:
-                raise MetricError(
-                    f"{name}: {', '.join(rerun)} re-run the method, but {attr.method!r} is "
-                    "not a registered method; leave those metrics out"
-                ) from e
+    for name, attr in attrs.items() if rerun else ():
+        try:
+            infos.append(get_method(attr.method))
+        except MethodError as e:
+            raise MetricError(
+                f"{name}: {', '.join(rerun)} re-run the method, but {attr.method!r} is "
+                "not a registered method; leave those metrics out"
+            ) from e
     reusable = (
         scan is not None
         and scan.model.module is model.module
@@ -204,7 +204,9 @@ def evaluate_many(
         return {n: p.reshape(*s, *p.shape[1:]) for n, p, s in zip(names, parts, sizes, strict=True)}
 
     kinds = tuple(k for k in ("deletion", "insertion") if f"{k}_auc" in chosen)
+    clock = _Clock(timings)
     if kinds:
+        clock.start("+".join(kinds))
         substrates = None if substrate is None else dict.fromkeys(kinds, substrate)
         curves = faithfulness.causal_curves(
             scan,
@@ -226,12 +228,14 @@ def evaluate_many(
         for name in names:
             results[name]["curves"] = shown[name]
     if "average_drop" in chosen:
+        clock.start("average_drop")
         drop, increase = faithfulness.confidence_change(scan, stacked, image_ids, target_ids)
         drops, increases = split(drop), split(increase)
         for name in names:
             results[name]["average_drop"] = _plain(drops[name])
             results[name]["increase_in_confidence"] = _plain(increases[name])
     if any(m in chosen for m in _NEEDS_REGION):
+        clock.start("localization")
         area = localization.region(
             tuple(inputs.shape[-2:]),
             box=box,
@@ -250,6 +254,7 @@ def evaluate_many(
                 results[name]["energy_in_box"] = _plain(energy[name])
     options = dict(method_options or {})
     if "model_randomization" in chosen:
+        clock.start("model_randomization")
         blocks, sims = sanity.model_randomization(
             model, scan, attrs, rel, cascade=cascade, options=options, reduce=reduce, seed=seed
         )
@@ -263,6 +268,7 @@ def evaluate_many(
                 ),
             }
     if "target_randomization" in chosen:
+        clock.start("target_randomization")
         targets, sims = sanity.target_randomization(
             scan, attrs, rel, options=options, reduce=reduce, seed=seed
         )
@@ -276,6 +282,7 @@ def evaluate_many(
                 ),
             }
     if "max_sensitivity" in chosen:
+        clock.start("max_sensitivity")
         worst = robustness.max_sensitivity(
             scan,
             attrs,
@@ -291,7 +298,21 @@ def evaluate_many(
     if "completeness" in chosen:
         for name in names:
             results[name]["completeness"] = _completeness(attrs[name])
+    clock.start(None)
     return results
+
+
+class _Clock:
+    """Adds the seconds between `start(label)` calls to `timings[label]`."""
+
+    def __init__(self, timings: dict[str, float]):
+        self.timings, self.label, self.began = timings, None, 0.0
+
+    def start(self, label: str | None) -> None:
+        now = time.perf_counter()
+        if self.label is not None:
+            self.timings[self.label] = self.timings.get(self.label, 0.0) + now - self.began
+        self.label, self.began = label, now
 
 
 def _plain_curves(curves: torch.Tensor) -> Any:
