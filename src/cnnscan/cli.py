@@ -154,10 +154,16 @@ def _parser() -> argparse.ArgumentParser:
         "--steps", type=_positive_int, default=50, help="deletion/insertion steps (default 50)"
     )
     evaluate.add_argument(
-        "--substrate", default=None, help="zero, black, mean, blur or noise (default: RISE's)"
+        "--substrate",
+        default=None,
+        choices=("zero", "black", "mean", "blur", "noise"),
+        help="what removed pixels become (default: RISE's, zero for deletion, blur for insertion)",
     )
     evaluate.add_argument(
-        "--reduce", default="abs", help="channel reduction: abs (default), signed, positive"
+        "--reduce",
+        default="abs",
+        choices=("abs", "signed", "positive"),
+        help="how channels reduce to one relevance per pixel (default abs: Σ|a_c|)",
     )
     evaluate.add_argument(
         "--cascade", action="store_true", help="randomize every block, not only the top one"
