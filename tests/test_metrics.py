@@ -696,3 +696,22 @@ def test_scan_report_has_the_leaderboard(quick_report):
     for row in ranking:
         assert f"curves of {row['method']}" in html
     assert html.count("fails model randomization") >= 1
+
+
+def test_scan_of_a_model_that_cannot_be_copied_skips_only_model_randomization(tmp_path):
+    """The user's model is never randomized in place: without a copy the leaderboard says
+    why and ranks the maps anyway."""
+    import threading
+
+    from cnnscan.report import run_scan, write_report
+
+    net = SmallConvNet()
+    net.lock = threading.Lock()  # deepcopy fails
+    prep = cnnscan.Preprocessing(size=(16, 16), resize_shorter=None)
+    model = cnnscan.load_model(net, preprocessing=prep)
+    result = run_scan(model, "sample:coffee", methods=["gradient", "gradcam"], top_k=2)
+    assert result.leaderboard_options["note"].startswith("model randomization needs a private")
+    assert {row["method"] for row in result.leaderboard} >= {"gradient", "gradcam"}
+    assert all("model_randomization" not in row for row in result.leaderboard)
+    html = write_report(result, tmp_path).read_text(encoding="utf-8")
+    assert "No model randomization" in html

@@ -128,12 +128,20 @@ def _leaderboard(model, picture, scan, attributions, mode: str, timings: dict[st
     """The top-1 class's leaderboard rows and the options that produced them."""
     from tqdm import tqdm
 
+    from cnnscan.errors import MetricError
     from cnnscan.metrics.leaderboard import leaderboard
+    from cnnscan.metrics.sanity import THRESHOLD, private_copy
 
     if mode not in LEADERBOARD:
         raise ValueError(f"evaluate must be one of none, {', '.join(LEADERBOARD)}; got {mode!r}")
     settings = dict(LEADERBOARD[mode])
-    metrics = settings.pop("metrics")
+    metrics = list(settings.pop("metrics"))
+    note = ""
+    try:  # a model that cannot be copied is never randomized: rank it without that check
+        private_copy(model)
+    except MetricError as e:
+        metrics.remove("model_randomization")
+        note = str(e)
     with tqdm(desc="leaderboard", unit="forward", disable=None, leave=False) as bar:
         rows = leaderboard(
             model,
@@ -145,9 +153,8 @@ def _leaderboard(model, picture, scan, attributions, mode: str, timings: dict[st
             timings=timings,
             **settings,
         )
-    from cnnscan.metrics.sanity import THRESHOLD
-
-    return rows, {"mode": mode, "metrics": list(metrics), "threshold": THRESHOLD, **settings}
+    options = {"mode": mode, "metrics": metrics, "threshold": THRESHOLD, "note": note}
+    return rows, {**options, **settings}
 
 
 def _b64(rgb: np.ndarray) -> str:
