@@ -13,6 +13,7 @@ from cnnscan.errors import (
     ImageError,
     LayerError,
     MethodError,
+    MetricError,
     ModelError,
     TargetError,
 )
@@ -20,6 +21,7 @@ from cnnscan.explain import explain, explain_many, predict
 from cnnscan.images import load_image, sample_image
 from cnnscan.learned import conv_layers, feature_maps, filters, top_channels
 from cnnscan.methods import MethodInfo, get_method, list_methods
+from cnnscan.metrics import evaluate, evaluate_many
 from cnnscan.models import Model, list_models, load_model
 from cnnscan.preprocessing import Preprocessing
 from cnnscan.receptive import ReceptiveField, receptive_fields
@@ -35,6 +37,7 @@ __all__ = [
     "LayerError",
     "MethodError",
     "MethodInfo",
+    "MetricError",
     "Model",
     "ModelError",
     "Preprocessing",
@@ -46,6 +49,8 @@ __all__ = [
     "class_image",
     "conv_layers",
     "deepdream",
+    "evaluate",
+    "evaluate_many",
     "explain",
     "explain_many",
     "feature_maps",
