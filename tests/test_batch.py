@@ -304,6 +304,23 @@ def test_parquet_table_with_id_column(folder, tiny, tmp_path):
     assert sorted({r["image_id"] for r in results.rows().to_pylist()}) == ["cat", "cup"]
 
 
+def test_a_list_of_layers_for_layercam_fusion(folder, tiny, tmp_path):
+    layers = ["conv2", "conv3"]
+    results = run(
+        [folder / "chelsea.jpg", folder / "coffee.png"],
+        tmp_path,
+        tiny,
+        methods=["layercam"],
+        layer=layers,
+    )
+    for row in results.rows().to_pylist():
+        attr = cnnscan.explain(tiny, row["path"], "layercam", targets=[row["target"]], layer=layers)
+        assert row["layer"] == "conv2,conv3"
+        np.testing.assert_allclose(
+            results.array(row), attr.maps[0, 0].numpy(), rtol=1e-4, atol=1e-6
+        )
+
+
 def test_fixed_targets_by_id_and_name(folder, tiny, tmp_path):
     results = run([folder / "chelsea.jpg"], tmp_path, tiny, targets=[4, "class 0"])
     assert [r["target"] for r in results.rows().to_pylist() if r["method"] == "gradcam"] == [4, 0]

@@ -177,17 +177,21 @@ class Explainer:
         if self._evaluator is not None:
             scores = self._evaluator.scores(scan, attrs, [loaded.region for _, loaded in batch])
         rows: dict[str, list] = {}
+        maps: dict[str, list[np.ndarray]] = {}
         for info in self.infos:
-            self._add_rows(rows, part, items, scan, attrs[info.name], scores.get(info.name, {}))
-        _extend(part.rows, rows)
+            attr = attrs[info.name]
+            self._add_rows(rows, maps, part, items, scan, attr, scores.get(info.name, {}))
+        _extend(part.rows, rows)  # only now: a batch that fails leaves the part untouched
+        _extend(part.arrays, maps)
         _extend(part.predictions, self._predictions(scan, items))
 
     # -- pieces ----------------------------------------------------------------------------
     def _scan_layers(self, x: torch.Tensor) -> list[str]:
-        layers = {self._layer_for(info, x) for info in self.infos if "layer" in info.options()}
-        flat = []
-        for layer in layers:
-            flat.extend(layer if isinstance(layer, list | tuple) else [layer])
+        flat: list[str] = []
+        for info in self.infos:
+            layer = self._layer_for(info, x)
+            if layer is not None:
+                flat.extend(layer if isinstance(layer, list | tuple) else [layer])
         return sorted(set(flat))
 
     def _layer_for(self, info, x: torch.Tensor) -> str | list[str] | None:
@@ -208,6 +212,7 @@ class Explainer:
     def _add_rows(
         self,
         rows: dict[str, list],
+        maps_out: dict[str, list[np.ndarray]],
         part: Part,
         items: list[Item],
         scan: Scan,
@@ -219,7 +224,8 @@ class Explainer:
         targets = attr.targets.cpu()
         probabilities = scan.probabilities.gather(1, attr.targets).cpu()
         logits = attr.scores.detach().cpu() if attr.scores is not None else None
-        stored = part.arrays.setdefault(attr.method, [])
+        stored = maps_out.setdefault(attr.method, [])
+        first = len(part.arrays.get(attr.method, []))
         labels = self.model.labels
         for i, item in enumerate(items):
             for t in range(targets.shape[1]):
@@ -237,7 +243,7 @@ class Explainer:
                     "score": float(logits[i, t]) if logits is not None else None,
                     "array_file": f"arrays/{part.name}.npz",
                     "array_key": attr.method,
-                    "array_index": len(stored),
+                    "array_index": first + len(stored),
                 }
                 for column, values in scores.items():
                     row[column] = _finite(values[i, t])
