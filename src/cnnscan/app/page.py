@@ -1,0 +1,453 @@
+"""The Streamlit page: widgets and layout only; every computation is a library call routed
+through `cnnscan.app.core`, `pictures`, `exports` and `jobs`. Start it with `cnnscan app`."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+import cnnscan
+from cnnscan import render
+from cnnscan.app import core, exports, jobs, pictures
+from cnnscan.errors import CnnscanError
+from cnnscan.images import sample_names
+from cnnscan.learned import depth_layers
+from cnnscan.methods import get_method, list_methods
+from cnnscan.models import DEFAULT_MODEL
+
+CONFIG = core.AppConfig.from_env()
+POLL_SECONDS = 0.5
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
+def shared_model(name: str, weights: str, path: str | None, key: str) -> cnnscan.Model:
+    """One model object for every session (`key` changes when a weights file changes)."""
+    return core.load_choice(core.ModelChoice(name, weights, path), CONFIG)
+
+
+def sidebar_model() -> tuple[cnnscan.Model, str]:
+    st.header("Model")
+    name = st.selectbox(
+        "Architecture",
+        core.model_names(),
+        key="model_name",
+        help="The bundled EfficientNet-Lite0 has real ImageNet weights and needs no download; "
+        "torchvision models download theirs when online.",
+    )
+    choices = ["imagenet", "random"] + (["file"] if CONFIG.allow_local_files else [])
+    names = {
+        "imagenet": "ImageNet" + (" (bundled)" if name == DEFAULT_MODEL else " (download)"),
+        "random": "random (untrained)",
+        "file": "a weights file on the server",
+    }
+    weights = st.radio("Weights", choices, format_func=names.__getitem__, key="weights")
+    path = None
+    if weights == "file":
+        path = st.text_input(
+            "Weights file (.pt, .pth, .safetensors)",
+            key="weights_path",
+            help="A state dict on the server, read with weights_only=True (never unpickled).",
+        )
+    try:
+        choice = core.ModelChoice(name, weights, path)
+        if weights == "file":
+            core.weights_file(path or "", CONFIG)
+        model = shared_model(name, weights, path, choice.key())
+    except CnnscanError as e:
+        st.error(str(e))
+        st.stop()
+    return model, choice.key()
+
+
+def _uploaded() -> None:
+    if st.session_state.get("upload") is not None:
+        st.session_state["image_source"] = "upload"
+
+
+def sidebar_picture() -> core.Picture:
+    st.header("Image")
+    source = st.radio("Picture", ["sample", "upload"], key="image_source", horizontal=True)
+    names = sample_names()
+    sample = st.selectbox(
+        "Sample photo", names, index=names.index(core.DEFAULT_SAMPLE), key="sample"
+    )
+    upload = st.file_uploader(
+        f"Upload a picture (JPEG, PNG, WebP, BMP, TIFF; up to {CONFIG.max_upload_mb} MB)",
+        type=list(core.UPLOAD_TYPES),
+        key="upload",
+        max_upload_size=CONFIG.max_upload_mb,
+        on_change=_uploaded,
+    )
+    if source == "upload" and upload is not None:
+        decoded = st.session_state.get("decoded")
+        if decoded is None or decoded[0] != upload.file_id:
+            try:
+                decoded = (
+                    upload.file_id,
+                    core.read_upload(upload.name, upload.getvalue(), CONFIG.max_upload_mb),
+                )
+            except CnnscanError as e:
+                decoded = (upload.file_id, str(e))
+            st.session_state["decoded"] = decoded
+        if isinstance(decoded[1], core.Picture):
+            return decoded[1]
+        st.session_state["upload_error"] = decoded[1]
+    elif source == "upload":
+        st.info("Upload a picture; the sample photo is shown until then.")
+    return core.sample_picture(sample)
+
+
+def workspace(model: cnnscan.Model, model_key: str, picture: core.Picture) -> core.Workspace:
+    ws = st.session_state.get("workspace")
+    if ws is None or ws.key != (model_key, picture.digest):
+        ws = core.Workspace(model, model_key, picture)
+        st.session_state["workspace"] = ws
+        st.session_state["pngs"] = {}
+    return ws
+
+
+def header(ws: core.Workspace) -> None:
+    left, right = st.columns([1, 2])
+    left.image(ws.view, caption=f"{ws.picture.name}, as the model sees it", width=224)
+    with right, st.spinner("Running the model…"):
+        rows = ws.predictions(5)
+    right.markdown(f"**Top-5 of {ws.model.name}**")
+    right.table(
+        [
+            {
+                "rank": row["rank"],
+                "class": row["class_id"],
+                "label": row["label"],
+                "probability": f"{row['probability']:.3f}",
+            }
+            for row in rows
+        ],
+        hide_index=True,
+    )
+
+
+# -- explanations ---------------------------------------------------------------------------------
+def choose_targets(ws: core.Workspace) -> list[int]:
+    mode = st.radio("Targets", ["top-k", "classes"], key="target_mode", horizontal=True)
+    if mode == "top-k":
+        k = st.slider("k", 1, 10, 1, key="top_k", help="Explain the k most likely classes.")
+        return ws.top_classes(k)
+    labels = ws.model.labels
+    options = [f"{i}: {label}" for i, label in enumerate(labels)]
+    top1 = ws.top_classes(1)[0]
+    chosen = st.multiselect(
+        "Classes (type to search)", options, default=[options[top1]], key="classes"
+    )
+    return [int(text.split(":", 1)[0]) for text in chosen] or [top1]
+
+
+def choose_methods() -> list[str]:
+    families = list(dict.fromkeys(info.family for info in list_methods()))
+    defaults = core.default_methods()
+    chosen: list[str] = []
+    for column, family in zip(st.columns(len(families)), families, strict=True):
+        infos = list_methods(family)
+        described = "\n".join(
+            f"- **{i.name}**: {i.description} ({i.cost or 'cost not stated'})"
+            + ("" if i.in_default_scan else " — slow")
+            for i in infos
+        )
+        chosen += column.multiselect(
+            f"{family} methods",
+            [i.name for i in infos],
+            default=[n for n in defaults if n in {i.name for i in infos}],
+            key=f"methods_{family}",
+            help=described,
+            format_func=lambda n: n if get_method(n).in_default_scan else f"{n} (slow)",
+        )
+    return chosen
+
+
+def choose_options(methods: list[str]) -> dict[str, str]:
+    options: dict[str, str] = {}
+    tunable = [m for m in methods if set(get_method(m).options()) - {"layer"}]
+    if not tunable:
+        return options
+    with st.expander("Method options"):
+        for name in tunable:
+            info = get_method(name)
+            defaults = {k: v for k, v in info.options().items() if k != "layer"}
+            text = st.text_input(
+                f"{name} (JSON)",
+                value="{}",
+                key=f"options_{name}",
+                help=f"Defaults: {defaults}",
+            )
+            try:
+                options[name] = core.parse_options(info, text)
+            except CnnscanError as e:
+                st.error(str(e))
+                options[name] = "{}"
+    return options
+
+
+def explanations(ws: core.Workspace) -> None:
+    top = st.columns([2, 3])
+    with top[0]:
+        targets = choose_targets(ws)
+    with top[1]:
+        methods = choose_methods()
+    layers: list[str] = []
+    if any("layer" in get_method(m).options() for m in methods):
+        layers = st.multiselect(
+            "Layers (methods that read a layer)",
+            ws.spatial_layers(),
+            key="layers",
+            help=f"Empty: each method's default layer ({ws.default_layer()}). Several layers "
+            "give one column per layer.",
+        )
+    options = choose_options(methods)
+    view_col, alpha_col, cmap_col = st.columns(3)
+    view = view_col.radio("View", pictures.VIEWS, key="view", horizontal=True)
+    alpha = alpha_col.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="alpha")
+    cmaps = list(render.COLORMAPS)
+    cmap = cmap_col.selectbox("Colour map", cmaps, index=cmaps.index("jet"), key="cmap")
+    if not methods:
+        st.info("Pick at least one method.")
+        return
+    columns = core.columns_for(methods, layers, options)
+    cells, errors = {}, {}
+    progress = st.progress(0.0)
+    for i, column in enumerate(columns):
+        progress.progress(i / len(columns), text=f"{column.title} ({i + 1}/{len(columns)})")
+        try:
+            for target, cell in zip(targets, ws.explain(column, targets), strict=True):
+                cells[(column, target)] = cell
+        except CnnscanError as e:
+            errors[column] = str(e)
+    progress.empty()
+    grid(ws, columns, targets, cells, errors, view, alpha, cmap)
+
+
+def grid(ws, columns, targets, cells, errors, view, alpha, cmap) -> None:
+    rows = ws.prediction_rows(targets)
+    widths = [1] + [2] * len(columns)
+    for slot, column in zip(st.columns(widths)[1:], columns, strict=True):
+        slot.markdown(f"**{column.title}**")
+        if column in errors:
+            slot.error(errors[column])
+    pngs: dict = st.session_state.setdefault("pngs", {})
+    if len(pngs) > 400:
+        pngs.clear()
+    shown = {}
+    for row in rows:
+        target = row["class_id"]
+        slots = st.columns(widths)
+        slots[0].markdown(f"**{row['label']}**  \nclass {target} · p = {row['probability']:.3f}")
+        for slot, column in zip(slots[1:], columns, strict=True):
+            if column in errors:
+                continue
+            key = (*ws.cell_key(column, target), view, alpha, cmap)
+            if key not in pngs:
+                rgb = pictures.cell_picture(
+                    cells[(column, target)], view, ws.view, alpha=alpha, cmap=cmap
+                )
+                pngs[key] = pictures.picture_png(rgb)
+            shown[(column, target)] = pngs[key]
+            slot.image(pngs[key], width="stretch", alt=f"{column.title} for {row['label']}")
+            slot.download_button(
+                "PNG",
+                pngs[key],
+                file_name=f"{column.file_stem}_class{target}_{view}.png",
+                mime="image/png",
+                key=f"png|{column.file_stem}|{target}",
+                on_click="ignore",
+            )
+    done = [c for c in columns if c not in errors]
+    if not done:
+        return
+    settings = {"view": view, "opacity": alpha, "colour_map": cmap}
+    left, right = st.columns(2)
+    left.download_button(
+        "Download the run (zip)",
+        lambda: exports.run_zip(ws, done, targets, cells, shown, settings),
+        file_name="cnnscan-run.zip",
+        mime="application/zip",
+        on_click="ignore",
+        key="zip",
+    )
+    right.download_button(
+        "Download the HTML report",
+        lambda: exports.report_html(ws, done, targets, cells),
+        file_name="cnnscan-report.html",
+        mime="text/html",
+        on_click="ignore",
+        key="report",
+    )
+
+
+# -- layers, filters, feature maps ----------------------------------------------------------------
+def layer_table(ws: core.Workspace) -> None:
+    fields = ws.receptive_fields()
+    st.dataframe(
+        [
+            {
+                "layer": row.name,
+                "type": row.type,
+                "output": "×".join(map(str, row.output_shape)) if row.output_shape else "-",
+                "parameters": row.parameters,
+                "receptive field": fields[row.name].describe() if row.name in fields else "?",
+                "jump": fields[row.name].describe_jump() if row.name in fields else "?",
+            }
+            for row in ws.layer_rows()
+        ],
+        hide_index=True,
+        height=480,
+    )
+
+
+def learned(ws: core.Workspace) -> None:
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Filters")
+        convs = cnnscan.conv_layers(ws.model)
+        if not convs:
+            st.info("This model has no 2-D convolution.")
+        else:
+            layer = st.selectbox("Convolution", convs, key="filter_layer")
+            mode = st.selectbox("Show", render.FILTER_MODES, key="filter_mode")
+            count = st.slider("Filters shown (the first N)", 1, 256, 64, key="filter_count")
+            try:
+                weights = cnnscan.filters(ws.model, layer)
+                picture = render.filter_grid(weights, mode, max_filters=count)
+                st.image(picture, caption=f"{layer}: {tuple(weights.shape)}, min-max per filter")
+            except (CnnscanError, ValueError) as e:
+                st.error(str(e))
+    with right:
+        st.subheader("Feature maps")
+        layers = ws.spatial_layers()
+        if not layers:
+            st.info("This model has no layer with spatial feature maps.")
+            return
+        picks = depth_layers(ws.layer_rows())
+        start = layers.index(picks[len(picks) // 2]) if picks else 0
+        layer = st.selectbox("Layer", layers, index=start, key="feature_layer")
+        top = st.slider("Top-N channels (by mean activation)", 1, 64, 16, key="feature_top")
+        scale = st.radio("Scale", render.SCALES, key="feature_scale", horizontal=True)
+        try:
+            maps = ws.feature_maps(layer)
+            channels = cnnscan.top_channels(maps, top)
+            picture = render.feature_grid(maps, channels, scale=scale)
+            st.image(picture, caption=f"{layer}: {'×'.join(map(str, maps.shape))}")
+        except (CnnscanError, ValueError) as e:
+            st.error(str(e))
+
+
+# -- synthesis ------------------------------------------------------------------------------------
+def synthesis(ws: core.Workspace) -> None:
+    kind = st.radio("Synthesize", jobs.KINDS, key="synth_kind", horizontal=True)
+    layers = ws.spatial_layers()
+    first, second, third = st.columns(3)
+    values: dict = {"kind": kind}
+    if kind == "class image":
+        labels = ws.model.labels
+        top1 = ws.top_classes(1)[0]
+        values["class_id"] = first.selectbox(
+            "Class",
+            range(len(labels)),
+            index=top1,
+            key="synth_class",
+            format_func=lambda i: f"{i}: {labels[i]}",
+        )
+    else:
+        picks = depth_layers(ws.layer_rows())
+        start = layers.index(picks[len(picks) // 2]) if picks else 0
+        values["layer"] = first.selectbox("Layer", layers, index=start, key="synth_layer")
+    if kind in ("channel", "neuron"):
+        values["unit"] = int(second.number_input("Channel", 0, 100_000, 0, key="synth_unit"))
+    if kind == "deepdream":
+        values["octaves"] = second.slider("Octaves", 1, 5, 3, key="synth_octaves")
+    if kind in ("class image", "channel", "neuron"):
+        values["size"] = third.select_slider("Size", [96, 128, 160, 224], 128, key="synth_size")
+    default_steps = 10 if kind == "deepdream" else 64
+    values["steps"] = first.slider("Steps", 1, 512, default_steps, key=f"synth_steps_{kind}")
+    values["seed"] = int(second.number_input("Seed", 0, 2**31 - 1, 0, key="synth_seed"))
+    request = jobs.SynthesisRequest(**values)
+    if st.button("Run", type="primary", key="synth_run"):
+        old = st.session_state.get("job")
+        if old is not None:
+            old.stop()
+        st.session_state["job"] = jobs.Job(
+            ws.model,
+            ws.picture,
+            request,
+            ws.results,
+            jobs.request_key(ws.model_key, ws.picture, request),
+        )
+    job = st.session_state.get("job")
+    polling = job is not None and job.running
+
+    @st.fragment(run_every=POLL_SECONDS if polling else None)
+    def panel() -> None:
+        job = st.session_state.get("job")
+        if job is None:
+            st.caption("Runs in the background: the rest of the page stays usable.")
+            return
+        if job.running:
+            value = f", objective {job.value:.4g}" if job.value is not None else ""
+            st.progress(
+                job.step / job.total,
+                text=f"{job.request.title}: step {job.step} of {job.total}{value}",
+            )
+            st.button("Stop", key="synth_stop", on_click=job.stop)
+            return
+        if polling:  # finished while polling: redraw the page once so the polling stops
+            st.rerun()
+        if job.state == "stopped":
+            st.warning(f"Stopped {job.request.title} at step {job.step} of {job.total}.")
+        elif job.state == "failed":
+            st.error(job.error)
+        else:
+            result = job.result
+            st.image(
+                result.image,
+                caption=f"{job.request.title}: objective {result.initial:.4g} → "
+                f"{result.final:.4g} in {len(result.history)} steps ({result.seconds:.1f} s)",
+                width=320,
+            )
+            st.line_chart({"objective": result.history}, height=180)
+            st.download_button(
+                "PNG",
+                render.png_bytes(result.image),
+                file_name=f"{job.request.kind.replace(' ', '-')}.png",
+                mime="image/png",
+                on_click="ignore",
+                key="synth_png",
+            )
+
+    panel()
+
+
+# -- the page -------------------------------------------------------------------------------------
+def main() -> None:
+    st.set_page_config(page_title="cnnscan: a CT scan of your CNN", layout="wide")
+    st.title("cnnscan: a CT scan of your CNN")
+    st.session_state.pop("upload_error", None)
+    with st.sidebar:
+        model, model_key = sidebar_model()
+        picture = sidebar_picture()
+    if "upload_error" in st.session_state:
+        st.error(f"{st.session_state['upload_error']} The sample photo is shown instead.")
+    ws = workspace(model, model_key, picture)
+    try:
+        header(ws)
+    except CnnscanError as e:
+        st.error(str(e))
+        st.stop()
+    names = ["Explanations", "Layers", "Filters & feature maps", "Synthesis"]
+    tabs = st.tabs(names)
+    with tabs[0]:
+        explanations(ws)
+    with tabs[1]:
+        layer_table(ws)
+    with tabs[2]:
+        learned(ws)
+    with tabs[3]:
+        synthesis(ws)
+
+
+main()
