@@ -52,6 +52,11 @@ EXAMPLES = {
   cnnscan dream --neuron _blocks.6._swish@1:7
   cnnscan dream --deepdream sample:chelsea --layer _blocks.6._swish@1 --octaves 4
   cnnscan dream --invert sample:chelsea --layer _blocks.10._swish@1 --out inverted/""",
+    "app": """examples:
+  cnnscan app                                    # http://127.0.0.1:8501
+  cnnscan app --port 8600 --max-upload-mb 50
+  cnnscan app --host 0.0.0.0 --port 0            # any free port, reachable from the network
+  cnnscan app --allow-local-files                # the page may load weights files on the server""",
 }
 
 
@@ -193,6 +198,18 @@ def _parser() -> argparse.ArgumentParser:
     dream.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     dream.add_argument("--out", default="cnnscan-dream", help="output folder")
     model_options(dream)
+
+    app = command("app", "Start the web app in the browser: a CT scan of your CNN.")
+    app.add_argument("--port", type=int, default=8501, help="port (default 8501; 0: any free)")
+    app.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    app.add_argument(
+        "--allow-local-files",
+        action="store_true",
+        help="let the page load weights files (state dicts) from this machine's disk",
+    )
+    app.add_argument(
+        "--max-upload-mb", type=_positive_int, default=20, help="upload size limit (default 20)"
+    )
     return parser
 
 
@@ -448,6 +465,18 @@ def _cmd_dream(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_app(args: argparse.Namespace) -> int:
+    from cnnscan.app.launch import serve
+
+    return serve(
+        args.port,
+        args.host,
+        allow_local_files=args.allow_local_files,
+        max_upload_mb=args.max_upload_mb,
+        announce=lambda line: print(line, flush=True),
+    )
+
+
 _COMMANDS = {
     "scan": _cmd_scan,
     "explain": _cmd_explain,
@@ -456,6 +485,7 @@ _COMMANDS = {
     "filters": _cmd_filters,
     "features": _cmd_features,
     "dream": _cmd_dream,
+    "app": _cmd_app,
 }
 
 
