@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,7 @@ class ModelChoice:
         return f"{self.name}|file:{Path(self.path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
+@cache
 def model_names() -> list[str]:
     """The bundled default first, then every torchvision classifier."""
     return [DEFAULT_MODEL, *(n for n in torchvision_names() if n != DEFAULT_MODEL)]

@@ -107,7 +107,13 @@ def workspace(model: cnnscan.Model, model_key: str, picture: core.Picture) -> co
 
 def header(ws: core.Workspace) -> None:
     left, right = st.columns([1, 2])
-    left.image(ws.view, caption=f"{ws.picture.name}, as the model sees it", width=224)
+    left.image(
+        ws.view,
+        caption=f"{ws.picture.name}, as the model sees it",
+        width=224,
+        output_format="PNG",
+        alt="model input",
+    )
     with right, st.spinner("Running the model…"):
         rows = ws.predictions(5)
     right.markdown(f"**Top-5 of {ws.model.name}**")
@@ -248,7 +254,12 @@ def grid(ws, columns, targets, cells, errors, view, alpha, cmap) -> None:
                 )
                 pngs[key] = pictures.picture_png(rgb)
             shown[(column, target)] = pngs[key]
-            slot.image(pngs[key], width="stretch", alt=f"{column.title} for {row['label']}")
+            slot.image(
+                pngs[key],
+                width="stretch",
+                output_format="PNG",
+                alt=f"{column.title} for {row['label']}",
+            )
             slot.download_button(
                 "PNG",
                 pngs[key],
@@ -314,7 +325,12 @@ def learned(ws: core.Workspace) -> None:
             try:
                 weights = cnnscan.filters(ws.model, layer)
                 picture = render.filter_grid(weights, mode, max_filters=count)
-                st.image(picture, caption=f"{layer}: {tuple(weights.shape)}, min-max per filter")
+                st.image(
+                    picture,
+                    caption=f"{layer}: {tuple(weights.shape)}, min-max per filter",
+                    output_format="PNG",
+                    alt=f"filters of {layer}",
+                )
             except (CnnscanError, ValueError) as e:
                 st.error(str(e))
     with right:
@@ -332,7 +348,13 @@ def learned(ws: core.Workspace) -> None:
             maps = ws.feature_maps(layer)
             channels = cnnscan.top_channels(maps, top)
             picture = render.feature_grid(maps, channels, scale=scale)
-            st.image(picture, caption=f"{layer}: {'×'.join(map(str, maps.shape))}")
+            st.image(
+                picture,
+                caption=f"{layer}: {'×'.join(map(str, maps.shape))}, channels "
+                + ", ".join(str(int(c)) for c in channels),
+                output_format="PNG",
+                alt=f"feature maps of {layer}",
+            )
         except (CnnscanError, ValueError) as e:
             st.error(str(e))
 
@@ -408,6 +430,8 @@ def synthesis(ws: core.Workspace) -> None:
                 caption=f"{job.request.title}: objective {result.initial:.4g} → "
                 f"{result.final:.4g} in {len(result.history)} steps ({result.seconds:.1f} s)",
                 width=320,
+                output_format="PNG",
+                alt=f"synthesized: {job.request.title}",
             )
             st.line_chart({"objective": result.history}, height=180)
             st.download_button(
