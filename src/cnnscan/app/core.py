@@ -325,12 +325,12 @@ class Workspace:
         model: Model,
         model_key: str,
         picture: Picture,
-        results: ResultCache = RESULTS,
+        results: ResultCache | None = None,
     ):
         self.model = model
         self.model_key = model_key
         self.picture = picture
-        self.results = results
+        self.results = RESULTS if results is None else results
         self.lock = threading.RLock()
         self.seconds: dict[Column, float] = {}
 

@@ -168,8 +168,10 @@ def choose_methods() -> list[str]:
     return chosen
 
 
-def choose_options(methods: list[str]) -> dict[str, str]:
-    options: dict[str, str] = {}
+def choose_options(methods: list[str]) -> dict[str, str | None]:
+    """Each method's options as canonical JSON; None where the typed options are invalid
+    (the method is left out of the grid and the message shown)."""
+    options: dict[str, str | None] = {}
     tunable = [m for m in methods if set(get_method(m).options()) - {"layer"}]
     if not tunable:
         return options
@@ -186,8 +188,8 @@ def choose_options(methods: list[str]) -> dict[str, str]:
             try:
                 options[name] = core.parse_options(info, text)
             except CnnscanError as e:
-                st.error(str(e))
-                options[name] = "{}"
+                st.error(f"{e} ({name} is left out until this is fixed)")
+                options[name] = None
     return options
 
 
@@ -207,15 +209,16 @@ def explanations(ws: core.Workspace) -> None:
             "give one column per layer.",
         )
     options = choose_options(methods)
+    methods = [m for m in methods if options.get(m, "{}") is not None]
     view_col, alpha_col, cmap_col = st.columns(3)
     view = view_col.radio("View", pictures.VIEWS, key="view", horizontal=True)
     alpha = alpha_col.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="alpha")
     cmaps = list(render.COLORMAPS)
     cmap = cmap_col.selectbox("Colour map", cmaps, index=cmaps.index("jet"), key="cmap")
     if not methods:
-        st.info("Pick at least one method.")
+        st.info("Pick at least one method (with valid options).")
         return
-    columns = core.columns_for(methods, layers, options)
+    columns = core.columns_for(methods, layers, {k: v for k, v in options.items() if v})
     cells, errors = {}, {}
     progress = st.progress(0.0)
     for i, column in enumerate(columns):
