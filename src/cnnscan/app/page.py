@@ -16,6 +16,7 @@ from cnnscan.models import DEFAULT_MODEL
 
 CONFIG = core.AppConfig.from_env()
 POLL_SECONDS = 0.5
+CELL_PX = 300  # at most; narrower columns shrink the cells
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
@@ -259,7 +260,7 @@ def grid(ws, columns, targets, cells, errors, view, alpha, cmap) -> None:
             shown[(column, target)] = pngs[key]
             slot.image(
                 pngs[key],
-                width="stretch",
+                width=CELL_PX,
                 output_format="PNG",
                 alt=f"{column.title} for {row['label']}",
             )
