@@ -334,3 +334,98 @@ def test_synthesis_progress_and_stop():
     assert _wait_for_job(at) == "stopped"
     assert any("Stopped channel" in w.value for w in at.warning)
     assert job.step < 500 and not at.exception
+
+
+def test_evaluation_tab_appears_with_the_library_evaluation(monkeypatch):
+    has_it = callable(getattr(cnnscan, "evaluate", None))
+    at = fresh_app()
+    assert ("Evaluation" in [t.label for t in at.tabs]) == has_it
+    if has_it:
+        monkeypatch.delattr(cnnscan, "evaluate")
+        assert "Evaluation" not in [t.label for t in fresh_app().tabs]
+
+
+def test_leaderboard_table_and_curves_from_rows():
+    from cnnscan.app import evaluation
+
+    rows = [
+        {
+            "method": "gradcam",
+            "rank": 1,
+            "reference": False,
+            "deletion_auc": 0.1,
+            "insertion_auc": 0.7,
+            "score": 0.6,
+            "model_randomization": {"verdict": "passes"},
+            "completeness": None,
+            "curves": {
+                "fraction": [0, 0.5, 1],
+                "deletion": [0.8, 0.2, 0.0],
+                "insertion": [0, 0.6, 0.8],
+            },
+        },
+        {
+            "method": "random",
+            "rank": 2,
+            "reference": True,
+            "deletion_auc": 0.3,
+            "insertion_auc": 0.4,
+            "score": 0.1,
+            "curves": {
+                "fraction": [0, 0.5, 1],
+                "deletion": [0.8, 0.5, 0.0],
+                "insertion": [0, 0.3, 0.8],
+            },
+        },
+    ]
+    assert evaluation.table(rows) == [
+        {
+            "rank": 1,
+            "method": "gradcam",
+            "insertion − deletion": 0.6,
+            "deletion AUC ↓": 0.1,
+            "insertion AUC ↑": 0.7,
+            "sanity check": "passes",
+            "completeness error": None,
+        },
+        {
+            "rank": 2,
+            "method": "random (chance)",
+            "insertion − deletion": 0.1,
+            "deletion AUC ↓": 0.3,
+            "insertion AUC ↑": 0.4,
+        },
+    ]
+    assert evaluation.curves(rows, "deletion") == {
+        "fraction": [0, 0.5, 1],
+        "gradcam": [0.8, 0.2, 0.0],
+        "random": [0.8, 0.5, 0.0],
+    }
+
+
+def test_evaluation_ranks_the_grids_methods_like_the_library(default_model, chelsea):
+    leaderboard = pytest.importorskip("cnnscan.metrics.leaderboard").leaderboard
+    at = fresh_app()
+    at.multiselect(key="methods_gradient").set_value(["gradient"]).run()
+    at.slider(key="eval_steps").set_value(12)
+    at.run()
+    assert any("Press Evaluate" in i.value for i in at.info)
+    at.button(key="eval_run").click().run()
+    no_problems(at)
+    table = at.dataframe[-1].value
+    scan = cnnscan.Scan(default_model, default_model.preprocess(chelsea))
+    attrs = {
+        name: cnnscan.explain(default_model, None, name, targets=[285], scan=scan)
+        for name in ("gradient", "gradcam")
+    }
+    expected = leaderboard(
+        default_model, None, attrs, ["deletion_auc", "insertion_auc", "completeness"], steps=12
+    )
+    assert [m.removesuffix(" (chance)") for m in table["method"]] == [r["method"] for r in expected]
+    np.testing.assert_allclose(
+        table["deletion AUC ↓"], [r["deletion_auc"] for r in expected], rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        table["insertion AUC ↑"], [r["insertion_auc"] for r in expected], rtol=1e-4, atol=1e-6
+    )
+    assert len(at.get("vega_lite_chart")) == 2  # deletion and insertion curves

@@ -194,7 +194,8 @@ def choose_options(methods: list[str]) -> dict[str, str | None]:
     return options
 
 
-def explanations(ws: core.Workspace) -> None:
+def explanations(ws: core.Workspace) -> tuple | None:
+    """The controls and the grid; returns the run (columns, targets, cells) it shows."""
     top = st.columns([2, 3])
     with top[0]:
         targets = choose_targets(ws)
@@ -218,7 +219,7 @@ def explanations(ws: core.Workspace) -> None:
     cmap = cmap_col.selectbox("Colour map", cmaps, index=cmaps.index("jet"), key="cmap")
     if not methods:
         st.info("Pick at least one method (with valid options).")
-        return
+        return None
     columns = core.columns_for(methods, layers, {k: v for k, v in options.items() if v})
     cells, errors = {}, {}
     progress = st.progress(0.0)
@@ -231,6 +232,8 @@ def explanations(ws: core.Workspace) -> None:
             errors[column] = str(e)
     progress.empty()
     grid(ws, columns, targets, cells, errors, view, alpha, cmap)
+    done = [c for c in columns if c not in errors]
+    return (done, targets, cells) if done else None
 
 
 def grid(ws, columns, targets, cells, errors, view, alpha, cmap) -> None:
@@ -450,6 +453,61 @@ def synthesis(ws: core.Workspace) -> None:
     panel()
 
 
+# -- evaluation -----------------------------------------------------------------------------------
+def evaluation_view(ws: core.Workspace, run: tuple | None) -> None:
+    from cnnscan.app import evaluation
+
+    if run is None:
+        st.info("Compute explanations first: the grid's methods are evaluated here.")
+        return
+    columns, targets, cells = run
+    labels = ws.model.labels
+    left, middle, right = st.columns(3)
+    target = left.selectbox(
+        "Class", targets, key="eval_target", format_func=lambda i: f"{i}: {labels[i]}"
+    )
+    steps = middle.slider("Deletion/insertion steps", 10, 224, 50, key="eval_steps")
+    sanity = right.checkbox(
+        "Sanity check (model randomization)",
+        key="eval_sanity",
+        help="Re-runs each method on the model with its top block randomized: a map that "
+        "hardly changes does not depend on what the model learned.",
+    )
+    st.caption(
+        "Deletion: the class probability as the most relevant pixels are removed first (lower "
+        "area is better); insertion: as they are added to a blurred picture (higher is "
+        "better). Random maps give the chance level."
+    )
+    asked = (target, steps, sanity, tuple(columns))
+    if st.button("Evaluate", type="primary", key="eval_run"):
+        st.session_state["eval_asked"] = asked
+    if st.session_state.get("eval_asked") != asked:
+        st.info("Press Evaluate to rank the grid's methods for this class.")
+        return
+    bar = st.progress(0.0, text="Evaluating…")
+    done = [0]
+
+    def progress(n: int) -> None:
+        done[0] += n
+        bar.progress(min(1.0, done[0] / (2 * steps * (len(columns) + 2))), text="Evaluating…")
+
+    try:
+        rows = evaluation.leaderboard_rows(
+            ws, columns, cells, target, steps=steps, sanity=sanity, progress=progress
+        )
+    except CnnscanError as e:
+        bar.empty()
+        st.error(str(e))
+        return
+    bar.empty()
+    st.dataframe(evaluation.table(rows), hide_index=True)
+    for kind, slot in zip(("deletion", "insertion"), st.columns(2), strict=True):
+        data = evaluation.curves(rows, kind)
+        if data:
+            slot.markdown(f"**{kind} curves** (probability of class {target})")
+            slot.line_chart(data, x="fraction", height=260)
+
+
 # -- the page -------------------------------------------------------------------------------------
 def main() -> None:
     st.set_page_config(page_title="cnnscan: a CT scan of your CNN", layout="wide")
@@ -467,15 +525,20 @@ def main() -> None:
         st.error(str(e))
         st.stop()
     names = ["Explanations", "Layers", "Filters & feature maps", "Synthesis"]
+    if core.evaluation_available():
+        names.append("Evaluation")
     tabs = st.tabs(names)
     with tabs[0]:
-        explanations(ws)
+        run = explanations(ws)
     with tabs[1]:
         layer_table(ws)
     with tabs[2]:
         learned(ws)
     with tabs[3]:
         synthesis(ws)
+    if len(tabs) > 4:
+        with tabs[4]:
+            evaluation_view(ws, run)
 
 
 main()
