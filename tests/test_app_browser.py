@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import subprocess
+import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -36,17 +38,52 @@ UPLOADER = "[data-testid='stFileUploader'] input[type='file']"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The app server, as `cnnscan app --port 0 --max-upload-mb 1` starts it."""
+    """`cnnscan app` on a free loopback port with a 1 MB upload limit, as a user starts it:
+    it prints the URL; the test waits for the health check itself and stops the command
+    (SIGTERM) at the end, which must stop the server too."""
+    port = launch.free_port()
+    url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("app-server") / "server.log"
-    with log.open("w") as out:
-        process, url = launch.start(
-            0, "127.0.0.1", max_upload_mb=UPLOAD_LIMIT_MB, stdout=out, stderr=subprocess.STDOUT
-        )
+    command = [sys.executable, "-m", "cnnscan.cli", "app", "--port", str(port)]
+    command += ["--max-upload-mb", str(UPLOAD_LIMIT_MB)]
+    with log.open("w") as errors:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
     try:
+        printed = _read_until(process, "cnnscan app: ", timeout=180)
+        assert printed.split()[2] == url, printed
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=10) as response:
+            assert response.status == 200
         yield url
     finally:
-        launch.stop(process)
-        assert process.poll() is not None
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    with pytest.raises(OSError):  # the server went down with the command
+        urllib.request.urlopen(f"{url}/_stcore/health", timeout=5)
+
+
+def _read_until(process: subprocess.Popen, prefix: str, timeout: float) -> str:
+    """The first line of the process's output that starts with `prefix`."""
+    found: list[str] = []
+
+    def read() -> None:
+        for line in process.stdout:
+            if line.startswith(prefix):
+                found.append(line.strip())
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not found:
+        raise AssertionError(
+            f"`cnnscan app` printed no URL within {timeout} s (exit {process.poll()})"
+        )
+    threading.Thread(target=process.stdout.read, daemon=True).start()  # keep the pipe drained
+    return found[0]
 
 
 @pytest.fixture(scope="module")

@@ -484,3 +484,14 @@ def test_server_command_and_environment():
     assert env[core.ENV_ALLOW_LOCAL_FILES] == "1" and env[core.ENV_MAX_UPLOAD_MB] == "7"
     assert launch.url_of("0.0.0.0", 80) == "http://127.0.0.1:80"
     assert launch.url_of("::1", 80) == "http://[::1]:80"
+
+
+def test_app_command_help(capsys):
+    from cnnscan.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["app", "--help"])
+    out = capsys.readouterr().out
+    assert stopped.value.code == 0
+    for flag in ("--port", "--host", "--allow-local-files", "--max-upload-mb", "cnnscan app"):
+        assert flag in out

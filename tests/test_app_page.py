@@ -132,6 +132,7 @@ def test_widgets_drive_the_grid_and_reruns_reuse_results(
     assert sorted(calls) == sorted(
         [("gradcam", [285]), ("gradcam", [281]), ("gradient", [285, 281])]
     )
+    assert [b.label for b in at.get("download_button")].count("PNG") == 4  # one per cell
 
     calls.clear()
     at.radio(key="view").set_value("overlay")
@@ -258,6 +259,22 @@ def test_no_server_files_unless_started_with_allow_local_files(monkeypatch, tmp_
     at.text_input(key="weights_path").set_value(str(file)).run()
     assert "not a plain state_dict" in at.error[0].value
     assert not marker.exists()
+
+
+def test_a_torchvision_model_with_random_weights(media):
+    at = fresh_app()
+    at.selectbox(key="model_name").set_value("resnet18")
+    at.radio(key="weights").set_value("random")
+    at.run()
+    no_problems(at)
+    ws = at.session_state["workspace"]
+    assert ws.model.name == "resnet18" and ws.model_key == "resnet18|random"
+    assert "layer4" in list(at.dataframe[0].value["layer"])
+    top1 = cnnscan.predict(ws.model, ws.picture.image)[0][0]
+    assert at.table[0].value["label"][0] == top1["label"]
+    shown = pictures_shown(at, media)[f"gradcam for {top1['label']}"]
+    reference = reference_overlay(ws.model, ws.picture.image, "gradcam", top1["class_id"])
+    np.testing.assert_array_equal(top_part(shown, reference), reference)
 
 
 def test_layer_table_with_receptive_fields(default_model, chelsea):
@@ -403,6 +420,7 @@ def test_leaderboard_table_and_curves_from_rows():
     }
 
 
+@pytest.mark.slow
 def test_evaluation_ranks_the_grids_methods_like_the_library(default_model, chelsea):
     leaderboard = pytest.importorskip("cnnscan.metrics.leaderboard").leaderboard
     at = fresh_app()
