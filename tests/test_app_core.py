@@ -20,7 +20,7 @@ from PIL import Image
 
 import cnnscan
 from cnnscan import render
-from cnnscan.app import core, exports, jobs, launch, pictures
+from cnnscan.app import core, exports, jobs, launch, pictures, sources
 from cnnscan.errors import ImageError, MethodError, ModelError
 from cnnscan.preprocessing import Preprocessing
 
@@ -62,14 +62,14 @@ def tiny_model() -> cnnscan.Model:
 
 @pytest.fixture
 def tiny_workspace(tiny_model, photo) -> core.Workspace:
-    picture = core.Picture(Image.fromarray(photo), "photo.png", "digest-photo")
+    picture = sources.Picture(Image.fromarray(photo), "photo.png", "digest-photo")
     return core.Workspace(tiny_model, "tiny", picture, core.ResultCache())
 
 
 # -- uploads --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt, suffix", [("PNG", "png"), ("BMP", "bmp"), ("TIFF", "tiff")])
 def test_lossless_uploads_decode_to_the_same_pixels(photo, fmt, suffix):
-    picture = core.read_upload(f"a.{suffix}", png_bytes(photo, fmt), 20)
+    picture = sources.read_upload(f"a.{suffix}", png_bytes(photo, fmt), 20)
     np.testing.assert_array_equal(np.asarray(picture.image), photo)
     assert picture.name == f"a.{suffix}"
 
@@ -77,16 +77,16 @@ def test_lossless_uploads_decode_to_the_same_pixels(photo, fmt, suffix):
 @pytest.mark.parametrize("fmt, suffix", [("JPEG", "jpg"), ("WEBP", "webp")])
 def test_lossy_uploads_decode_like_pil(photo, fmt, suffix):
     data = png_bytes(photo, fmt)
-    picture = core.read_upload(f"a.{suffix}", data, 20)
+    picture = sources.read_upload(f"a.{suffix}", data, 20)
     np.testing.assert_array_equal(
         np.asarray(picture.image), np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     )
 
 
 def test_same_bytes_same_digest_other_bytes_other_digest(photo):
-    a = core.read_upload("a.png", png_bytes(photo), 20)
-    b = core.read_upload("b.png", png_bytes(photo), 20)
-    c = core.read_upload("c.png", png_bytes(photo[::-1].copy()), 20)
+    a = sources.read_upload("a.png", png_bytes(photo), 20)
+    b = sources.read_upload("b.png", png_bytes(photo), 20)
+    c = sources.read_upload("c.png", png_bytes(photo[::-1].copy()), 20)
     assert a.digest == b.digest != c.digest
 
 
@@ -102,30 +102,32 @@ def test_same_bytes_same_digest_other_bytes_other_digest(photo):
 )
 def test_bad_uploads_say_what_is_wrong(name, data, message):
     with pytest.raises(ImageError, match=message.replace(".", r"\.").replace("?", r"\?")):
-        core.read_upload(name, data, 20)
+        sources.read_upload(name, data, 20)
 
 
 def test_truncated_upload_is_reported(photo):
     data = png_bytes(np.tile(photo, (4, 4, 1)))
     with pytest.raises(ImageError, match="damaged or truncated"):
-        core.read_upload("cut.png", data[: len(data) // 2], 20)
+        sources.read_upload("cut.png", data[: len(data) // 2], 20)
 
 
 def test_upload_over_the_limit_is_refused_before_decoding():
     data = b"\x00" * (2**20 + 1)
     with pytest.raises(ImageError, match=r"1\.0 MB, above the 1 MB upload limit"):
-        core.read_upload("big.png", data, 1)
+        sources.read_upload("big.png", data, 1)
 
 
 # -- models and weight files ----------------------------------------------------------------------
 def test_config_from_environment():
-    assert core.AppConfig.from_env({}) == core.AppConfig(False, 20)
-    config = core.AppConfig.from_env({core.ENV_ALLOW_LOCAL_FILES: "1", core.ENV_MAX_UPLOAD_MB: "5"})
-    assert config == core.AppConfig(True, 5)
+    assert sources.AppConfig.from_env({}) == sources.AppConfig(False, 20)
+    config = sources.AppConfig.from_env(
+        {sources.ENV_ALLOW_LOCAL_FILES: "1", sources.ENV_MAX_UPLOAD_MB: "5"}
+    )
+    assert config == sources.AppConfig(True, 5)
 
 
 def test_model_names_start_with_the_bundled_default():
-    names = core.model_names()
+    names = sources.model_names()
     assert names[0] == "efficientnet_lite0"
     assert {"resnet18", "vgg16", "convnext_tiny"} <= set(names)
     assert len(names) == len(set(names))
@@ -135,19 +137,21 @@ def test_local_files_are_off_unless_allowed(tmp_path):
     file = tmp_path / "w.pt"
     torch.save({}, file)
     with pytest.raises(ModelError, match="--allow-local-files"):
-        core.weights_file(str(file), core.AppConfig())
+        sources.weights_file(str(file), sources.AppConfig())
     with pytest.raises(ModelError, match="--allow-local-files"):
-        core.load_choice(core.ModelChoice("squeezenet1_1", "file", str(file)), core.AppConfig())
+        sources.load_choice(
+            sources.ModelChoice("squeezenet1_1", "file", str(file)), sources.AppConfig()
+        )
 
 
 def test_only_existing_weight_files_are_read(tmp_path):
-    allowed = core.AppConfig(allow_local_files=True)
+    allowed = sources.AppConfig(allow_local_files=True)
     with pytest.raises(ModelError, match="not a weights file"):
-        core.weights_file("/etc/passwd", allowed)
+        sources.weights_file("/etc/passwd", allowed)
     with pytest.raises(ModelError, match="not a weights file"):
-        core.weights_file(str(tmp_path / "model.pkl"), allowed)
+        sources.weights_file(str(tmp_path / "model.pkl"), allowed)
     with pytest.raises(ModelError, match="no weights file"):
-        core.weights_file(str(tmp_path / "missing.pth"), allowed)
+        sources.weights_file(str(tmp_path / "missing.pth"), allowed)
 
 
 class _Marker:
@@ -164,9 +168,9 @@ def test_a_pickled_object_is_never_unpickled(tmp_path):
     marker = tmp_path / "unpickled"
     file = tmp_path / "model.pt"
     torch.save(_Marker(marker), file)
-    choice = core.ModelChoice("squeezenet1_1", "file", str(file))
+    choice = sources.ModelChoice("squeezenet1_1", "file", str(file))
     with pytest.raises(ModelError, match="not a plain state_dict"):
-        core.load_choice(choice, core.AppConfig(allow_local_files=True))
+        sources.load_choice(choice, sources.AppConfig(allow_local_files=True))
     assert not marker.exists()
 
 
@@ -177,14 +181,14 @@ def test_a_state_dict_file_loads_into_the_named_architecture(tmp_path):
     source = torchvision.models.squeezenet1_1(weights=None)
     file = tmp_path / "squeeze.pth"
     torch.save(source.state_dict(), file)
-    choice = core.ModelChoice("squeezenet1_1", "file", str(file))
-    model = core.load_choice(choice, core.AppConfig(allow_local_files=True))
+    choice = sources.ModelChoice("squeezenet1_1", "file", str(file))
+    model = sources.load_choice(choice, sources.AppConfig(allow_local_files=True))
     for (name, mine), theirs in zip(
         model.module.state_dict().items(), source.state_dict().values(), strict=True
     ):
         assert torch.equal(mine, theirs), name
     assert choice.key().startswith("squeezenet1_1|file:")
-    assert core.ModelChoice().key() == "efficientnet_lite0|imagenet"
+    assert sources.ModelChoice().key() == "efficientnet_lite0|imagenet"
 
 
 # -- columns, options, cells ----------------------------------------------------------------------
@@ -263,7 +267,7 @@ def test_only_missing_targets_are_computed(tiny_workspace, monkeypatch):
     assert again[0] is first[1] and again[1] is first[0]
     assert more[0] is first[1] and more[2] is first[0]
     other_picture = core.Workspace(
-        ws.model, ws.model_key, core.Picture(ws.picture.image, "x", "other"), ws.results
+        ws.model, ws.model_key, sources.Picture(ws.picture.image, "x", "other"), ws.results
     )
     other_picture.explain(column, [1])
     assert calls[-1] == [[1]]  # another picture is another key
@@ -396,6 +400,7 @@ def test_zip_holds_every_cell_its_raw_map_and_a_summary(tiny_workspace):
         rank = int((probabilities > probabilities[row["class_id"]]).sum()) + 1
         assert row["rank"] == rank
     assert [c["title"] for c in summary["columns"]] == ["gradcam @ conv3", "gradient"]
+    assert all(c["seconds"] > 0 for c in summary["columns"])
     assert summary["view"] == {"view": "overlay"}
     assert len(summary["cells"]) == 4
 
@@ -413,7 +418,7 @@ def test_html_report_of_the_run(tiny_workspace):
 
 # -- synthesis jobs -------------------------------------------------------------------------------
 def test_job_reports_every_step_and_matches_the_library(default_model, chelsea):
-    picture = core.sample_picture("chelsea")
+    picture = sources.sample_picture("chelsea")
     request = jobs.SynthesisRequest("class image", steps=3, size=64, class_id=285)
     cache = core.ResultCache()
     job = jobs.Job(default_model, picture, request, cache, ("k",))
@@ -427,7 +432,7 @@ def test_job_reports_every_step_and_matches_the_library(default_model, chelsea):
 
 
 def test_job_stops_when_asked(default_model):
-    picture = core.sample_picture("chelsea")
+    picture = sources.sample_picture("chelsea")
     request = jobs.SynthesisRequest("channel", steps=500, size=64, layer="_blocks.2", unit=3)
     job = jobs.Job(default_model, picture, request, core.ResultCache(), ("stop",))
     while job.step < 2 and job.running:
@@ -438,7 +443,7 @@ def test_job_stops_when_asked(default_model):
 
 
 def test_job_failure_is_a_message(default_model):
-    picture = core.sample_picture("chelsea")
+    picture = sources.sample_picture("chelsea")
     request = jobs.SynthesisRequest("deepdream", steps=2, octaves=1, layer="no_such_layer")
     job = jobs.Job(default_model, picture, request, core.ResultCache(), ("bad",))
     assert job.wait(120) == "failed"
@@ -457,7 +462,7 @@ def test_requests_call_the_matching_library_function(default_model, monkeypatch)
 
     for name in ("class_image", "synthesize", "deepdream", "invert"):
         monkeypatch.setattr(cnnscan, name, fake(name))
-    picture = core.sample_picture("coffee")
+    picture = sources.sample_picture("coffee")
     for kind in jobs.KINDS:
         request = jobs.SynthesisRequest(kind, steps=5, layer="_blocks.3", unit=2, class_id=7)
         assert jobs.run_request(default_model, picture, request) == "result"
@@ -474,14 +479,14 @@ def test_requests_call_the_matching_library_function(default_model, monkeypatch)
 def test_server_command_and_environment():
     command = launch.command(8600, "127.0.0.1", 7)
     flags = dict(zip(command[5::2], command[6::2], strict=True))
-    assert command[1:5] == ["-m", "streamlit", "run", str(core.Path(cnnscan.app.PAGE))]
+    assert command[1:5] == ["-m", "streamlit", "run", str(cnnscan.app.PAGE)]
     assert flags["--server.headless"] == "true"
     assert flags["--browser.gatherUsageStats"] == "false"
     assert flags["--server.fileWatcherType"] == "none"
     assert flags["--server.maxUploadSize"] == "7"
     assert flags["--server.port"] == "8600" and flags["--server.address"] == "127.0.0.1"
     env = launch.environment(True, 7)
-    assert env[core.ENV_ALLOW_LOCAL_FILES] == "1" and env[core.ENV_MAX_UPLOAD_MB] == "7"
+    assert env[sources.ENV_ALLOW_LOCAL_FILES] == "1" and env[sources.ENV_MAX_UPLOAD_MB] == "7"
     assert launch.url_of("0.0.0.0", 80) == "http://127.0.0.1:80"
     assert launch.url_of("::1", 80) == "http://[::1]:80"
 

@@ -17,7 +17,7 @@ from streamlit.testing.v1 import AppTest
 
 import cnnscan
 from cnnscan import render
-from cnnscan.app import PAGE, core
+from cnnscan.app import PAGE, core, sources
 
 TIMEOUT = 600
 
@@ -225,7 +225,7 @@ def _bomb() -> bytes:
 def test_bad_uploads_show_a_message_and_the_app_keeps_working(
     name, make, message, media, monkeypatch
 ):
-    monkeypatch.setenv(core.ENV_MAX_UPLOAD_MB, "1")
+    monkeypatch.setenv(sources.ENV_MAX_UPLOAD_MB, "1")
     at = fresh_app()
     at.file_uploader(key="upload").set_value((name, make(), "image/png")).run()
     assert not at.exception
@@ -243,7 +243,7 @@ def test_no_server_files_unless_started_with_allow_local_files(monkeypatch, tmp_
     at = fresh_app()
     assert at.radio(key="weights").options == ["ImageNet (bundled)", "random (untrained)"]
     assert not at.text_input  # no path can be typed
-    monkeypatch.setenv(core.ENV_ALLOW_LOCAL_FILES, "1")
+    monkeypatch.setenv(sources.ENV_ALLOW_LOCAL_FILES, "1")
     at = fresh_app()
     assert at.radio(key="weights").options[-1] == "a weights file on the server"
     at.radio(key="weights").set_value("file").run()
@@ -403,7 +403,6 @@ def test_leaderboard_table_and_curves_from_rows():
             "deletion AUC ↓": 0.1,
             "insertion AUC ↑": 0.7,
             "sanity check": "passes",
-            "completeness error": None,
         },
         {
             "rank": 2,

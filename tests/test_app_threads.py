@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import cnnscan
-from cnnscan.app import core, jobs
+from cnnscan.app import core, jobs, sources
 
 PLAN = [
     core.Column("gradcam"),
@@ -26,7 +26,7 @@ PLAN = [
 DREAM = jobs.SynthesisRequest("deepdream", steps=2, octaves=1, layer="_blocks.4")
 
 
-def session(model: cnnscan.Model, picture: core.Picture, start: threading.Barrier) -> dict:
+def session(model: cnnscan.Model, picture: sources.Picture, start: threading.Barrier) -> dict:
     """What one page session computes: top-5, a grid of top-2 cells, feature maps, a dream."""
     ws = core.Workspace(model, "default", picture, core.ResultCache())
     start.wait(timeout=120)
@@ -52,7 +52,7 @@ def _hooks(module: torch.nn.Module) -> int:
 def test_two_sessions_at_once_get_their_own_results():
     model = cnnscan.load_model()  # fresh: nothing traced or cached for it yet
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
-    pictures = [core.sample_picture("chelsea"), core.sample_picture("coffee")]
+    pictures = [sources.sample_picture("chelsea"), sources.sample_picture("coffee")]
     start = threading.Barrier(2)
     with ThreadPoolExecutor(2) as pool:
         running = [pool.submit(session, model, picture, start) for picture in pictures]

@@ -2,7 +2,8 @@
 
 `cnnscan app` starts it (`launch`). `page.py` is the Streamlit script: widgets only. What it
 computes lives in plain modules that tests and threads can call without Streamlit:
-`core` (models, pictures, the per-session workspace and the shared result cache),
+`sources` (settings, models, weight files, pictures and uploads), `core` (the per-session
+workspace and the shared result cache), `evaluation` (the leaderboard view),
 `pictures` (grid cells, colour bars, downloads) and `jobs` (synthesis in the background).
 """
 

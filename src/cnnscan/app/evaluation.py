@@ -68,7 +68,7 @@ def table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         check = row.get("model_randomization")
         if isinstance(check, Mapping):
             line["sanity check"] = check.get("verdict")
-        if "completeness" in row:
+        if row.get("completeness") is not None:
             line["completeness error"] = row["completeness"]
         shown.append(line)
     return shown

@@ -58,7 +58,7 @@ def run_zip(
                     "method": c.method,
                     "layer": c.layer,
                     "options": c.option_values(),
-                    "seconds": workspace.seconds.get(c),
+                    "seconds": workspace.seconds(c),
                 }
                 for c in columns
             ],
@@ -87,7 +87,7 @@ def report_html(
             view=np.asarray(workspace.view),
             predictions=workspace.prediction_rows(targets),
             attributions=attributions,
-            seconds={c.method: workspace.seconds.get(c, 0.0) for c in columns},
+            seconds={c.method: workspace.seconds(c) for c in columns},
             layers=rows,
             learned=learned_pictures(workspace.scan, rows),
             receptive=workspace.receptive_fields(),

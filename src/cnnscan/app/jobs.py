@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import cnnscan
-from cnnscan.app.core import Picture, ResultCache
+from cnnscan.app.core import ResultCache
+from cnnscan.app.sources import Picture
 from cnnscan.errors import CnnscanError
 from cnnscan.models import Model
 from cnnscan.synthesis import Synthesis, channel, neuron

@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Callable
 
 from cnnscan.app import PAGE
-from cnnscan.app.core import DEFAULT_MAX_UPLOAD_MB, ENV_ALLOW_LOCAL_FILES, ENV_MAX_UPLOAD_MB
+from cnnscan.app.sources import DEFAULT_MAX_UPLOAD_MB, ENV_ALLOW_LOCAL_FILES, ENV_MAX_UPLOAD_MB
 from cnnscan.errors import CnnscanError
 
 DEFAULT_PORT = 8501

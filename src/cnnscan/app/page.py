@@ -7,14 +7,14 @@ import streamlit as st
 
 import cnnscan
 from cnnscan import render
-from cnnscan.app import core, exports, jobs, pictures
+from cnnscan.app import core, exports, jobs, pictures, sources
 from cnnscan.errors import CnnscanError
 from cnnscan.images import sample_names
 from cnnscan.learned import depth_layers
 from cnnscan.methods import get_method, list_methods
 from cnnscan.models import DEFAULT_MODEL
 
-CONFIG = core.AppConfig.from_env()
+CONFIG = sources.AppConfig.from_env()
 POLL_SECONDS = 0.5
 CELL_PX = 300  # at most; narrower columns shrink the cells
 
@@ -22,14 +22,14 @@ CELL_PX = 300  # at most; narrower columns shrink the cells
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
 def shared_model(name: str, weights: str, path: str | None, key: str) -> cnnscan.Model:
     """One model object for every session (`key` changes when a weights file changes)."""
-    return core.load_choice(core.ModelChoice(name, weights, path), CONFIG)
+    return sources.load_choice(sources.ModelChoice(name, weights, path), CONFIG)
 
 
 def sidebar_model() -> tuple[cnnscan.Model, str]:
     st.header("Model")
     name = st.selectbox(
         "Architecture",
-        core.model_names(),
+        sources.model_names(),
         key="model_name",
         help="The bundled EfficientNet-Lite0 has real ImageNet weights and needs no download; "
         "torchvision models download theirs when online.",
@@ -49,9 +49,9 @@ def sidebar_model() -> tuple[cnnscan.Model, str]:
             help="A state dict on the server, read with weights_only=True (never unpickled).",
         )
     try:
-        choice = core.ModelChoice(name, weights, path)
+        choice = sources.ModelChoice(name, weights, path)
         if weights == "file":
-            core.weights_file(path or "", CONFIG)
+            sources.weights_file(path or "", CONFIG)
         model = shared_model(name, weights, path, choice.key())
     except CnnscanError as e:
         st.error(str(e))
@@ -64,16 +64,16 @@ def _uploaded() -> None:
         st.session_state["image_source"] = "upload"
 
 
-def sidebar_picture() -> core.Picture:
+def sidebar_picture() -> sources.Picture:
     st.header("Image")
     source = st.radio("Picture", ["sample", "upload"], key="image_source", horizontal=True)
     names = sample_names()
     sample = st.selectbox(
-        "Sample photo", names, index=names.index(core.DEFAULT_SAMPLE), key="sample"
+        "Sample photo", names, index=names.index(sources.DEFAULT_SAMPLE), key="sample"
     )
     upload = st.file_uploader(
         f"Upload a picture (JPEG, PNG, WebP, BMP, TIFF; up to {CONFIG.max_upload_mb} MB)",
-        type=list(core.UPLOAD_TYPES),
+        type=list(sources.UPLOAD_TYPES),
         key="upload",
         max_upload_size=CONFIG.max_upload_mb,
         on_change=_uploaded,
@@ -84,20 +84,20 @@ def sidebar_picture() -> core.Picture:
             try:
                 decoded = (
                     upload.file_id,
-                    core.read_upload(upload.name, upload.getvalue(), CONFIG.max_upload_mb),
+                    sources.read_upload(upload.name, upload.getvalue(), CONFIG.max_upload_mb),
                 )
             except CnnscanError as e:
                 decoded = (upload.file_id, str(e))
             st.session_state["decoded"] = decoded
-        if isinstance(decoded[1], core.Picture):
+        if isinstance(decoded[1], sources.Picture):
             return decoded[1]
         st.session_state["upload_error"] = decoded[1]
     elif source == "upload":
         st.info("Upload a picture; the sample photo is shown until then.")
-    return core.sample_picture(sample)
+    return sources.sample_picture(sample)
 
 
-def workspace(model: cnnscan.Model, model_key: str, picture: core.Picture) -> core.Workspace:
+def workspace(model: cnnscan.Model, model_key: str, picture: sources.Picture) -> core.Workspace:
     ws = st.session_state.get("workspace")
     if ws is None or ws.key != (model_key, picture.digest):
         ws = core.Workspace(model, model_key, picture)
@@ -387,7 +387,18 @@ def synthesis(ws: core.Workspace) -> None:
         start = layers.index(picks[len(picks) // 2]) if picks else 0
         values["layer"] = first.selectbox("Layer", layers, index=start, key="synth_layer")
     if kind in ("channel", "neuron"):
-        values["unit"] = int(second.number_input("Channel", 0, 100_000, 0, key="synth_unit"))
+        strongest = cnnscan.top_channels(ws.feature_maps(values["layer"]), 5).tolist()
+        values["unit"] = int(
+            second.number_input(
+                "Channel",
+                0,
+                100_000,
+                strongest[0],
+                key="synth_unit",
+                help=f"The strongest channels of {values['layer']} for this picture: "
+                + ", ".join(map(str, strongest)),
+            )
+        )
     if kind == "deepdream":
         values["octaves"] = second.slider("Octaves", 1, 5, 3, key="synth_octaves")
     if kind in ("class image", "channel", "neuron"):
