@@ -22,7 +22,7 @@ import cnnscan
 from cnnscan import LayerError, render
 from cnnscan.cli import main
 from cnnscan.learned import depth_layers
-from cnnscan.report import LEARNED_TILE_PX
+from cnnscan.report import CLASS_IMAGE_PX, CLASS_IMAGE_STEPS, LEARNED_TILE_PX
 
 
 # -- filters ---------------------------------------------------------------------------------------
@@ -332,9 +332,17 @@ def test_report_section(quick_report, default_model, chelsea):
     figures = re.findall(r'<img src="(data:image/png;base64,[^"]+)" alt="([^"]+)"', section)
     alts = [alt for _, alt in figures]
     assert alts[0] == "filters of _conv_stem"
+    assert alts[-1] == "synthesized image of the top-1 class"
+    assert "maximize 285 Egyptian cat" in section
+    *figures, (synthesized, _) = figures
+    alts = alts[:-1]
     assert len(alts) == 4 and all(alt.startswith("feature maps of ") for alt in alts[1:])
     assert alts[-1] == "feature maps of _swish@1"
-    assert "synthesized" not in section  # no class image until synthesis provides one
+    expected_image = cnnscan.class_image(
+        default_model, 285, steps=CLASS_IMAGE_STEPS, size=CLASS_IMAGE_PX
+    ).image
+    np.testing.assert_allclose(decode(synthesized), expected_image, atol=2)
+    assert (out / "learned" / "class_image.png").is_file()
     filters_picture = render.filter_grid(cnnscan.filters(default_model), tile_px=24)
     np.testing.assert_array_equal(decode(figures[0][0]), filters_picture)
     assert (out / "learned" / "filters__conv_stem.png").is_file()
@@ -346,6 +354,7 @@ def test_report_section(quick_report, default_model, chelsea):
     assert (np.abs(shown.astype(int) - expected).max(axis=-1) > 8).mean() < 0.01
     timings = (out / "timings.json").read_text()
     assert "what the network learned" in timings and "receptive fields" in timings
+    assert "class image" in timings
 
 
 def test_report_layer_table_has_receptive_fields(quick_report):

@@ -19,7 +19,7 @@ from cnnscan.explain import explain, explain_many, predict
 from cnnscan.images import load_image, sample_image
 from cnnscan.learned import conv_layers, feature_maps, filters, top_channels
 from cnnscan.methods import MethodInfo, get_method, list_methods
-from cnnscan.models import Model, load_model
+from cnnscan.models import Model, list_models, load_model
 from cnnscan.preprocessing import Preprocessing
 from cnnscan.receptive import ReceptiveField, receptive_fields
 from cnnscan.scan import Scan
@@ -51,6 +51,7 @@ __all__ = [
     "get_method",
     "invert",
     "list_methods",
+    "list_models",
     "load_image",
     "load_model",
     "predict",

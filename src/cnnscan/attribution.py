@@ -71,8 +71,9 @@ class Attribution:
         values = self.view(image, target, kind)
         if background is not None and values.ndim == 2 and kind != "signed":
             return render.overlay(background, values, alpha=alpha, cmap=cmap or "jet")
-        default = "coolwarm" if kind == "signed" else "inferno"
-        return render.to_rgb(values, cmap or default)
+        if kind == "signed":  # [-1, 1] -> [0, 1] here: a map without negatives stays centred
+            return render.to_rgb((values + 1) / 2, cmap or "coolwarm")
+        return render.to_rgb(values, cmap or "inferno")
 
     def label(self, image: int = 0, target: int = 0) -> str:
         if "unit_layer" in self.extras:  # a layer unit, not a class (see `unit=`)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from cnnscan.errors import CnnscanError
 from cnnscan.render import FILTER_MODES, SCALES, VIEWS
+from cnnscan.report import CLASS_IMAGE_STEPS
 
 DEFAULT_IMAGE = "sample:chelsea"
 
@@ -52,6 +53,10 @@ EXAMPLES = {
   cnnscan dream --neuron _blocks.6._swish@1:7
   cnnscan dream --deepdream sample:chelsea --layer _blocks.6._swish@1 --octaves 4
   cnnscan dream --invert sample:chelsea --layer _blocks.10._swish@1 --out inverted/""",
+    "models": """examples:
+  cnnscan models '*vgg*'                         # torchvision, timm and Keras names
+  cnnscan scan cat.jpg --model InceptionResNetV2 --weights none
+  cnnscan scan cat.jpg --model model.onnx        # or model.keras""",
     "app": """examples:
   cnnscan app                                    # http://127.0.0.1:8501
   cnnscan app --port 8600 --max-upload-mb 50
@@ -110,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     scan.add_argument(
         "--full", action="store_true", help="every registered method, also slow ones (Score-CAM)"
+    )
+    scan.add_argument(
+        "--class-image-steps",
+        type=int,
+        default=CLASS_IMAGE_STEPS,
+        help=f"steps of the synthesized top-1 class image (default {CLASS_IMAGE_STEPS}; 0: skip)",
     )
     scan.add_argument("--open", action="store_true", help="open the report in a browser")
 
@@ -198,6 +209,8 @@ def _parser() -> argparse.ArgumentParser:
     dream.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     dream.add_argument("--out", default="cnnscan-dream", help="output folder")
     model_options(dream)
+    models = command("models", "List the model names --model accepts.")
+    models.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. '*vgg*'")
 
     app = command("app", "Start the web app in the browser: a CT scan of your CNN.")
     app.add_argument("--port", type=int, default=8501, help="port (default 8501; 0: any free)")
@@ -276,6 +289,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             image_name=name,
             progress=progress,
+            class_image_steps=args.class_image_steps,
         )
     path = write_report(result, args.out)
     for p in result.predictions:
@@ -462,6 +476,15 @@ def _cmd_dream(args: argparse.Namespace) -> int:
         f"{len(result.history)} steps ({result.seconds:.1f} s)"
     )
     print(f"wrote {len(written)} files to {Path(args.out).resolve()}")
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from cnnscan.zoo import list_models
+
+    names = list_models(args.pattern)
+    if not names:
+        raise CnnscanError(f"no model name matches {args.pattern!r}; try '*{args.pattern}*'")
+    print("\n".join(names))
     return 0
 
 
@@ -485,6 +508,7 @@ _COMMANDS = {
     "filters": _cmd_filters,
     "features": _cmd_features,
     "dream": _cmd_dream,
+    "models": _cmd_models,
     "app": _cmd_app,
 }
 

@@ -14,7 +14,7 @@ from cnnscan.execution import runnable
 from cnnscan.explain import as_inputs
 from cnnscan.layers import LayerRef, LayerRow, capture, get_module
 from cnnscan.models import Model, load_model
-from cnnscan.scan import _match_format
+from cnnscan.scan import match_format
 
 # Activation modules: their outputs are what "feature maps" usually means.
 _ACTIVATIONS = (
@@ -87,7 +87,7 @@ def feature_maps(
     x = as_inputs(model, image, device)
     with runnable(model.module, device) as runner, capture(runner, refs) as captured:
         with torch.no_grad():
-            runner(_match_format(x, runner))
+            runner(match_format(x, runner))
         return {name: captured[ref].contiguous() for name, ref in zip(names, refs, strict=True)}
 
 

@@ -28,10 +28,13 @@ from cnnscan.methods import MethodInfo, get_method, list_methods
 from cnnscan.models import Model, load_model
 from cnnscan.receptive import ReceptiveField, receptive_fields
 from cnnscan.scan import Scan
+from cnnscan.synthesis import class_image
 
 CELL_PX = 160
 LEARNED_CHANNELS = 16  # feature maps shown per layer in the report
 LEARNED_TILE_PX = 64  # their size in pixels
+CLASS_IMAGE_STEPS = 48  # the top-1 class image: a preview, a second or two on a CPU
+CLASS_IMAGE_PX = 128
 
 
 @dataclass
@@ -41,9 +44,7 @@ class Learned:
     filters_layer: str | None = None
     filters: np.ndarray | None = None  # first convolution's filters, min-max per filter
     feature_maps: list[tuple[str, tuple[int, ...], np.ndarray]] = field(default_factory=list)
-    # A synthesized image of the top-1 class (class-logit maximization, `cnnscan.synthesize`)
-    # belongs here; the scan leaves it None until synthesis is part of it.
-    class_image: np.ndarray | None = None
+    class_image: np.ndarray | None = None  # synthesized for the top-1 class (`class_image`)
 
 
 @dataclass
@@ -76,9 +77,11 @@ def run_scan(
     image_name: str = "image",
     device: torch.device | str | None = None,
     progress: Callable[[str], None] | None = None,
+    class_image_steps: int = CLASS_IMAGE_STEPS,
 ) -> ScanResult:
     """One shared forward, then every method for the top-k classes, each timed;
-    `progress(name)` is called as each method finishes."""
+    `progress(name)` is called as each method finishes. `class_image_steps=0` skips the
+    synthesized image of the top-1 class."""
     started = time.perf_counter()
     model = model if isinstance(model, Model) else load_model(model)
     infos = [get_method(name) for name in (methods or default_methods())]
@@ -102,6 +105,14 @@ def run_scan(
     began = time.perf_counter()
     learned = learned_pictures(scan, layers)
     seconds["what the network learned"] = time.perf_counter() - began
+    if class_image_steps > 0:
+        began = time.perf_counter()
+        top1 = int(targets[0, 0])
+        synthesized = class_image(
+            model, top1, steps=class_image_steps, size=CLASS_IMAGE_PX, device=device
+        )
+        learned.class_image = synthesized.image
+        seconds["class image"] = time.perf_counter() - began
     began = time.perf_counter()
     receptive = receptive_fields(model, scan.inputs[:1])
     seconds["receptive fields"] = time.perf_counter() - began

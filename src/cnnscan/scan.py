@@ -84,7 +84,7 @@ class Scan:
             if self.relu_rules:
                 stack.enter_context(switchable_relus(self.switch))
             saved = stack.enter_context(_saved_bytes(runner.parameters()))
-            x = _match_format(self.inputs, runner).requires_grad_(True)
+            x = match_format(self.inputs, runner).requires_grad_(True)
             logits = logits_of(runner(x))
         check_logits(logits)
         self._x, self.logits, self._captured = x, logits, captured
@@ -149,7 +149,7 @@ class Scan:
                 with ExitStack() as stack:
                     if rule != "standard":
                         stack.enter_context(switchable_relus(RuleSwitch(rule)))
-                    x = _match_format(inputs[rows], runner).requires_grad_(True)
+                    x = match_format(inputs[rows], runner).requires_grad_(True)
                     logits = logits_of(runner(x))
                 check_logits(logits)
                 selected = logits.gather(1, targets[rows])
@@ -204,7 +204,7 @@ class Scan:
             if runner is not self.model.module:  # a private working copy: fold its BatchNorms
                 runner = folded(runner)
             for chunk in self.batches(len(inputs), key, per_item=self.bytes_per_item // 4):
-                logits = logits_of(runner(_match_format(inputs[chunk], runner)))
+                logits = logits_of(runner(match_format(inputs[chunk], runner)))
                 check_logits(logits)
                 out.append(logits)
                 if progress is not None:
@@ -242,7 +242,7 @@ class Scan:
         ref = LayerRef.parse(layer)
         with self._runner() as runner:
             if ref not in self._heads:
-                self._heads[ref] = head_of(runner, ref, _match_format(self.inputs, runner))
+                self._heads[ref] = head_of(runner, ref, match_format(self.inputs, runner))
             yield self._heads[ref]
 
     def layer_gradients(self, layer: str | LayerRef, targets: torch.Tensor) -> torch.Tensor:
@@ -273,7 +273,7 @@ class Scan:
             yield runner
 
 
-def _match_format(x: torch.Tensor, runner: nn.Module) -> torch.Tensor:
+def match_format(x: torch.Tensor, runner: nn.Module) -> torch.Tensor:
     """Give the input the memory format of the working copy's convolutions (a copy)."""
     conv = next((m for m in runner.modules() if isinstance(m, nn.Conv2d)), None)
     if conv is not None and conv.weight.is_contiguous(memory_format=torch.channels_last):

@@ -32,7 +32,7 @@ def sidebar_model() -> tuple[cnnscan.Model, str]:
         sources.model_names(),
         key="model_name",
         help="The bundled EfficientNet-Lite0 has real ImageNet weights and needs no download; "
-        "torchvision models download theirs when online.",
+        "torchvision, timm and Keras-application models download theirs when online.",
     )
     choices = ["imagenet", "random"] + (["file"] if CONFIG.allow_local_files else [])
     names = {

@@ -15,7 +15,7 @@ from PIL import Image
 import cnnscan
 from cnnscan.errors import ImageError, ModelError
 from cnnscan.images import sample_names
-from cnnscan.models import DEFAULT_MODEL, Model, torchvision_names
+from cnnscan.models import DEFAULT_MODEL, Model
 
 ENV_ALLOW_LOCAL_FILES = "CNNSCAN_APP_ALLOW_LOCAL_FILES"
 ENV_MAX_UPLOAD_MB = "CNNSCAN_APP_MAX_UPLOAD_MB"
@@ -62,8 +62,9 @@ class ModelChoice:
 
 @cache
 def model_names() -> list[str]:
-    """The bundled default first, then every torchvision classifier."""
-    return [DEFAULT_MODEL, *(n for n in torchvision_names() if n != DEFAULT_MODEL)]
+    """The bundled default first, then every name `cnnscan.list_models()` gives (torchvision,
+    timm if installed, Keras applications)."""
+    return [DEFAULT_MODEL, *(n for n in cnnscan.list_models() if n != DEFAULT_MODEL)]
 
 
 def weights_file(path: str, config: AppConfig) -> Path:
