@@ -148,6 +148,25 @@ def test_widgets_drive_the_grid_and_reruns_reuse_results(
     assert sorted(calls) == [("gradcam", [282]), ("gradient", [282])]  # only the new target
 
 
+def test_every_registered_family_is_offered_and_runs(media, default_model, chelsea):
+    """Methods come from the registry: a family that landed after the page was written (LRP)
+    is offered and explained without any change to the page."""
+    at = fresh_app()
+    families = list(dict.fromkeys(m.family for m in cnnscan.list_methods()))
+    offered = {w.key.removeprefix("methods_"): w.options for w in at.multiselect if w.key}
+    for family in families:
+        names = [m.name for m in cnnscan.list_methods(family)]
+        assert [o.removesuffix(" (slow)") for o in offered[family]] == names
+    at.multiselect(key="methods_cam").set_value([])
+    at.multiselect(key="methods_lrp").set_value(["lrp"])
+    at.run()
+    no_problems(at)
+    attr = cnnscan.explain(default_model, chelsea, "lrp", targets=[285])
+    reference = render.overlay(default_model.view(chelsea), attr.view(0, 0, "heatmap"))
+    shown = pictures_shown(at, media)["lrp for Egyptian cat"]
+    np.testing.assert_array_equal(top_part(shown, reference), reference)
+
+
 def test_classes_by_name_and_several_layers(media, default_model, chelsea):
     at = fresh_app()
     at.radio(key="target_mode").set_value("classes").run()

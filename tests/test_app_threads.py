@@ -22,6 +22,7 @@ PLAN = [
     core.Column("guided_backprop"),
     core.Column("ablationcam", "_blocks.0"),  # traces the model to split it at the layer
     core.Column("scorecam", "_blocks.0"),  # traces it to fold its BatchNorms
+    core.Column("lrp"),
 ]
 DREAM = jobs.SynthesisRequest("deepdream", steps=2, octaves=1, layer="_blocks.4")
 
