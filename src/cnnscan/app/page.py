@@ -136,7 +136,8 @@ def header(ws: core.Workspace) -> None:
 def choose_targets(ws: core.Workspace) -> list[int]:
     mode = st.radio("Targets", ["top-k", "classes"], key="target_mode", horizontal=True)
     if mode == "top-k":
-        k = st.slider("k", 1, 10, 1, key="top_k", help="Explain the k most likely classes.")
+        most = max(1, min(10, len(ws.model.labels)))
+        k = st.slider("k", 1, most, 1, key="top_k", help="Explain the k most likely classes.")
         return ws.top_classes(k)
     labels = ws.model.labels
     options = [f"{i}: {label}" for i, label in enumerate(labels)]
@@ -230,13 +231,26 @@ def explanations(ws: core.Workspace) -> tuple | None:
                 cells[(column, target)] = cell
         except CnnscanError as e:
             errors[column] = str(e)
+        except Exception as e:  # a model the method cannot handle: say so, keep the page
+            errors[column] = f"{type(e).__name__}: {e}"
     progress.empty()
     grid(ws, columns, targets, cells, errors, view, alpha, cmap)
     done = [c for c in columns if c not in errors]
     return (done, targets, cells) if done else None
 
 
-def grid(ws, columns, targets, cells, errors, view, alpha, cmap) -> None:
+def grid(
+    ws: core.Workspace,
+    columns: list[core.Column],
+    targets: list[int],
+    cells: dict,
+    errors: dict,
+    view: str,
+    alpha: float,
+    cmap: str,
+) -> None:
+    """Rows = targets, columns = methods: each cell its picture and a PNG download; below,
+    the whole run as a zip or an HTML report (built only when asked for)."""
     rows = ws.prediction_rows(targets)
     widths = [1] + [2] * len(columns)
     for slot, column in zip(st.columns(widths)[1:], columns, strict=True):
@@ -300,7 +314,11 @@ def grid(ws, columns, targets, cells, errors, view, alpha, cmap) -> None:
 
 # -- layers, filters, feature maps ----------------------------------------------------------------
 def layer_table(ws: core.Workspace) -> None:
-    fields = ws.receptive_fields()
+    try:
+        fields = ws.receptive_fields()
+    except Exception as e:  # the table still helps without them
+        st.caption(f"Receptive fields unavailable for this model ({type(e).__name__}: {e}).")
+        fields = {}
     st.dataframe(
         [
             {
@@ -532,8 +550,8 @@ def main() -> None:
     ws = workspace(model, model_key, picture)
     try:
         header(ws)
-    except CnnscanError as e:
-        st.error(str(e))
+    except Exception as e:  # e.g. a model that fails on this picture: say so and stop here
+        st.error(str(e) if isinstance(e, CnnscanError) else f"{type(e).__name__}: {e}")
         st.stop()
     names = ["Explanations", "Layers", "Filters & feature maps", "Synthesis"]
     if core.evaluation_available():
