@@ -169,3 +169,28 @@ def test_hooked_head_replaces_only_its_own_threads_layer_output(net):
         result, other = _meet_during(net, x, lambda: head(replacement, torch.arange(2)))
         torch.testing.assert_close(other, expected, rtol=0, atol=0)
         torch.testing.assert_close(result, net.fc(F.relu(replacement).mean(dim=(2, 3))))
+
+
+def test_every_fx_trace_in_cnnscan_uses_the_thread_safe_tracer():
+    """A plain fx trace anywhere in the package would bring the cross-thread Proxy back."""
+    import re
+    from pathlib import Path
+
+    import cnnscan
+
+    plain = re.compile(
+        r"\bfx\.(Tracer|symbolic_trace)\b|torch\.fx\.symbolic_trace\b"
+        r"|from torch\.fx import [^\n]*\b(Tracer|symbolic_trace)\b"
+    )
+    root = Path(cnnscan.__file__).parent
+    offenders = [
+        f"{path.relative_to(root)}:{text[: match.start()].count(chr(10)) + 1}"
+        for path in sorted(root.rglob("*.py"))
+        if path.name != "tracing.py"
+        for text in [path.read_text("utf-8")]
+        for match in plain.finditer(text)
+    ]
+    assert not offenders, (
+        f"plain torch.fx tracing in {offenders}: subclass cnnscan.tracing.Tracer or call "
+        "cnnscan.tracing.symbolic_trace, so that other threads' forwards are not traced"
+    )
