@@ -12,6 +12,7 @@ from cnnscan.errors import (
     ImageError,
     LayerError,
     MethodError,
+    MetricError,
     ModelError,
     TargetError,
 )
@@ -19,6 +20,7 @@ from cnnscan.explain import explain, explain_many, predict
 from cnnscan.images import load_image, sample_image
 from cnnscan.learned import conv_layers, feature_maps, filters, top_channels
 from cnnscan.methods import MethodInfo, get_method, list_methods
+from cnnscan.metrics import evaluate, evaluate_many
 from cnnscan.models import Model, list_models, load_model
 from cnnscan.preprocessing import Preprocessing
 from cnnscan.receptive import ReceptiveField, receptive_fields
@@ -34,6 +36,7 @@ __all__ = [
     "LayerError",
     "MethodError",
     "MethodInfo",
+    "MetricError",
     "Model",
     "ModelError",
     "Preprocessing",
@@ -44,6 +47,8 @@ __all__ = [
     "class_image",
     "conv_layers",
     "deepdream",
+    "evaluate",
+    "evaluate_many",
     "explain",
     "explain_many",
     "feature_maps",

@@ -57,6 +57,11 @@ EXAMPLES = {
   cnnscan models '*vgg*'                         # torchvision, timm and Keras names
   cnnscan scan cat.jpg --model InceptionResNetV2 --weights none
   cnnscan scan cat.jpg --model model.onnx        # or model.keras""",
+    "evaluate": """examples:
+  cnnscan evaluate                               # default methods on the bundled cat photo
+  cnnscan evaluate cat.jpg --methods gradcam,integrated_gradients --box 40,20,300,280
+  cnnscan evaluate cat.jpg --mask cat-mask.png --metrics pointing_game,energy_in_box
+  cnnscan evaluate cat.jpg --steps 224 --cascade --out eval/""",
     "app": """examples:
   cnnscan app                                    # http://127.0.0.1:8501
   cnnscan app --port 8600 --max-upload-mb 50
@@ -114,7 +119,13 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated methods (default: every method that takes seconds; see --full)",
     )
     scan.add_argument(
-        "--full", action="store_true", help="every registered method, also slow ones (Score-CAM)"
+        "--full",
+        action="store_true",
+        help="every registered method, also slow ones (Score-CAM), and the full sanity checks "
+        "(cascading randomization of every block, random-class check) in the leaderboard",
+    )
+    scan.add_argument(
+        "--no-leaderboard", action="store_true", help="skip the evaluation leaderboard"
     )
     scan.add_argument(
         "--class-image-steps",
@@ -211,6 +222,45 @@ def _parser() -> argparse.ArgumentParser:
     model_options(dream)
     models = command("models", "List the model names --model accepts.")
     models.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. '*vgg*'")
+    evaluate = command(
+        "evaluate",
+        "Score explanation methods on one image: deletion/insertion AUC, confidence drop, "
+        "pointing game, sanity checks; a ranked table plus curves (PNG) and scores (JSON).",
+    )
+    evaluate.add_argument(
+        "image", nargs="?", default=DEFAULT_IMAGE, help="image path or sample:NAME"
+    )
+    evaluate.add_argument(
+        "--methods", default=None, help="comma-separated methods (default: those of a scan)"
+    )
+    evaluate.add_argument("--target", default="top1", help="topK (K-th class) or a class id/name")
+    evaluate.add_argument(
+        "--metrics", default=None, help="comma-separated metrics (default: all but max_sensitivity)"
+    )
+    region = evaluate.add_mutually_exclusive_group()
+    region.add_argument("--box", default=None, help="object box x0,y0,x1,y1 in image pixels")
+    region.add_argument("--mask", default=None, help="object mask image (the photo's size)")
+    evaluate.add_argument(
+        "--steps", type=_positive_int, default=50, help="deletion/insertion steps (default 50)"
+    )
+    evaluate.add_argument(
+        "--substrate",
+        default=None,
+        choices=("zero", "black", "mean", "blur", "noise"),
+        help="what removed pixels become (default: RISE's, zero for deletion, blur for insertion)",
+    )
+    evaluate.add_argument(
+        "--reduce",
+        default="abs",
+        choices=("abs", "signed", "positive"),
+        help="how channels reduce to one relevance per pixel (default abs: Σ|a_c|)",
+    )
+    evaluate.add_argument(
+        "--cascade", action="store_true", help="randomize every block, not only the top one"
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    evaluate.add_argument("--out", default="cnnscan-evaluate", help="output folder")
+    model_options(evaluate)
 
     app = command("app", "Start the web app in the browser: a CT scan of your CNN.")
     app.add_argument("--port", type=int, default=8501, help="port (default 8501; 0: any free)")
@@ -290,6 +340,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
             image_name=name,
             progress=progress,
             class_image_steps=args.class_image_steps,
+            evaluate="none" if args.no_leaderboard else "full" if args.full else "default",
         )
     path = write_report(result, args.out)
     for p in result.predictions:
@@ -485,6 +536,48 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if not names:
         raise CnnscanError(f"no model name matches {args.pattern!r}; try '*{args.pattern}*'")
     print("\n".join(names))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cnnscan.images import load_image
+    from cnnscan.methods import get_method
+    from cnnscan.metrics import METRICS
+    from cnnscan.metrics.localization import region
+    from cnnscan.metrics.outputs import evaluate_methods, print_table, write_evaluation
+    from cnnscan.report import default_methods
+
+    names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    methods = [get_method(name).name for name in names] if names else default_methods()
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    unknown = [m for m in metrics or () if m not in METRICS]
+    if unknown:
+        raise CnnscanError(f"unknown metric(s) {', '.join(unknown)}; metrics: {', '.join(METRICS)}")
+    needs = [m for m in metrics or () if m in ("pointing_game", "energy_in_box")]
+    if needs and args.box is None and args.mask is None:
+        raise CnnscanError(f"{', '.join(needs)} need --box x0,y0,x1,y1 or --mask FILE")
+    picture = load_image(args.image)  # bad images fail before the model loads
+    model = _load(args)
+    if args.box is not None or args.mask is not None:  # bad regions fail before any work
+        prep = model.preprocessing
+        region(prep.size, box=args.box, mask=args.mask, picture=picture, preprocessing=prep)
+    target = _parse_targets(args.target)
+    result = evaluate_methods(
+        model,
+        picture,
+        methods,
+        target=target[0] if isinstance(target, list) and len(target) == 1 else target,
+        metrics=metrics,
+        steps=args.steps,
+        substrate=args.substrate,
+        reduce=args.reduce,
+        box=args.box,
+        mask=args.mask,
+        cascade=args.cascade,
+        seed=args.seed,
+    )
+    print_table(result)
+    path = write_evaluation(result, args.out)
+    print(f"wrote scores and curves to {path.resolve()}")
     return 0
 
 
@@ -509,6 +602,7 @@ _COMMANDS = {
     "features": _cmd_features,
     "dream": _cmd_dream,
     "models": _cmd_models,
+    "evaluate": _cmd_evaluate,
     "app": _cmd_app,
 }
 
