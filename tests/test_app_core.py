@@ -416,6 +416,28 @@ def test_html_report_of_the_run(tiny_workspace):
     assert html.count("data:image/png;base64,") >= 1 + len(columns) * len(targets)
 
 
+def test_html_report_carries_the_leaderboard_computed_in_the_page(tiny_workspace):
+    from cnnscan.app import evaluation
+    from cnnscan.metrics.leaderboard import leaderboard
+
+    ws = tiny_workspace
+    columns, targets, cells, _ = _run(ws)
+    rows = evaluation.leaderboard_rows(ws, columns, cells, targets[0], steps=5)
+    attrs = {c.title: cells[(c, targets[0])] for c in columns}
+    expected = leaderboard(
+        ws.model, None, attrs, ["deletion_auc", "insertion_auc", "completeness"], steps=5
+    )
+    assert [(r["method"], r["deletion_auc"]) for r in rows] == [
+        (r["method"], r["deletion_auc"]) for r in expected
+    ]
+    assert evaluation.leaderboard_rows(ws, columns, cells, targets[0], steps=5) is rows  # cached
+    options = evaluation.report_options(5, sanity=False)
+    html = exports.report_html(ws, columns, targets, cells, (rows, options)).decode("utf-8")
+    assert "Leaderboard: which explanation to trust (4 class 4)" in html
+    assert "the sanity check was not ticked" in html
+    assert "gradcam @ conv3" in html.split("Leaderboard")[1]
+
+
 # -- synthesis jobs -------------------------------------------------------------------------------
 def test_job_reports_every_step_and_matches_the_library(default_model, chelsea):
     picture = sources.sample_picture("chelsea")

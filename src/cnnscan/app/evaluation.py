@@ -53,6 +53,14 @@ def leaderboard_rows(
     )
 
 
+def report_options(steps: int, sanity: bool) -> dict[str, Any]:
+    """How the report describes a leaderboard computed in the page."""
+    from cnnscan.metrics.sanity import THRESHOLD
+
+    note = "" if sanity else "the sanity check was not ticked in the app's Evaluation tab"
+    return {"mode": "app", "steps": steps, "threshold": THRESHOLD, "note": note}
+
+
 def table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The leaderboard as table rows: rank, method, score (insertion − deletion), the AUCs,
     the sanity verdict and the completeness error where the rows have them."""

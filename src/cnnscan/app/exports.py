@@ -9,6 +9,7 @@ import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,11 +71,16 @@ def run_zip(
 
 
 def report_html(
-    workspace: Workspace, columns: Sequence[Column], targets: Sequence[int], cells: Cells
+    workspace: Workspace,
+    columns: Sequence[Column],
+    targets: Sequence[int],
+    cells: Cells,
+    leaderboard: tuple[list[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> bytes:
     """The HTML report (`cnnscan.report.write_report`) of this run: the chosen targets as
     rows, one column per method (its first layer), the layer table, what the network
-    learned and the receptive fields. Only the pictures of the learned section are new work."""
+    learned and the receptive fields, and the leaderboard of the first target when the page
+    has computed it ((rows, options)). Only the learned section's pictures are new work."""
     attributions: dict[str, Attribution] = {}
     for column in columns:
         if column.method not in attributions:
@@ -92,5 +98,7 @@ def report_html(
             learned=learned_pictures(workspace.scan, rows),
             receptive=workspace.receptive_fields(),
         )
+        if leaderboard is not None:
+            result.leaderboard, result.leaderboard_options = leaderboard
         with tempfile.TemporaryDirectory(prefix="cnnscan-app-") as folder:
             return write_report(result, Path(folder)).read_bytes()

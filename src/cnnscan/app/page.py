@@ -302,9 +302,24 @@ def grid(
         on_click="ignore",
         key="zip",
     )
+    asked = st.session_state.get("eval_asked")  # the Evaluation tab's last request
+    board = None
+    if core.evaluation_available() and asked and asked[0] == targets[0] and asked[3] == tuple(done):
+        board = asked  # its leaderboard goes into the report (cached: no new work)
+
+    def report() -> bytes:
+        from cnnscan.app import evaluation
+
+        leaderboard = None
+        if board is not None:
+            target, steps, sanity, _ = board
+            rows = evaluation.leaderboard_rows(ws, done, cells, target, steps=steps, sanity=sanity)
+            leaderboard = (rows, evaluation.report_options(steps, sanity))
+        return exports.report_html(ws, done, targets, cells, leaderboard)
+
     right.download_button(
         "Download the HTML report",
-        lambda: exports.report_html(ws, done, targets, cells),
+        report,
         file_name="cnnscan-report.html",
         mime="text/html",
         on_click="ignore",
