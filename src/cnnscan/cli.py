@@ -62,6 +62,11 @@ EXAMPLES = {
   cnnscan evaluate cat.jpg --methods gradcam,integrated_gradients --box 40,20,300,280
   cnnscan evaluate cat.jpg --mask cat-mask.png --metrics pointing_game,energy_in_box
   cnnscan evaluate cat.jpg --steps 224 --cascade --out eval/""",
+    "app": """examples:
+  cnnscan app                                    # http://127.0.0.1:8501
+  cnnscan app --port 8600 --max-upload-mb 50
+  cnnscan app --host 0.0.0.0 --port 0            # any free port, reachable from the network
+  cnnscan app --allow-local-files                # the page may load weights files on the server""",
     "batch": """examples:
   cnnscan batch photos/ --methods gradcam,integrated_gradients --out results/
   cnnscan batch 'photos/**/*.jpg' --methods gradcam --targets top3 --resolution input
@@ -265,6 +270,17 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="cnnscan-evaluate", help="output folder")
     model_options(evaluate)
 
+    app = command("app", "Start the web app in the browser: a CT scan of your CNN.")
+    app.add_argument("--port", type=int, default=8501, help="port (default 8501; 0: any free)")
+    app.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    app.add_argument(
+        "--allow-local-files",
+        action="store_true",
+        help="let the page load weights files (state dicts) from this machine's disk",
+    )
+    app.add_argument(
+        "--max-upload-mb", type=_positive_int, default=20, help="upload size limit (default 20)"
+    )
     batch = command(
         "batch",
         "Explain (and evaluate) every image of a folder, glob or CSV/Parquet table into "
@@ -623,6 +639,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_app(args: argparse.Namespace) -> int:
+    from cnnscan.app.launch import serve
+
+    return serve(
+        args.port,
+        args.host,
+        allow_local_files=args.allow_local_files,
+        max_upload_mb=args.max_upload_mb,
+        announce=lambda line: print(line, flush=True),
+    )
+
+
 def _cmd_batch(args: argparse.Namespace) -> int:
     from cnnscan.batch import run
 
@@ -687,6 +715,7 @@ _COMMANDS = {
     "dream": _cmd_dream,
     "models": _cmd_models,
     "evaluate": _cmd_evaluate,
+    "app": _cmd_app,
     "batch": _cmd_batch,
 }
 
