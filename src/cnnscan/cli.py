@@ -585,6 +585,7 @@ def _cmd_dream(args: argparse.Namespace) -> int:
         f"{len(result.history)} steps ({result.seconds:.1f} s)"
     )
     print(f"wrote {len(written)} files to {Path(args.out).resolve()}")
+    return 0
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -594,6 +595,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if not names:
         raise CnnscanError(f"no model name matches {args.pattern!r}; try '*{args.pattern}*'")
     print("\n".join(names))
+    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
