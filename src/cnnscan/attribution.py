@@ -71,10 +71,13 @@ class Attribution:
         values = self.view(image, target, kind)
         if background is not None and values.ndim == 2 and kind != "signed":
             return render.overlay(background, values, alpha=alpha, cmap=cmap or "jet")
-        default = "coolwarm" if kind == "signed" else "inferno"
-        return render.to_rgb(values, cmap or default)
+        if kind == "signed":  # [-1, 1] -> [0, 1] here: a map without negatives stays centred
+            return render.to_rgb((values + 1) / 2, cmap or "coolwarm")
+        return render.to_rgb(values, cmap or "inferno")
 
     def label(self, image: int = 0, target: int = 0) -> str:
+        if "unit_layer" in self.extras:  # a layer unit, not a class (see `unit=`)
+            return f"{self.extras['unit_layer']} channel {int(self.targets[image, target])}"
         class_id = int(self.targets[image, target])
         name = self.labels[class_id] if class_id < len(self.labels) else f"class {class_id}"
         return f"{class_id} {name}"
@@ -102,9 +105,10 @@ class Attribution:
         directory.mkdir(parents=True, exist_ok=True)
         written = []
         raw = self.maps.detach().cpu().numpy()
+        subject = "unit" if "unit_layer" in self.extras else "class"
         for i in range(raw.shape[0]):
             for t in range(raw.shape[1]):
-                stem = directory / f"{self.method}_img{i}_class{int(self.targets[i, t])}"
+                stem = directory / f"{self.method}_img{i}_{subject}{int(self.targets[i, t])}"
                 np.save(stem.with_suffix(".npy"), raw[i, t])
                 stem.with_suffix(".png").write_bytes(render.png_bytes(self.image(i, t, kind)))
                 written += [stem.with_suffix(".npy"), stem.with_suffix(".png")]

@@ -26,3 +26,11 @@ class TargetError(CnnscanError, ValueError):
 
 class MethodError(CnnscanError, ValueError):
     """A method name or option is not valid."""
+
+
+class MetricError(CnnscanError, ValueError):
+    """An evaluation metric cannot be computed from what it was given (map, box, mask)."""
+
+
+class BatchError(CnnscanError, ValueError):
+    """A batch run cannot start: bad input listing, options, or an output folder in use."""

@@ -66,13 +66,14 @@ def run_method(
         scan = scan.derive(scan.inputs, relu_rules=True)
     target_ids = scan.targets(targets)
     result = info.fn(scan, target_ids, **options)
+    scores = scan.scores(target_ids) if result.targets is None else result.scores
     return Attribution(
         maps=result.maps,
-        targets=target_ids,
+        targets=target_ids if result.targets is None else result.targets,
         method=info.name,
         inputs=scan.inputs,
         layer=result.layer,
-        scores=scan.scores(target_ids),
+        scores=scores,
         labels=scan.model.labels,
         extras=result.extras,
     )

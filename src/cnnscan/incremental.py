@@ -27,7 +27,8 @@ from torch import fx, nn
 from torch.nn.modules import module as _module_globals
 
 from cnnscan.execution import check_logits, logits_of
-from cnnscan.fusion import CONV_ARGS, CONV_DEFAULTS, simplify
+from cnnscan.fold import CONV_ARGS, CONV_DEFAULTS, fold_zero_padding
+from cnnscan.tracing import symbolic_trace
 
 # A box covering at least this share of a map is computed as the full map (measured on the
 # default model: thresholds from 0.4 to 1.0 are within noise; half keeps big patches cheap).
@@ -225,7 +226,7 @@ def patched_forward(runner: nn.Module, image: torch.Tensor) -> PatchedForward | 
     if _hooked(runner):
         return None
     try:
-        traced = fx.symbolic_trace(runner)
+        traced = symbolic_trace(runner)
     except Exception:  # any tracing failure (data-dependent control flow, ...): run whole
         return None
     if sum(n.op == "placeholder" for n in traced.graph.nodes) != 1 or not _safe(
@@ -233,7 +234,7 @@ def patched_forward(runner: nn.Module, image: torch.Tensor) -> PatchedForward | 
     ):
         return None
     try:
-        simplify(traced)
+        fold_zero_padding(traced)
         return PatchedForward(traced, image)
     except (RuntimeError, TypeError, ValueError, NotImplementedError):
         return None

@@ -154,7 +154,7 @@ class Capture:
             table.append(
                 LayerRow(
                     name=name if counts[name] == 1 else f"{name}@{call}",
-                    type=type(module).__name__,
+                    type=getattr(module, "layer_type", None) or type(module).__name__,
                     output_shape=tuple(output.shape[1:]) if output is not None else None,
                     parameters=sum(p.numel() for p in module.parameters()),
                     depth=name.count("."),

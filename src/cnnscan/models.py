@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import difflib
 import pickle
-import urllib.error
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -13,10 +11,14 @@ import torch
 from PIL import Image
 from torch import nn
 
+from cnnscan import foreign, zoo
 from cnnscan.errors import ModelError
 from cnnscan.images import load_image
 from cnnscan.labels import resolve_labels
 from cnnscan.preprocessing import Preprocessing
+from cnnscan.zoo import list_models, torchvision_names
+
+__all__ = ["DEFAULT_MODEL", "Model", "list_models", "load_model", "torchvision_names"]
 
 DEFAULT_MODEL = "efficientnet_lite0"
 _DEFAULT_ALIASES = {DEFAULT_MODEL, "efficientnet-lite0", "default"}
@@ -61,19 +63,28 @@ def load_model(
 ) -> Model:
     """Load a classifier by name, from a file, or wrap a module.
 
-    `source`: None (the bundled EfficientNet-Lite0 with ImageNet weights), a torchvision
-    model name, an `nn.Module`, or a pickled full model file (only with `trust_pickle=True`).
-    `weights`: "imagenet" (bundled or downloaded), None (random init), or a state-dict file
-    (.pt/.pth loaded with `weights_only=True`, or .safetensors).
+    `source`: None (the bundled EfficientNet-Lite0 with ImageNet weights), a name from
+    `list_models()` (torchvision, timm, Keras-applications names), an `nn.Module` (a Keras 3
+    model too), an `.onnx` or `.keras` file, or a pickled full model file (only with
+    `trust_pickle=True`).
+    `weights`: "imagenet" (bundled, cached or downloaded), None (random init), or a
+    state-dict file (.pt/.pth loaded with `weights_only=True`, or .safetensors).
     """
     if isinstance(source, Model):
         model = source
+    elif isinstance(source, nn.Module) and foreign.is_keras(source):
+        model = foreign.wrap_keras(source)
     elif isinstance(source, nn.Module):
         model = _wrap(source, type(source).__name__, preprocessing)
     elif source is None or str(source).lower() in _DEFAULT_ALIASES:
         model = _bundled_default(weights)
     elif isinstance(source, str | Path) and _looks_like_file(source):
         path = Path(source)
+        if weights not in ("imagenet", None):
+            raise ModelError(
+                f"weights={str(weights)!r} applies to a named architecture; the model file "
+                f"{path.name} carries its own weights (use load_model('ARCH', weights=path))"
+            )
         if not path.is_file():
             raise ModelError(
                 f"no such model file: {path}. For weights of a named architecture use "
@@ -84,9 +95,14 @@ def load_model(
                 f"{path} holds weights only; pass the architecture and the file: "
                 "load_model('ARCH', weights=path) (CLI: --model ARCH --weights PATH)"
             )
-        model = _wrap(_load_pickled(path, trust_pickle), name=path.stem)
+        if path.suffix.lower() == ".onnx":
+            model = foreign.load_onnx(path)
+        elif path.suffix.lower() == ".keras":
+            model = foreign.load_keras(path, trust_pickle=trust_pickle)
+        else:
+            model = _wrap(_load_pickled(path, trust_pickle), name=path.stem)
     elif isinstance(source, str | Path):
-        model = _torchvision(str(source), weights)
+        model = zoo.load_named(str(source), weights)
     else:
         raise ModelError(
             f"cannot make a model from a {type(source).__name__}; pass a model name, a file, "
@@ -104,7 +120,7 @@ def load_model(
     return model
 
 
-_MODEL_FILE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".safetensors"}
+_MODEL_FILE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".safetensors", ".onnx", ".keras"}
 
 
 def _looks_like_file(source: str | Path) -> bool:
@@ -155,61 +171,6 @@ def _bundled_default(weights: str | Path | None) -> Model:
     # (chelsea -> Egyptian cat 0.76, coffee -> espresso 0.82).
     preprocessing = Preprocessing(size=(224, 224), resize_shorter=None, interpolation="bicubic")
     return _wrap(module, DEFAULT_MODEL, preprocessing)
-
-
-def torchvision_names() -> list[str]:
-    """Every torchvision image-classification model name."""
-    import torchvision
-
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def _torchvision(name: str, weights: str | Path | None) -> Model:
-    import torchvision
-
-    names = torchvision_names()
-    key = name.strip().lower().replace("-", "_")
-    name = key if key in names else name
-    if name not in names:
-        close = difflib.get_close_matches(name, [*names, DEFAULT_MODEL], n=5, cutoff=0.5)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ModelError(
-            f"unknown model {name!r}.{hint} Use a torchvision classification model name, "
-            "an nn.Module, or a file."
-        )
-    default_weights = torchvision.models.get_model_weights(name).DEFAULT
-    if weights == "imagenet":
-        try:
-            module = torchvision.models.get_model(name, weights=default_weights)
-        except (urllib.error.URLError, OSError, RuntimeError) as e:
-            raise ModelError(
-                f"could not download ImageNet weights for {name!r} ({e}). Offline? Download "
-                f"{default_weights.url} elsewhere and pass weights=PATH (CLI: --weights PATH), "
-                f"or put the file in {_hub_checkpoints()}, or use weights=None for random "
-                "weights."
-            ) from e
-    else:
-        module = torchvision.models.get_model(name, weights=None)
-        if weights is not None:
-            load_weights(module, weights)
-    module.eval()
-    transform = default_weights.transforms()
-    preprocessing = Preprocessing(
-        size=(transform.crop_size[0],) * 2,
-        resize_shorter=transform.resize_size[0],
-        interpolation=transform.interpolation.value,
-        mean=tuple(transform.mean),
-        std=tuple(transform.std),
-    )
-    model = _wrap(module, name, preprocessing)
-    categories = default_weights.meta.get("categories")
-    if categories and len(categories) == model.num_classes:
-        model = replace(model, labels=tuple(categories))
-    return model
-
-
-def _hub_checkpoints() -> str:
-    return str(Path(torch.hub.get_dir()) / "checkpoints")
 
 
 def load_weights(module: nn.Module, path: str | Path) -> None:
@@ -280,6 +241,12 @@ def _unwrap_state_dict(state: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_pickled(path: Path, trust_pickle: bool) -> nn.Module:
+    if not _is_torch_file(path):
+        raise ModelError(
+            f"{path} is not a model file (not written by torch.save); pass a pickled model "
+            "(.pt/.pth, with trust_pickle=True), an .onnx or .keras file, or a model name with "
+            "weights=path for a state_dict"
+        )
     if not trust_pickle:
         try:  # safe to try: weights_only never runs code from the file
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -306,3 +273,13 @@ def _load_pickled(path: Path, trust_pickle: bool) -> nn.Module:
             "load_model('ARCH', weights=path)"
         )
     return module.eval()
+
+
+def _is_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (or, before torch 1.6, a pickle): check the magic."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4)
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e.strerror or e}") from e
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"

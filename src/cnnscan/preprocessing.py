@@ -26,6 +26,8 @@ class Preprocessing:
     `size` is the final (height, width). With `resize_shorter=None` the picture is resized
     straight to `size`; otherwise its shorter side is resized to `resize_shorter` (aspect
     kept) and the centre `size` is cropped, as torchvision's ImageNet transforms do.
+    `resize_to=(height, width)` instead resizes to exactly that size (aspect not kept) before
+    the centre crop: timm's "squash" crop mode.
     """
 
     size: tuple[int, int] = (224, 224)
@@ -33,6 +35,7 @@ class Preprocessing:
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    resize_to: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.interpolation not in _RESAMPLE:
@@ -44,6 +47,8 @@ class Preprocessing:
         """The RGB picture exactly as the model sees it (resized and cropped, not normalized)."""
         height, width = self.size
         resample = _RESAMPLE[self.interpolation]
+        if self.resize_to is not None:
+            return _center_crop(image.resize(self.resize_to[::-1], resample), height, width)
         if self.resize_shorter is None:
             return image.resize((width, height), resample)
         # torchvision's arithmetic exactly: the longer side is truncated, the crop offset
@@ -54,10 +59,7 @@ class Preprocessing:
             new_w, new_h = self.resize_shorter, new_long
         else:
             new_w, new_h = new_long, self.resize_shorter
-        resized = image.resize((new_w, new_h), resample)
-        left = round((new_w - width) / 2.0)
-        top = round((new_h - height) / 2.0)
-        return resized.crop((left, top, left + width, top + height))
+        return _center_crop(image.resize((new_w, new_h), resample), height, width)
 
     def __call__(
         self, image: Image.Image, device: torch.device | str | None = None
@@ -81,3 +83,14 @@ class Preprocessing:
         """Model input -> pixels (nominally in [0, 1])."""
         mean, std = self._stats(x)
         return x * std + mean
+
+
+def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
+    """torchvision's CenterCrop arithmetic: offsets rounded, and a crop larger than the
+    picture pads it with black, the odd pixel going to the right/bottom."""
+
+    def offset(size: int, crop: int) -> int:
+        return -((crop - size) // 2) if crop > size else round((size - crop) / 2.0)
+
+    left, top = offset(image.width, width), offset(image.height, height)
+    return image.crop((left, top, left + width, top + height))

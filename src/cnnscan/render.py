@@ -125,3 +125,183 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, format="PNG", optimize=False)
     return buffer.getvalue()
+
+
+# -- grids of small pictures: filters and feature maps ---------------------------------------------
+FILTER_MODES = ("auto", "rgb", "channels", "mean")
+SCALES = ("shared", "per-map")
+
+
+def _minmax_each(x: torch.Tensor) -> torch.Tensor:
+    """Min-max scale each x[i] to [0, 1] on its own (a constant x[i] becomes 0)."""
+    flat = x.detach().float().flatten(1)
+    low = flat.amin(dim=1).view(-1, *[1] * (x.ndim - 1))
+    high = flat.amax(dim=1).view(-1, *[1] * (x.ndim - 1))
+    return (x.float() - low) / (high - low).clamp_min(_EPS)
+
+
+def _enlarge(tiles: np.ndarray, tile_px: int) -> np.ndarray:
+    """(n, h, w, 3) uint8 tiles scaled so the longer side is about `tile_px`: integer nearest
+    upscaling keeps every weight/unit a crisp block; larger tiles are box-filtered down."""
+    h, w = tiles.shape[1:3]
+    if max(h, w) <= tile_px:
+        factor = max(1, tile_px // max(h, w))
+        return tiles.repeat(factor, axis=1).repeat(factor, axis=2)
+    scale = tile_px / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.stack(
+        [np.asarray(Image.fromarray(t).resize(size, Image.Resampling.BOX)) for t in tiles]
+    )
+
+
+def tile_grid(
+    tiles: np.ndarray,
+    columns: int | None = None,
+    *,
+    labels: list[str] | None = None,
+    pad: int = 2,
+    background: int = 255,
+) -> np.ndarray:
+    """Lay out uint8 tiles (n, h, w, 3) row by row, `columns` per row (default ≈ √n), `pad`
+    pixels apart, each with its label (if given) written above it: one uint8 RGB picture."""
+    from PIL import ImageDraw, ImageFont
+
+    n, h, w, _ = tiles.shape
+    if n == 0:
+        raise ValueError("no tiles to lay out")
+    columns = max(1, min(n, columns or int(np.ceil(np.sqrt(n)))))
+    rows = int(np.ceil(n / columns))
+    label_h = 12 if labels else 0
+    cell_h, cell_w = h + label_h + pad, w + pad
+    canvas = np.full((rows * cell_h + pad, columns * cell_w + pad, 3), background, np.uint8)
+    for i in range(n):
+        top = (i // columns) * cell_h + pad + label_h
+        left = (i % columns) * cell_w + pad
+        canvas[top : top + h, left : left + w] = tiles[i]
+    if labels:
+        picture = Image.fromarray(canvas)
+        draw = ImageDraw.Draw(picture)
+        font = ImageFont.load_default(size=10)
+        for i, label in enumerate(labels[:n]):
+            top = (i // columns) * cell_h + pad
+            left = (i % columns) * cell_w + pad
+            draw.text((left, top), label, fill=(0, 0, 0), font=font)
+        canvas = np.asarray(picture)
+    return canvas
+
+
+def filter_grid(
+    weights: torch.Tensor,
+    mode: str = "auto",
+    *,
+    max_filters: int | None = 64,
+    max_channels: int | None = 32,
+    tile_px: int = 32,
+    labels: bool = True,
+) -> np.ndarray:
+    """A picture of convolution filters `weights` (out, in, kh, kw), min-max scaled per filter.
+
+    "rgb": one colour tile per filter (needs 3 input channels: the first layer);
+    "mean": one grey tile per filter, averaged over its input channels;
+    "channels": one row per filter, one grey tile per input channel;
+    "auto": "rgb" for 3 input channels, else "channels".
+    At most `max_filters` filters (and `max_channels` input channels) are drawn, the first ones.
+    """
+    if weights.ndim != 4:
+        raise ValueError(f"filters must be (out, in, kh, kw), got shape {tuple(weights.shape)}")
+    if mode not in FILTER_MODES:
+        raise ValueError(f"unknown filter mode {mode!r}; use one of {FILTER_MODES}")
+    weights = weights.detach().float().cpu()
+    out_ch, in_ch = weights.shape[:2]
+    if mode == "auto":
+        mode = "rgb" if in_ch == 3 else "channels"
+    if mode == "rgb" and in_ch != 3:
+        raise ValueError(
+            f"mode 'rgb' needs filters with 3 input channels; these have {in_ch}: "
+            "use mode 'channels' or 'mean'"
+        )
+    shown = weights[: max_filters or out_ch]
+    scaled = _minmax_each(shown)  # per filter, over all of its input channels
+    if mode == "rgb":
+        tiles = (scaled.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+        names = [str(i) for i in range(len(shown))]
+        columns = None
+    elif mode == "mean":
+        tiles = _grey(_minmax_each(shown.mean(dim=1)))
+        names = [str(i) for i in range(len(shown))]
+        columns = None
+    elif in_ch == 1:  # depthwise: one channel per filter, laid out like "mean"
+        tiles = _grey(scaled[:, 0])
+        names = [str(i) for i in range(len(shown))]
+        columns = None
+    else:
+        scaled = scaled[:, : max_channels or in_ch]
+        columns = scaled.shape[1]
+        tiles = _grey(scaled.flatten(0, 1))
+        names = [str(i) if c == 0 else "" for i in range(len(shown)) for c in range(columns)]
+    return tile_grid(_enlarge(tiles, tile_px), columns, labels=names if labels else None)
+
+
+def _grey(values: torch.Tensor) -> np.ndarray:
+    """(n, h, w) in [0, 1] -> (n, h, w, 3) uint8 grey tiles."""
+    grey = (values.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def feature_grid(
+    maps: torch.Tensor,
+    channels: torch.Tensor | list[int] | None = None,
+    *,
+    scale: str = "shared",
+    cmap: str = "viridis",
+    tile_px: int = 64,
+    labels: bool = True,
+) -> np.ndarray:
+    """A picture of the feature maps (C, H, W) of one image: the given `channels` (default
+    all), each tile labelled with its channel index. `scale="shared"` maps one value range
+    over all shown maps (compare strengths), "per-map" min-max scales each map (see shapes)."""
+    if maps.ndim != 3:
+        raise ValueError(f"feature maps must be (C, H, W), got shape {tuple(maps.shape)}")
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; use one of {SCALES}")
+    index = torch.arange(len(maps)) if channels is None else torch.as_tensor(channels).cpu()
+    if index.numel() == 0:
+        raise ValueError("no channels to show")
+    bad = index[(index < 0) | (index >= len(maps))]
+    if bad.numel():
+        raise ValueError(
+            f"channel {int(bad[0])} is out of range: the maps have {len(maps)} (0..{len(maps) - 1})"
+        )
+    values = maps.detach().float().cpu()[index]
+    values = _minmax_each(values) if scale == "per-map" else _minmax(values)
+    lut = _lut(cmap)
+    tiles = lut[(values.clamp(0, 1) * 255).round().long().numpy()]
+    names = [str(int(i)) for i in index] if labels else None
+    return tile_grid(_enlarge(tiles, tile_px), labels=names)
+
+
+# -- colour bars --------------------------------------------------------------------------------
+def view_scale(map_: torch.Tensor, kind: str = "heatmap") -> tuple[float, float] | None:
+    """The raw map values that `view(map_, kind)` puts at the two ends of its colour scale
+    (for a colour bar's labels), or None for the RGB views ("colour", "positive", "negative")."""
+    map_ = map_.detach().float()
+    if kind == "heatmap" and map_.shape[0] == 1:
+        return float(map_.min()), float(map_.max())
+    if kind in ("heatmap", "grayscale"):
+        magnitude = map_.abs().sum(dim=0)
+        return 0.0, float(torch.quantile(magnitude.flatten()[:16_000_000], 0.99))
+    if kind == "signed":
+        top = float(map_.sum(dim=0).abs().max())
+        return -top, top
+    if kind in VIEWS:
+        return None
+    raise ValueError(f"unknown view {kind!r}; use one of {VIEWS}")
+
+
+def colorbar(
+    width: int, cmap: str = "jet", *, height: int = 10, signed: bool = False
+) -> np.ndarray:
+    """A horizontal colour bar (height, width, 3) uint8: `cmap` from its low end on the left
+    to its high end on the right (`signed`: the values -1..1 of a diverging view)."""
+    ramp = torch.linspace(-1.0 if signed else 0.0, 1.0, max(1, width))
+    return to_rgb(ramp.expand(height, -1), cmap)

@@ -18,6 +18,7 @@ from torch import nn
 
 from cnnscan.batching import adaptive_batches, max_batch_for
 from cnnscan.execution import check_logits, logits_of, runnable
+from cnnscan.fold import folded
 from cnnscan.incremental import PatchedForward, patched_forward
 from cnnscan.layers import LayerRef, LayerRow, capture, default_layer, get_module, trace_layers
 from cnnscan.models import Model, load_model
@@ -84,7 +85,7 @@ class Scan:
             if self.relu_rules:
                 stack.enter_context(switchable_relus(self.switch))
             saved = stack.enter_context(_saved_bytes(runner.parameters()))
-            x = _match_format(self.inputs, runner).requires_grad_(True)
+            x = match_format(self.inputs, runner).requires_grad_(True)
             logits = logits_of(runner(x))
         check_logits(logits)
         self._x, self.logits, self._captured = x, logits, captured
@@ -124,6 +125,17 @@ class Scan:
             columns.append(self._input_grads[key])
         return torch.stack(columns, dim=1)
 
+    def input_gradients_of(
+        self, output: torch.Tensor, seed: torch.Tensor, rule: Rule = "standard"
+    ) -> torch.Tensor:
+        """d ⟨output, seed⟩ / d input (N, 3, H, W) for a tensor of the shared forward's graph
+        (e.g. `activations(layer)`: a unit's gradient), through the ReLUs by `rule`."""
+        if rule != "standard" and not self.relu_rules:
+            raise RuntimeError(f"the {rule!r} rule needs a Scan made with relu_rules=True")
+        with self.switch.use(rule):
+            (grad,) = torch.autograd.grad(output, self._x, grad_outputs=seed, retain_graph=True)
+        return grad.contiguous()
+
     def iter_gradients(
         self, inputs: Indexable, targets: torch.Tensor, rule: Rule = "standard"
     ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
@@ -138,7 +150,7 @@ class Scan:
                 with ExitStack() as stack:
                     if rule != "standard":
                         stack.enter_context(switchable_relus(RuleSwitch(rule)))
-                    x = _match_format(inputs[rows], runner).requires_grad_(True)
+                    x = match_format(inputs[rows], runner).requires_grad_(True)
                     logits = logits_of(runner(x))
                 check_logits(logits)
                 selected = logits.gather(1, targets[rows])
@@ -185,12 +197,13 @@ class Scan:
         self, inputs: Indexable, progress: Callable[[int], object] | None = None
     ) -> torch.Tensor:
         """Logits (M, classes) at other inputs (a tensor, or built lazily chunk by chunk),
-        without gradients, in measured batches; `progress(n)` after each chunk of n."""
+        without gradients, in measured batches, BatchNorm folded into the layer before it;
+        `progress(n)` after each chunk of n."""
         out = []
         key = ("logits_at", tuple(inputs[0:1].shape[1:]))
-        with self._runner() as runner, torch.no_grad():
+        with self._inference_runner() as runner, torch.no_grad():
             for chunk in self.batches(len(inputs), key, per_item=self.bytes_per_item // 4):
-                logits = logits_of(runner(_match_format(inputs[chunk], runner)))
+                logits = logits_of(runner(match_format(inputs[chunk], runner)))
                 check_logits(logits)
                 out.append(logits)
                 if progress is not None:
@@ -228,7 +241,7 @@ class Scan:
         ref = LayerRef.parse(layer)
         with self._runner() as runner:
             if ref not in self._heads:
-                self._heads[ref] = head_of(runner, ref, _match_format(self.inputs, runner))
+                self._heads[ref] = head_of(runner, ref, match_format(self.inputs, runner))
             yield self._heads[ref]
 
     @contextmanager
@@ -236,8 +249,8 @@ class Scan:
         """Forwards of copies of image `image` that differ from it only inside a box, by
         incremental inference (see `cnnscan.incremental`), usable inside the block only;
         None if the model does not trace (then use `logits_at`)."""
-        with self._runner() as runner:
-            yield patched_forward(runner, _match_format(self.inputs[image : image + 1], runner))
+        with self._inference_runner() as runner:
+            yield patched_forward(runner, match_format(self.inputs[image : image + 1], runner))
 
     def layer_gradients(self, layer: str | LayerRef, targets: torch.Tensor) -> torch.Tensor:
         """d logit[target] / d activations for every target: (N, T, *activation shape).
@@ -266,8 +279,15 @@ class Scan:
         with runnable(self.model.module, self.device) as runner:
             yield runner
 
+    @contextmanager
+    def _inference_runner(self) -> Iterator[nn.Module]:
+        """The working copy with BatchNorm folded (`cnnscan.fold`), for forwards without
+        gradients; a borrowed (uncopyable) model runs as it is."""
+        with self._runner() as runner:
+            yield runner if runner is self.model.module else folded(runner)
 
-def _match_format(x: torch.Tensor, runner: nn.Module) -> torch.Tensor:
+
+def match_format(x: torch.Tensor, runner: nn.Module) -> torch.Tensor:
     """Give the input the memory format of the working copy's convolutions (a copy)."""
     conv = next((m for m in runner.modules() if isinstance(m, nn.Conv2d)), None)
     if conv is not None and conv.weight.is_contiguous(memory_format=torch.channels_last):

@@ -20,11 +20,17 @@ from cnnscan.errors import MethodError
 
 @dataclass
 class MethodResult:
-    """What a method computed: maps (N, T, C, h, w), the layer it used, anything else."""
+    """What a method computed: maps (N, T, C, h, w), the layer it used, anything else.
+
+    A method that explains something other than the requested classes (a layer unit) says
+    what in `targets` (N, T) and `scores` (N, T).
+    """
 
     maps: torch.Tensor
     extras: dict[str, Any] = field(default_factory=dict)
     layer: str | None = None
+    targets: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -94,4 +100,4 @@ def check_options(info: MethodInfo, options: dict[str, Any]) -> None:
         raise MethodError(f"{info.name} has no option {', '.join(unknown)}; its options: {listing}")
 
 
-from cnnscan.methods import cam, gradient, perturbation  # noqa: E402,F401  (register the families)
+from cnnscan.methods import cam, gradient, lrp, perturbation  # noqa: E402,F401  (register the families)

@@ -194,26 +194,34 @@ def _minmax(maps: torch.Tensor) -> torch.Tensor:
 def cam(scan: Scan, targets: torch.Tensor, *, layer: str | None = None) -> MethodResult:
     layer = _layer_name(scan, layer)
     acts = spatial_activations(scan, layer)
-    classifier = _gap_classifier(scan, acts)
-    weights = classifier.weight.detach()[targets]  # (N, T, K)
+    weights = _gap_classifier(scan, acts).detach()[targets]  # (N, T, K)
     return _result(_combine(weights.to(acts.dtype), acts), layer)
 
 
-def _gap_classifier(scan: Scan, acts: torch.Tensor) -> nn.Linear:
-    """The linear layer that turns the layer's globally averaged activations into the
-    logits, verified on this batch (so CAM never silently uses the wrong weights)."""
+def _linear_parameters(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight (out, in), bias) of an nn.Linear, or of a module that says it computes one
+    (`linear_parameters()`, e.g. a Keras Dense layer in cnnscan.foreign)."""
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias
+    get = getattr(module, "linear_parameters", None)
+    return get() if callable(get) else None
+
+
+def _gap_classifier(scan: Scan, acts: torch.Tensor) -> torch.Tensor:
+    """The weight (classes, channels) of the linear layer that turns the layer's globally
+    averaged activations into the logits, verified on this batch (so CAM never silently uses
+    the wrong weights)."""
     pooled = acts.mean(dim=(-2, -1))
     logits = scan.logits.detach()
     for module in reversed(list(scan.model.module.modules())):
-        if isinstance(module, nn.Linear) and module.in_features == acts.shape[1]:
-            if module.out_features != logits.shape[1]:
-                continue
-            weight = module.weight.detach().to(pooled.device, pooled.dtype)
+        linear = _linear_parameters(module)
+        if linear is not None and tuple(linear[0].shape) == (logits.shape[1], acts.shape[1]):
+            weight = linear[0].detach().to(pooled.device, pooled.dtype)
             predicted = pooled @ weight.T
-            if module.bias is not None:
-                predicted = predicted + module.bias.detach().to(predicted)
+            if linear[1] is not None:
+                predicted = predicted + linear[1].detach().to(predicted)
             if torch.allclose(predicted, logits, rtol=1e-3, atol=1e-3 * float(logits.abs().max())):
-                return module
+                return linear[0]
     raise MethodError(
         "cam needs the layer to feed global average pooling and then one linear classifier "
         "(logits = W · mean(A) + b), which this layer does not; use gradcam, which equals CAM "

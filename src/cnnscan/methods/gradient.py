@@ -3,6 +3,7 @@ SmoothGrad (wrapping any method), Integrated Gradients and GradientSHAP."""
 
 from __future__ import annotations
 
+import numbers
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,10 +23,13 @@ _ONE_BACKWARD: dict[str, tuple[Rule, bool]] = {}
 
 
 def _register_gradient(name: str, rule: Rule, times_input: bool, **info: Any) -> None:
-    """One of the four one-backward methods: all share the scan's forward."""
+    """One of the four one-backward methods: all share the scan's forward. With `unit=`
+    they explain one unit of a layer instead of the target classes (see `unit_gradient`)."""
     _ONE_BACKWARD[name] = (rule, times_input)
 
-    def method(scan: Scan, targets: torch.Tensor) -> MethodResult:
+    def method(scan: Scan, targets: torch.Tensor, *, unit: Unit | None = None) -> MethodResult:
+        if unit is not None:
+            return unit_gradient(scan, unit, rule, times_input)
         grads = scan.input_gradients(targets, rule)
         return MethodResult(grads * scan.inputs.unsqueeze(1) if times_input else grads)
 
@@ -67,6 +71,86 @@ _register_gradient(
     cost="1 backward per target",
     paper="Zeiler & Fergus 2014, arXiv:1311.2901",
 )
+
+
+Unit = tuple[str, int] | tuple[str, int, tuple[int, ...]]
+
+
+def unit_gradient(scan: Scan, unit: Unit, rule: Rule, times_input: bool) -> MethodResult:
+    """Explain one unit of a layer: `unit=(layer, channel)` keeps only the channel's strongest
+    activation in each image (DeconvNet's reconstruction of a unit, Zeiler & Fergus 2014) and
+    `(layer, channel, (row, col))` a chosen position; every other activation of the layer is
+    zeroed and the unit is projected back to the pixels with the method's backward rule
+    (max-pool switches come from autograd's max-pool backward). Maps are (N, 1, 3, H, W);
+    `targets` hold the channel, `scores` the unit's activation."""
+    layer, channel, position = _parse_unit(unit)
+    acts = scan.activations(layer)
+    if acts.ndim < 2:
+        raise MethodError(f"unit= needs a layer with channels; {layer} outputs {tuple(acts.shape)}")
+    n, channels, spatial = acts.shape[0], acts.shape[1], tuple(acts.shape[2:])
+    if not 0 <= channel < channels:
+        raise MethodError(
+            f"channel {channel} is out of range: layer {layer} has {channels} channels "
+            f"(0..{channels - 1})"
+        )
+    values = acts.detach()[:, channel].reshape(n, -1)
+    if position is None:
+        index = values.argmax(dim=1)  # the strongest activation of the channel
+    else:
+        if len(position) != len(spatial) or any(
+            not 0 <= p < size for p, size in zip(position, spatial, strict=False)
+        ):
+            ranges = ", ".join(f"0..{size - 1}" for size in spatial) or "none"
+            raise MethodError(
+                f"position {tuple(position)} is outside layer {layer}'s "
+                f"{'×'.join(map(str, spatial)) or 'non-spatial'} output (positions: {ranges})"
+            )
+        flat = int(np.ravel_multi_index(position, spatial)) if spatial else 0
+        index = torch.full((n,), flat, dtype=torch.long, device=values.device)
+    rows = torch.arange(n, device=values.device)
+    seed = torch.zeros(acts.shape, dtype=acts.dtype, device=acts.device)
+    seed.view(n, channels, -1)[rows, channel, index] = 1.0
+    grads = scan.input_gradients_of(acts, seed, rule)
+    maps = grads * scan.inputs if times_input else grads
+    activation = values[rows, index]
+    positions = (
+        torch.stack(torch.unravel_index(index, spatial), dim=1) if spatial else index[:, None]
+    )
+    extras: dict[str, Any] = {
+        "unit_layer": str(layer),
+        "unit_channel": channel,
+        "unit_position": positions.cpu(),
+        "unit_activation": activation.cpu(),
+    }
+    if position is None and bool((activation <= 0).any()):
+        silent = (activation <= 0).nonzero().flatten().tolist()
+        extras["warning"] = (
+            f"channel {channel} of {layer} is never positive on image(s) {silent}: the "
+            "strongest activation is not a feature the network detected"
+        )
+    targets = torch.full((n, 1), channel, dtype=torch.long, device=values.device)
+    return MethodResult(maps.unsqueeze(1), extras, str(layer), targets, activation.view(n, 1))
+
+
+def _parse_unit(unit: Any) -> tuple[str, int, tuple[int, ...] | None]:
+    """(layer, channel, position or None) from `unit=`, or a MethodError showing the form."""
+    error = MethodError(
+        "unit must be (layer, channel) or (layer, channel, (row, col)), e.g. "
+        f"('features.28', 12); got {unit!r}"
+    )
+    if not isinstance(unit, list | tuple) or len(unit) not in (2, 3):
+        raise error
+    if not isinstance(unit[0], str) or not _is_int(unit[1]):
+        raise error
+    if len(unit) == 2:
+        return unit[0], int(unit[1]), None
+    if not isinstance(unit[2], list | tuple) or not all(_is_int(p) for p in unit[2]):
+        raise error
+    return unit[0], int(unit[1]), tuple(int(p) for p in unit[2])
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def generator(seed: int | None) -> torch.Generator:
@@ -194,7 +278,7 @@ def smoothgrad(
     points = _NoisyInputs(inputs, noise.to(inputs), sigma)
     repeated = targets.repeat_interleave(n_samples, dim=0)
     totals = _Accumulator(n, n_samples)
-    if base_info.name in _ONE_BACKWARD:
+    if base_info.name in _ONE_BACKWARD and not base_options:  # (unit= takes the general path)
         rule, times_input = _ONE_BACKWARD[base_info.name]
         for rows, grads, _ in scan.iter_gradients(points, repeated, rule):
             totals.add(rows, grads * points[rows].unsqueeze(1) if times_input else grads)
@@ -204,6 +288,10 @@ def smoothgrad(
             sub = scan.derive(points[rows], relu_rules=base_info.relu_rules)
             totals.add(rows, base_info.fn(sub, repeated[rows], **base_options).maps)
     maps = totals.result(mode, inputs.dtype)
+    unit = None
+    if base_options.get("unit") is not None:  # the base explained a layer unit, not classes
+        layer, channel, _ = _parse_unit(base_options["unit"])
+        unit = torch.full((n, 1), channel, dtype=torch.long, device=inputs.device)
     extras = {
         "base": base_info.name,
         "mode": mode,
@@ -212,7 +300,9 @@ def smoothgrad(
         "sigma": sigma.cpu(),
         "seed": seed,
     }
-    return MethodResult(maps, extras)
+    if unit is not None:
+        extras["unit_layer"] = layer
+    return MethodResult(maps, extras, targets=unit)
 
 
 # -- baselines ---------------------------------------------------------------------------

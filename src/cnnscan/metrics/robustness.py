@@ -1,0 +1,70 @@
+"""Max-sensitivity (Yeh et al. 2019, arXiv:1901.09392): the largest change of the map when
+the input moves a little, relative to the map,
+
+    max_s ‖R(x + δ_s) − R(x)‖ / ‖R(x)‖,   δ_s ~ U(−r, r) per input value, r = noise_level · span,
+
+with R the relevance reduction every metric uses, ‖·‖ the Frobenius norm, span the input's
+max − min and the noise seeded (a CPU generator, so every device draws the same δ). The
+method is re-run on the noisy copies in measured batches, with the original's layer and the
+options given. An all-zero original map makes the ratio undefined: NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from cnnscan.attribution import Attribution
+from cnnscan.errors import MetricError
+from cnnscan.explain import run_method
+from cnnscan.methods import get_method
+from cnnscan.methods.gradient import generator
+from cnnscan.metrics.relevance import relevance
+from cnnscan.metrics.sanity import method_layer
+from cnnscan.scan import Scan
+
+
+def max_sensitivity(
+    scan: Scan,
+    attrs: Mapping[str, Attribution],
+    originals: Mapping[str, torch.Tensor],
+    *,
+    n_samples: int = 10,
+    noise_level: float = 0.02,
+    options: Mapping[str, dict[str, Any]] | None = None,
+    reduce: str = "abs",
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Per attribution: max-sensitivity (N, T) (see module doc)."""
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise MetricError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+    if not isinstance(noise_level, int | float) or not 0 < noise_level < float("inf"):
+        raise MetricError(f"noise_level must be a number > 0, got {noise_level!r}")
+    inputs = scan.inputs
+    n = len(inputs)
+    span = (inputs.amax(dim=(1, 2, 3)) - inputs.amin(dim=(1, 2, 3))).view(-1, 1, 1, 1)
+    noise = torch.rand((n_samples, *inputs.shape[1:]), generator=generator(seed)) * 2 - 1
+    noise = noise.to(inputs)
+    image = torch.arange(n, device=inputs.device).repeat_interleave(n_samples)
+    sample = torch.arange(n_samples, device=inputs.device).repeat(n)
+    noisy = inputs[image] + noise_level * span[image] * noise[sample]
+    worst = {}
+    for name, attr in attrs.items():
+        info = get_method(attr.method)
+        targets = attr.targets.repeat_interleave(n_samples, dim=0)
+        layer = method_layer(info, attr)
+        changes = []
+        key = ("max_sensitivity", info.name, tuple(inputs.shape[1:]), targets.shape[1])
+        for rows in scan.batches(len(noisy), key):
+            sub = scan.derive(noisy[rows], relu_rules=info.relu_rules)
+            again = relevance(
+                run_method(sub, info, targets[rows], layer, (options or {}).get(name)), reduce
+            )
+            diff = again - originals[name][image[rows]]
+            changes.append(diff.flatten(2).norm(dim=2))
+        change = torch.cat(changes).view(n, n_samples, -1).amax(dim=1)
+        size = originals[name].flatten(2).norm(dim=2)
+        worst[name] = torch.where(size > 0, change / size.clamp_min(1e-30), torch.nan).cpu()
+    return worst
