@@ -24,7 +24,7 @@ EXAMPLES = {
   cnnscan scan                                   # bundled cat photo, bundled model
   cnnscan scan photo.jpg --out results/          # your photo
   cnnscan scan photo.jpg --methods gradient,integrated_gradients --top-k 3
-  cnnscan scan photo.jpg --full                  # also the slow methods (Score-CAM)
+  cnnscan scan photo.jpg --full                  # also the slow ones (Score-CAM, perturbation)
   cnnscan scan photo.jpg --model resnet50 --weights resnet50.pth""",
     "explain": """examples:
   cnnscan explain cat.jpg --method integrated_gradients --targets top3
@@ -129,8 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--full",
         action="store_true",
-        help="every registered method, also slow ones (Score-CAM), and the full sanity checks "
-        "(cascading randomization of every block, random-class check) in the leaderboard",
+        help="every registered method, also slow ones (Score-CAM, perturbation), and the full "
+        "sanity checks (cascading randomization of every block, random-class check) in the "
+        "leaderboard",
     )
     scan.add_argument(
         "--no-leaderboard", action="store_true", help="skip the evaluation leaderboard"

@@ -19,6 +19,7 @@ from torch import nn
 from cnnscan.batching import adaptive_batches, max_batch_for
 from cnnscan.execution import check_logits, logits_of, runnable
 from cnnscan.fold import folded
+from cnnscan.incremental import PatchedForward, patched_forward
 from cnnscan.layers import LayerRef, LayerRow, capture, default_layer, get_module, trace_layers
 from cnnscan.models import Model, load_model
 from cnnscan.relu import Rule, RuleSwitch, switchable_relus
@@ -200,9 +201,7 @@ class Scan:
         `progress(n)` after each chunk of n."""
         out = []
         key = ("logits_at", tuple(inputs[0:1].shape[1:]))
-        with self._runner() as runner, torch.no_grad():
-            if runner is not self.model.module:  # a private working copy: fold its BatchNorms
-                runner = folded(runner)
+        with self._inference_runner() as runner, torch.no_grad():
             for chunk in self.batches(len(inputs), key, per_item=self.bytes_per_item // 4):
                 logits = logits_of(runner(match_format(inputs[chunk], runner)))
                 check_logits(logits)
@@ -245,6 +244,14 @@ class Scan:
                 self._heads[ref] = head_of(runner, ref, match_format(self.inputs, runner))
             yield self._heads[ref]
 
+    @contextmanager
+    def patched(self, image: int = 0) -> Iterator[PatchedForward | None]:
+        """Forwards of copies of image `image` that differ from it only inside a box, by
+        incremental inference (see `cnnscan.incremental`), usable inside the block only;
+        None if the model does not trace (then use `logits_at`)."""
+        with self._inference_runner() as runner:
+            yield patched_forward(runner, match_format(self.inputs[image : image + 1], runner))
+
     def layer_gradients(self, layer: str | LayerRef, targets: torch.Tensor) -> torch.Tensor:
         """d logit[target] / d activations for every target: (N, T, *activation shape).
 
@@ -271,6 +278,13 @@ class Scan:
     def _runner(self) -> Iterator[nn.Module]:
         with runnable(self.model.module, self.device) as runner:
             yield runner
+
+    @contextmanager
+    def _inference_runner(self) -> Iterator[nn.Module]:
+        """The working copy with BatchNorm folded (`cnnscan.fold`), for forwards without
+        gradients; a borrowed (uncopyable) model runs as it is."""
+        with self._runner() as runner:
+            yield runner if runner is self.model.module else folded(runner)
 
 
 def match_format(x: torch.Tensor, runner: nn.Module) -> torch.Tensor:
