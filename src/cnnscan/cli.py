@@ -114,9 +114,19 @@ def _parser() -> argparse.ArgumentParser:
             help="allow loading a pickled full model (runs code from the file)",
         )
 
+    def memory_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--max-memory",
+            default=None,
+            metavar="SIZE",
+            help="working memory a batch may take, e.g. 512MB or 4GB "
+            "(default: $CNNSCAN_MEMORY_MB or 2GB)",
+        )
+
     scan = command("scan", "Full report: top-k predictions and every method for each class.")
     scan.add_argument("image", nargs="?", default=DEFAULT_IMAGE, help="image path or sample:NAME")
     model_options(scan)
+    memory_option(scan)
     scan.add_argument("--out", default="cnnscan-report", help="output folder")
     scan.add_argument(
         "--top-k", type=_positive_int, default=5, help="classes to explain (default 5)"
@@ -164,6 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--out", default="cnnscan-explain", help="output folder")
     model_options(explain)
+    memory_option(explain)
 
     layers = command(
         "layers", "Table of layers: name, type, output shape, receptive field, parameters."
@@ -400,6 +411,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
             progress=progress,
             class_image_steps=args.class_image_steps,
             evaluate="none" if args.no_leaderboard else "full" if args.full else "default",
+            max_memory=args.max_memory,
         )
     path = write_report(result, args.out)
     for p in result.predictions:
@@ -428,6 +440,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         info.name,
         targets=_parse_targets(args.targets),
         layer=args.layer,
+        max_memory=args.max_memory,
         **options,
     )
     written = attr.save(args.out, kind=args.view or info.view)
