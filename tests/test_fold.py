@@ -98,3 +98,43 @@ def test_scan_logits_at_equals_the_models_forward():
     with torch.no_grad():
         expected = module(x)
     torch.testing.assert_close(scan.logits_at(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_kept_layers_stay_whole_and_their_hooks_see_every_call():
+    """Synthesis folds around the layers its objective hooks: a kept block is one call at
+    its own name (hooks on it fire as before), a kept BatchNorm is not folded away."""
+    module = _with_statistics(torchvision.models.resnet18(weights=None)).double()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    keep = ["layer2.0", "layer3.1.bn2"]
+    result = cnnscan.fold.folded(module, keep)
+    assert result is cnnscan.fold.folded(module, keep)  # cached per set of kept names
+    called = [n.target for n in result.graph.nodes if n.op == "call_module"]
+    assert "layer2.0" in called and "layer2.0.conv1" not in called  # whole, not traced into
+    assert "layer3.1.bn2" in called and "layer3.1.bn1" not in called  # kept vs folded
+
+    def record(net: nn.Module) -> tuple[torch.Tensor, list]:
+        seen: list = []
+        handles = [
+            net.get_submodule(name).register_forward_hook(
+                lambda m, i, o, name=name: seen.append((name, o.detach().clone()))
+            )
+            for name in keep
+        ]
+        with torch.no_grad():
+            out = net(x)
+        for handle in handles:
+            handle.remove()
+        return out, seen
+
+    (ours, seen), (reference, expected) = record(result), record(module)
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+    assert [name for name, _ in seen] == [name for name, _ in expected] == keep
+    for (_, output), (_, wanted) in zip(seen, expected, strict=True):
+        torch.testing.assert_close(output, wanted, rtol=1e-10, atol=1e-10)
+
+
+def test_a_borrowed_model_is_not_folded():
+    module = _with_statistics(torchvision.models.resnet18(weights=None))
+    assert cnnscan.fold.folded_working_copy(module, module) is module
+    copy_of = copy.deepcopy(module)
+    assert cnnscan.fold.folded_working_copy(copy_of, module) is not copy_of

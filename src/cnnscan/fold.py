@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -19,35 +20,54 @@ from cnnscan.tracing import Tracer
 
 _FOLDABLE_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _FOLDABLE_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_folded: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+_folded: weakref.WeakKeyDictionary[nn.Module, dict[frozenset[str], nn.Module]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class _LayerLeaves(Tracer):
     """Keep convolutions (also subclasses such as TF-style 'same' padding convs), linear
-    layers and BatchNorm as single nodes, so that the pairs can be found."""
+    layers and BatchNorm as single nodes, so that the pairs can be found, and the modules
+    named in `keep` whole, so that hooks on them still see every call."""
+
+    def __init__(self, keep: frozenset[str] = frozenset()):
+        super().__init__()
+        self.keep = keep
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        if isinstance(module, _FOLDABLE_BN + _FOLDABLE_INTO):
+        if isinstance(module, _FOLDABLE_BN + _FOLDABLE_INTO) or qualified_name in self.keep:
             return True
         return super().is_leaf_module(module, qualified_name)
 
 
-def folded(module: nn.Module) -> nn.Module:
+def folded(module: nn.Module, keep: Iterable[str] = ()) -> nn.Module:
     """A cached BN-folded copy of an eval-mode `module` (sharing every unchanged weight), or
-    `module` itself when nothing folds or the model does not trace."""
-    if module not in _folded:
+    `module` itself when nothing folds or the model does not trace. The modules named in
+    `keep` (layers a caller will hook) stay whole, as called modules at the same names."""
+    keep = frozenset(keep)
+    cache = _folded.setdefault(module, {})
+    if keep not in cache:
         try:
-            result = fold_batchnorm(module)
+            cache[keep] = fold_batchnorm(module, keep)
         except (fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError, ValueError):
-            result = module
-        _folded[module] = result
-    return _folded[module]
+            cache[keep] = module
+    return cache[keep]
 
 
-def fold_batchnorm(module: nn.Module) -> nn.Module:
+def folded_working_copy(
+    runner: nn.Module, source: nn.Module, keep: Iterable[str] = ()
+) -> nn.Module:
+    """`folded(runner, keep)` when `runner` is a private working copy of the user's `source`
+    (`execution.runnable`); a borrowed `source` runs as it is, since its weights may change
+    behind a cache."""
+    return runner if runner is source else folded(runner, keep)
+
+
+def fold_batchnorm(module: nn.Module, keep: frozenset[str] = frozenset()) -> nn.Module:
     """Trace `module` and fold every BatchNorm (eval mode, running statistics) whose only
-    input is a convolution or linear layer that runs once and feeds nothing else."""
-    graph = _LayerLeaves().trace(module)
+    input is a convolution or linear layer that runs once and feeds nothing else; the
+    modules named in `keep` are not traced into."""
+    graph = _LayerLeaves(keep).trace(module)
     modules = dict(module.named_modules())
     calls: dict[str, int] = {}
     for node in graph.nodes:
@@ -70,6 +90,7 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
             or norm.running_mean is None
             or _hooked(layer)
             or _hooked(norm)
+            or keep & {source.target, node.target}
         ):
             continue
         _set_submodule(result, source.target, _fold(layer, norm))

@@ -19,7 +19,7 @@ from torch import nn
 from cnnscan.batching import adaptive_batches, max_batch_for, memory_budget_bytes
 from cnnscan.errors import MethodError
 from cnnscan.execution import check_logits, logits_of, runnable
-from cnnscan.fold import folded
+from cnnscan.fold import folded_working_copy
 from cnnscan.incremental import PatchedForward, patched_forward
 from cnnscan.layers import LayerRef, LayerRow, capture, default_layer, get_module, trace_layers
 from cnnscan.models import Model, load_model
@@ -294,7 +294,7 @@ class Scan:
         input gradients, a third faster on the default model; for passes that read no layer
         (hooks would miss folded BatchNorms). A borrowed (uncopyable) model runs as it is."""
         with self._runner() as runner:
-            yield runner if runner is self.model.module else folded(runner)
+            yield folded_working_copy(runner, self.model.module)
 
 
 def match_format(x: torch.Tensor, runner: nn.Module) -> torch.Tensor:

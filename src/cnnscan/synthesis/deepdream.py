@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from cnnscan.errors import MethodError
 from cnnscan.execution import runnable
+from cnnscan.fold import folded_working_copy
 from cnnscan.layers import LayerRef
 from cnnscan.methods.gradient import _count, _number, generator
 from cnnscan.models import Model, load_model
@@ -89,6 +90,7 @@ def deepdream(
     history: list[float] = []
     with runnable(model.module, device) as runner:
         initial = evaluate(runner, model, objective, photo, validate=True)
+        runner = folded_working_copy(runner, model.module, [ref.name for ref in objective.layers])
         fmt = memory_format(runner)
         detail = torch.zeros((1, 3, *sizes[0]), device=device)
         bar = tqdm(

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from cnnscan.errors import MethodError, ModelError
 from cnnscan.execution import runnable
+from cnnscan.fold import folded_working_copy
 from cnnscan.methods.gradient import _count, _number, generator
 from cnnscan.models import Model, load_model
 from cnnscan.synthesis.forward import memory_format, probe
@@ -100,6 +101,7 @@ def synthesize(
     )
     with runnable(model.module, device) as runner, bar:
         initial = evaluate(runner, model, objective, image().detach(), validate=True)
+        runner = folded_working_copy(runner, model.module, [ref.name for ref in objective.layers])
         fmt = memory_format(runner)
         for step in range(steps):
             pixels = image()
