@@ -7,6 +7,7 @@ attr = cnnscan.explain(model, image, "integrated_gradients", targets="top5")
 """
 
 from cnnscan.attribution import Attribution
+from cnnscan.display import Picture, Predictions, show_feature_maps, show_filters
 from cnnscan.errors import (
     CnnscanError,
     ImageError,
@@ -39,6 +40,8 @@ __all__ = [
     "MetricError",
     "Model",
     "ModelError",
+    "Picture",
+    "Predictions",
     "Preprocessing",
     "ReceptiveField",
     "Scan",
@@ -62,6 +65,8 @@ __all__ = [
     "predict",
     "receptive_fields",
     "sample_image",
+    "show_feature_maps",
+    "show_filters",
     "synthesize",
     "top_channels",
 ]
