@@ -19,7 +19,8 @@ from cnnscan import display, render
 from cnnscan.explain import make_scan, top_predictions
 
 
-def png_pixels(data: bytes) -> np.ndarray:
+def png_pixels(data: bytes | memoryview) -> np.ndarray:
+    data = bytes(data)
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     with Image.open(io.BytesIO(data)) as picture:
         picture.load()

@@ -88,7 +88,7 @@ def _fit(rgb: np.ndarray, px: int) -> np.ndarray:
 
 
 def _caption(attr: Attribution, image: int, target: int, short: bool = True) -> str:
-    """"id name (score)"; the long form says that the score is the target's logit."""
+    """ "id name (score)"; the long form says that the score is the target's logit."""
     text = attr.label(image, target)
     if attr.scores is not None:
         score = float(attr.scores[image, target])
