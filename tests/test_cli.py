@@ -285,6 +285,30 @@ def test_methods_lists_every_registered_method(capsys):
     )
 
 
+def test_models_lists_matching_names(capsys):
+    code, out, err = run(capsys, "models", "*vgg1*")
+    assert code == 0, err
+    assert out.split() == cnnscan.list_models("*vgg1*") and "vgg16" in out.split()
+    code, _, err = run(capsys, "models", "no-such-net")
+    assert code == 1 and "no model name matches" in err
+
+
+def test_every_command_returns_an_exit_code():
+    """A command that falls off its end returns None, which `main` would hand to sys.exit."""
+    import ast
+    import inspect
+
+    import cnnscan.cli as cli
+
+    tree = ast.parse(inspect.getsource(cli))
+    commands = [
+        f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name.startswith("_cmd_")
+    ]
+    assert len(commands) == len(cli._COMMANDS)
+    for function in commands:
+        assert isinstance(function.body[-1], (ast.Return, ast.Raise)), function.name
+
+
 # -- errors: one line, no traceback, exit code 1 --------------------------------------------------
 @pytest.mark.parametrize(
     ("argv", "needle"),

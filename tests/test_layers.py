@@ -11,38 +11,14 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from nets import Linear, SmallConvNet
+from test_safety import hooks_of
 from torch import nn
-from torch.nn.modules import module as module_globals
 
 import cnnscan
 from cnnscan import LayerError, Scan
 from cnnscan.layers import capture, default_layer, get_module, trace_layers
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-
-
-def hooks_of(root: nn.Module) -> dict:
-    """Every hook dict of every module, plus the global ones: what a leak would change."""
-    state = {
-        name: tuple(
-            tuple(getattr(m, attr).keys())
-            for attr in (
-                "_forward_hooks",
-                "_forward_pre_hooks",
-                "_backward_hooks",
-                "_backward_pre_hooks",
-                "_state_dict_hooks",
-                "_load_state_dict_pre_hooks",
-            )
-        )
-        for name, m in root.named_modules()
-    }
-    state["<global>"] = (
-        tuple(module_globals._global_forward_hooks),
-        tuple(module_globals._global_forward_pre_hooks),
-        tuple(module_globals._global_backward_hooks),
-    )
-    return state
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ image = cnnscan.load_image("sample:chelsea")
 attr = cnnscan.explain(model, image, "integrated_gradients", targets="top5")
 """
 
+from cnnscan import batch
 from cnnscan.attribution import Attribution
 from cnnscan.display import Picture, Predictions, show_feature_maps, show_filters
 from cnnscan.errors import (
@@ -47,6 +48,7 @@ __all__ = [
     "Scan",
     "Synthesis",
     "TargetError",
+    "batch",
     "class_image",
     "conv_layers",
     "deepdream",

@@ -62,6 +62,19 @@ EXAMPLES = {
   cnnscan evaluate cat.jpg --methods gradcam,integrated_gradients --box 40,20,300,280
   cnnscan evaluate cat.jpg --mask cat-mask.png --metrics pointing_game,energy_in_box
   cnnscan evaluate cat.jpg --steps 224 --cascade --out eval/""",
+    "app": """examples:
+  cnnscan app                                    # http://127.0.0.1:8501
+  cnnscan app --port 8600 --max-upload-mb 50
+  cnnscan app --host 0.0.0.0 --port 0            # any free port, reachable from the network
+  cnnscan app --allow-local-files                # the page may load weights files on the server""",
+    "batch": """examples:
+  cnnscan batch photos/ --methods gradcam,integrated_gradients --out results/
+  cnnscan batch 'photos/**/*.jpg' --methods gradcam --targets top3 --resolution input
+  cnnscan batch labels.csv --targets label --metrics deletion,insertion,pointing_game
+  cnnscan batch photos/ --option integrated_gradients.n_steps=16 --float16
+  cnnscan batch photos/ --engine ray --workers 4          # a local Ray
+  cnnscan batch photos/ --engine ray --address ray://head:10001 --workers 32
+Run the same command again to resume: finished images are skipped.""",
 }
 
 
@@ -256,6 +269,68 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     evaluate.add_argument("--out", default="cnnscan-evaluate", help="output folder")
     model_options(evaluate)
+
+    app = command("app", "Start the web app in the browser: a CT scan of your CNN.")
+    app.add_argument("--port", type=int, default=8501, help="port (default 8501; 0: any free)")
+    app.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    app.add_argument(
+        "--allow-local-files",
+        action="store_true",
+        help="let the page load weights files (state dicts) from this machine's disk",
+    )
+    app.add_argument(
+        "--max-upload-mb", type=_positive_int, default=20, help="upload size limit (default 20)"
+    )
+    batch = command(
+        "batch",
+        "Explain (and evaluate) every image of a folder, glob or CSV/Parquet table into "
+        "Parquet tables and compressed arrays; resumable, in-process or on Ray.",
+    )
+    batch.add_argument(
+        "input",
+        help="a folder (searched recursively), a quoted glob, or a CSV/Parquet table with a "
+        "'path' column (optional 'label', 'id' and x0,y0,x1,y1 box columns)",
+    )
+    batch.add_argument("--methods", default="gradcam", help="comma-separated (default gradcam)")
+    batch.add_argument("--out", default="cnnscan-batch", help="output folder")
+    batch.add_argument(
+        "--targets", default="top1", help="topK, label (the table's labels), or ids/names"
+    )
+    batch.add_argument("--layer", default=None, help="layer for layer methods (CAMs)")
+    batch.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="[METHOD.]KEY=VALUE",
+        help="method option (repeatable), e.g. integrated_gradients.n_steps=16",
+    )
+    batch.add_argument(
+        "--resolution",
+        choices=("layer", "input"),
+        default="layer",
+        help="store maps at the method's own resolution (default) or the input's",
+    )
+    batch.add_argument("--float16", action="store_true", help="store maps as float16")
+    batch.add_argument(
+        "--metrics", default=None, help="comma-separated, e.g. deletion,insertion,pointing_game"
+    )
+    batch.add_argument("--top-k", type=_positive_int, default=5, help="predictions kept (5)")
+    batch.add_argument("--engine", choices=("local", "ray"), default="local")
+    batch.add_argument("--address", default=None, help="Ray cluster address (--engine ray)")
+    batch.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward")
+    batch.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=2,
+        help="explainers in parallel: threads (local) or Ray actors (ray); default 2",
+    )
+    batch.add_argument(
+        "--part-size", type=_positive_int, default=64, help="images per output file (64)"
+    )
+    batch.add_argument("--path-column", default="path", help="table column with image paths")
+    batch.add_argument("--label-column", default="label", help="table column with labels")
+    batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    model_options(batch)
     return parser
 
 
@@ -510,6 +585,7 @@ def _cmd_dream(args: argparse.Namespace) -> int:
         f"{len(result.history)} steps ({result.seconds:.1f} s)"
     )
     print(f"wrote {len(written)} files to {Path(args.out).resolve()}")
+    return 0
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -519,6 +595,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if not names:
         raise CnnscanError(f"no model name matches {args.pattern!r}; try '*{args.pattern}*'")
     print("\n".join(names))
+    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -564,6 +641,72 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_app(args: argparse.Namespace) -> int:
+    from cnnscan.app.launch import serve
+
+    return serve(
+        args.port,
+        args.host,
+        allow_local_files=args.allow_local_files,
+        max_upload_mb=args.max_upload_mb,
+        announce=lambda line: print(line, flush=True),
+    )
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from cnnscan.batch import run
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    options: dict[str, dict[str, Any]] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.strip().rpartition(".")
+        if not sep or (not dot and len(methods) != 1):
+            raise CnnscanError(
+                f"--option expects METHOD.KEY=VALUE (KEY=VALUE with one method), got {item!r}"
+            )
+        options.setdefault(method or methods[0], {})[name] = _parse_value(value)
+    targets = args.targets if args.targets.strip() == "label" else _parse_targets(args.targets)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else ()
+    results = run(
+        args.input,
+        methods,
+        args.out,
+        model=_load(args),
+        targets=targets,
+        layer=args.layer,
+        options=options,
+        resolution=args.resolution,
+        dtype="float16" if args.float16 else "float32",
+        metrics=metrics,
+        top_k=args.top_k,
+        engine=args.engine,
+        address=args.address,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        part_size=args.part_size,
+        path_column=args.path_column,
+        label_column=args.label_column,
+        progress=not args.quiet,
+    )
+    summary = results.summary()
+    print(
+        f"{summary['images']} images: {summary['explained']} explained, "
+        f"{summary['errors']} errors; {summary['rows']} rows"
+    )
+    for method, numbers in summary["methods"].items():
+        means = ", ".join(
+            f"{key.removeprefix('mean_')} {value:.4f}"
+            for key, value in numbers.items()
+            if key.startswith("mean_") and value is not None
+        )
+        print(f"  {method}: {means}")
+    if summary["top1_accuracy"] is not None:
+        print(f"  top-1 accuracy {summary['top1_accuracy']:.4f} ({summary['labelled']} labelled)")
+    print(f"results in {results.out.resolve()} (summary.html)")
+    return 0
+
+
 _COMMANDS = {
     "scan": _cmd_scan,
     "explain": _cmd_explain,
@@ -574,6 +717,8 @@ _COMMANDS = {
     "dream": _cmd_dream,
     "models": _cmd_models,
     "evaluate": _cmd_evaluate,
+    "app": _cmd_app,
+    "batch": _cmd_batch,
 }
 
 

@@ -30,3 +30,7 @@ class MethodError(CnnscanError, ValueError):
 
 class MetricError(CnnscanError, ValueError):
     """An evaluation metric cannot be computed from what it was given (map, box, mask)."""
+
+
+class BatchError(CnnscanError, ValueError):
+    """A batch run cannot start: bad input listing, options, or an output folder in use."""

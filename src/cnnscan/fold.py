@@ -11,12 +11,14 @@ import weakref
 import torch
 from torch import fx, nn
 
+from cnnscan.tracing import Tracer
+
 _FOLDABLE_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _FOLDABLE_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _folded: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 
 
-class _LayerLeaves(fx.Tracer):
+class _LayerLeaves(Tracer):
     """Keep convolutions (also subclasses such as TF-style 'same' padding convs), linear
     layers and BatchNorm as single nodes, so that the pairs can be found."""
 

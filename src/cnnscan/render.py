@@ -278,3 +278,30 @@ def feature_grid(
     tiles = lut[(values.clamp(0, 1) * 255).round().long().numpy()]
     names = [str(int(i)) for i in index] if labels else None
     return tile_grid(_enlarge(tiles, tile_px), labels=names)
+
+
+# -- colour bars --------------------------------------------------------------------------------
+def view_scale(map_: torch.Tensor, kind: str = "heatmap") -> tuple[float, float] | None:
+    """The raw map values that `view(map_, kind)` puts at the two ends of its colour scale
+    (for a colour bar's labels), or None for the RGB views ("colour", "positive", "negative")."""
+    map_ = map_.detach().float()
+    if kind == "heatmap" and map_.shape[0] == 1:
+        return float(map_.min()), float(map_.max())
+    if kind in ("heatmap", "grayscale"):
+        magnitude = map_.abs().sum(dim=0)
+        return 0.0, float(torch.quantile(magnitude.flatten()[:16_000_000], 0.99))
+    if kind == "signed":
+        top = float(map_.sum(dim=0).abs().max())
+        return -top, top
+    if kind in VIEWS:
+        return None
+    raise ValueError(f"unknown view {kind!r}; use one of {VIEWS}")
+
+
+def colorbar(
+    width: int, cmap: str = "jet", *, height: int = 10, signed: bool = False
+) -> np.ndarray:
+    """A horizontal colour bar (height, width, 3) uint8: `cmap` from its low end on the left
+    to its high end on the right (`signed`: the values -1..1 of a diverging view)."""
+    ramp = torch.linspace(-1.0 if signed else 0.0, 1.0, max(1, width))
+    return to_rgb(ramp.expand(height, -1), cmap)

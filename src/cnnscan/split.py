@@ -11,6 +11,7 @@ forwards with the layer's output replaced by a hook: slower, same numbers.
 
 from __future__ import annotations
 
+import contextvars
 import operator
 import weakref
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from torch import fx, nn
 from cnnscan.errors import LayerError
 from cnnscan.execution import logits_of
 from cnnscan.layers import LayerRef, get_module
+from cnnscan.tracing import Tracer
 
 
 @dataclass
@@ -36,6 +38,10 @@ class Head:
         return logits_of(self.run(activations, rows))
 
 
+# The hooked head's replacement applies only to forwards run by the thread that set it.
+_replacing: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "cnnscan_head_replacing", default=None
+)
 _traces: weakref.WeakKeyDictionary[nn.Module, dict[LayerRef, _Split]] = weakref.WeakKeyDictionary()
 
 
@@ -67,7 +73,7 @@ def _split(runner: nn.Module, ref: LayerRef) -> _Split:
     return cache[ref]
 
 
-class _KeepLayer(fx.Tracer):
+class _KeepLayer(Tracer):
     """Trace into every module except the one to split at, which stays a single node."""
 
     def __init__(self, layer: str):
@@ -200,16 +206,21 @@ def _hooked_head(
 
     def run(activations: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         calls = 0
+        token = object()
 
         def replace(_module, _inputs, output):
             nonlocal calls
+            if _replacing.get() is not token:  # another thread's forward of the shared copy
+                return output
             calls += 1
             return activations if calls - 1 == target_call else output
 
         handle = module.register_forward_hook(replace)
+        reset = _replacing.set(token)
         try:
             return runner(inputs[rows])
         finally:
+            _replacing.reset(reset)
             handle.remove()
 
     return run

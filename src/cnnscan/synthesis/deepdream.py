@@ -9,6 +9,7 @@ dreamed so far up to the next octave, so patterns grow at several scales.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,10 +44,12 @@ def deepdream(
     seed: int | None = 0,
     device: torch.device | str | None = None,
     progress: bool = True,
+    callback: Callable[[int, float], object] | None = None,
 ) -> Synthesis:
     """`image` dreamed at `layer` (or for any `objective`): `steps` normalized gradient
     steps per octave; each step moves pixels (in [0, 1]) by `step_size` on average.
-    `size`: the output size (default: the model's input size)."""
+    `size`: the output size (default: the model's input size). `callback(steps done,
+    objective)` runs after every step; an exception raised in it stops the run."""
     model = model if isinstance(model, Model) else load_model(model)
     if (layer is None) == (objective is None):
         raise MethodError("deepdream needs a layer (see `cnnscan layers`) or an objective")
@@ -102,6 +105,8 @@ def deepdream(
                     history.append(finite(value, len(history)))
                     bar.set_postfix(objective=f"{history[-1]:.4g}", refresh=False)
                     bar.update(1)
+                    if callback is not None:
+                        callback(len(history), history[-1])
                 detail = pixels - base
         final = evaluate(runner, model, objective, pixels)
     return Synthesis(

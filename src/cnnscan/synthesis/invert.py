@@ -8,6 +8,7 @@ keep the objects' parts and lose their arrangement and colours.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ def invert(
     seed: int | None = 0,
     device: torch.device | str | None = None,
     progress: bool = True,
+    callback: Callable[[int, float], object] | None = None,
 ) -> Synthesis:
     """An image, optimized from noise, whose features at `layer` match those of `image`
     (at the model's input size). No robustness transforms: features are compared
@@ -63,6 +65,7 @@ def invert(
         seed=seed,
         device=device,
         progress=progress,
+        callback=callback,
     )
     result.settings.update(
         layer=str(layer), alpha=alpha, alpha_weight=alpha_weight, beta=beta, tv_weight=tv_weight

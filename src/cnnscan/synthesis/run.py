@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,7 @@ def synthesize(
     seed: int | None = 0,
     device: torch.device | str | None = None,
     progress: bool = True,
+    callback: Callable[[int, float], object] | None = None,
 ) -> Synthesis:
     """An image (or `batch` of images) that maximizes `objective` on `model`.
 
@@ -61,7 +62,9 @@ def synthesize(
     `param`: "fft" (Fourier, 1/f-scaled) or "pixel"; `decorrelate` mixes colours with
     ImageNet's colour correlation. `transforms`: "standard" (pad, jitter, scale, rotate as in
     lucent), "jitter", "none" or a list. `init`: start from a picture instead of noise.
-    Same `seed` -> bitwise the same image on the same machine.
+    Same `seed` -> bitwise the same image on the same machine. `callback(steps done,
+    objective)` runs after every step (progress in a GUI); an exception raised in it stops
+    the run and propagates.
     """
     model = model if isinstance(model, Model) else load_model(model)
     objective = as_objective(objective)
@@ -114,6 +117,8 @@ def synthesize(
             history.append(finite(value, step))
             bar.set_postfix(objective=f"{history[-1]:.4g}", refresh=False)
             bar.update(1)
+            if callback is not None:
+                callback(step + 1, history[-1])
         final_pixels = image().detach()
         final = evaluate(runner, model, objective, final_pixels)
     return Synthesis(
@@ -142,6 +147,7 @@ def class_image(
     seed: int | None = 0,
     device: torch.device | str | None = None,
     progress: bool = False,
+    callback: Callable[[int, float], object] | None = None,
 ) -> Synthesis:
     """A class model (Simonyan et al.): an image maximizing the logit of `class_id` (an id or
     a class name) minus an L2 and a total-variation penalty. `param="pixel",
@@ -166,6 +172,7 @@ def class_image(
         seed=seed,
         device=device,
         progress=progress,
+        callback=callback,
     )
     result.settings.update(class_id=k, l2_weight=l2_weight, tv_weight=tv_weight)
     if model.labels:
