@@ -4,11 +4,16 @@ photos for the model's top-1 class, then filters, feature maps and synthesized i
 Methods come from the registry (`cnnscan.list_methods()`), so a method registered later
 appears without edits. Step and sample counts are kept small so the build stays fast; the
 options used are printed under each row. Slow methods (`in_default_scan=False`) run on the
-first photo only, with the cheap settings of `SLOW`.
+first photo only, with the cheap settings of `Settings.slow`.
+
+`CNNSCAN_DOCS_GALLERY=fast` (the docs test, quick previews with `mkdocs serve`) still runs
+every method, on one photo with minimal counts, slow layer methods at an early layer; the
+pages say so. The default, `full`, is the published build.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,15 +30,56 @@ from cnnscan.methods import MethodInfo
 from cnnscan.report import learned_pictures
 from cnnscan.scan import Scan
 
-PHOTOS = ("chelsea", "coffee")
 TILE_PX = 192
-# Count options lowered for every method that has them (the defaults take longer, not
-# different pictures: IG's completeness error is printed where it matters).
-QUICK = {"n_steps": 16, "n_samples": 8}
-# Slow methods: fewer forwards still (masks, samples, windows); first photo only.
-SLOW = {"n_masks": 256, "n_samples": 64, "window": 32, "stride": 16}
-SYNTHESIS_STEPS = 32
-SYNTHESIS_PX = 128
+MODE_VARIABLE = "CNNSCAN_DOCS_GALLERY"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much the gallery and the trust page compute."""
+
+    mode: str
+    photos: tuple[str, ...]
+    # Count options lowered for every method that has them (the defaults take longer, not
+    # different pictures: IG's completeness error is printed where it matters).
+    quick: dict[str, Any]
+    # Slow methods: fewer forwards still (masks, samples, windows); first photo only.
+    slow: dict[str, Any]
+    synthesis_steps: int
+    synthesis_px: int
+    trust_steps: int  # deletion/insertion steps (the scan's leaderboard uses 20)
+    early_slow_layers: bool = False  # slow layer methods at an early (narrow) layer
+
+
+MODES = {
+    "full": Settings(
+        "full",
+        ("chelsea", "coffee"),
+        quick={"n_steps": 16, "n_samples": 8},
+        slow={"n_masks": 256, "n_samples": 64, "window": 32, "stride": 16},
+        synthesis_steps=32,
+        synthesis_px=128,
+        trust_steps=10,
+    ),
+    "fast": Settings(
+        "fast",
+        ("chelsea",),
+        quick={"n_steps": 4, "n_samples": 2},
+        slow={"n_masks": 16, "n_samples": 12, "window": 56, "stride": 56},
+        synthesis_steps=2,
+        synthesis_px=64,
+        trust_steps=4,
+        early_slow_layers=True,
+    ),
+}
+
+
+def settings() -> Settings:
+    """The settings chosen by `$CNNSCAN_DOCS_GALLERY` (default `full`)."""
+    mode = os.environ.get(MODE_VARIABLE, "full").strip().lower() or "full"
+    if mode not in MODES:
+        raise ValueError(f"{MODE_VARIABLE}={mode!r}: use one of {', '.join(MODES)}")
+    return MODES[mode]
 
 
 @dataclass
@@ -59,11 +105,13 @@ class Photo:
 class Run:
     """Everything computed for the gallery and the trust page."""
 
+    settings: Settings
     model: cnnscan.Model
     photos: list[Photo]
     methods: list[MethodInfo]
     shots: dict[str, dict[str, Shot]]
     seconds: dict[str, float] = field(default_factory=dict)
+    boards: dict[str, list[dict[str, Any]]] | None = None  # the trust page's leaderboards
 
     def attributions(self, photo: str, slow: bool) -> dict[str, Attribution]:
         """The photo's maps of the slow (`slow=True`) or of the default-scan methods."""
@@ -76,31 +124,37 @@ class Run:
 
     def options(self, slow: bool) -> dict[str, dict[str, Any]]:
         """Gallery options per method (for metrics that re-run methods)."""
+        first = self.photos[0].scan
         return {
-            info.name: _options(info, first=True)
+            info.name: _options(self.settings, info, first, first=True)
             for info in self.methods
             if info.in_default_scan != slow
         }
 
 
-def _options(info: MethodInfo, first: bool) -> dict[str, Any] | None:
+def _options(
+    chosen_settings: Settings, info: MethodInfo, scan: Scan, first: bool
+) -> dict[str, Any] | None:
     """The gallery's options for a method, None if it is skipped on this photo."""
     takes = info.options()
-    chosen = {key: value for key, value in QUICK.items() if key in takes}
+    chosen = {key: value for key, value in chosen_settings.quick.items() if key in takes}
     if not info.in_default_scan:
         if not first:
             return None
-        chosen.update({key: value for key, value in SLOW.items() if key in takes})
+        chosen.update({key: value for key, value in chosen_settings.slow.items() if key in takes})
+        if chosen_settings.early_slow_layers and info.space == "layer" and "layer" in takes:
+            chosen["layer"] = depth_layers(scan.layer_table())[0]
     return chosen
 
 
-def compute(log: Any = print) -> Run:
+def compute(log: Any = print, chosen: Settings | None = None) -> Run:
     """Run every registered method on the photos (one shared forward per photo)."""
     began = time.perf_counter()
+    chosen = chosen or settings()
     model = cnnscan.load_model()
     methods = cnnscan.list_methods()
     photos = []
-    for name in PHOTOS:
+    for name in chosen.photos:
         picture = cnnscan.load_image(f"sample:{name}")
         scan = make_scan(model, model.preprocessing(picture), methods)
         top = top_predictions(scan, 1)[0][0]
@@ -109,7 +163,7 @@ def compute(log: Any = print) -> Run:
     for info in methods:
         shots[info.name] = {}
         for k, photo in enumerate(photos):
-            options = _options(info, first=k == 0)
+            options = _options(chosen, info, photo.scan, first=k == 0)
             if options is None:
                 shots[info.name][photo.name] = Shot(None)
                 continue
@@ -117,9 +171,22 @@ def compute(log: Any = print) -> Run:
             attr = run_method(photo.scan, info, [photo.class_id], options=options)
             shots[info.name][photo.name] = Shot(attr, time.perf_counter() - start, options)
         log(f"gallery: {info.name} {sum(s.seconds for s in shots[info.name].values()):.1f} s")
-    run = Run(model, photos, methods, shots)
+    run = Run(chosen, model, photos, methods, shots)
     run.seconds["methods"] = time.perf_counter() - began
     return run
+
+
+# One computation per process and mode: `mkdocs serve` rebuilds after an edit of the pages,
+# and the docs test's second build, reuse it (the code they run cannot change in between).
+_RUNS: dict[str, Run] = {}
+
+
+def cached(log: Any = print) -> Run:
+    """`compute` with the settings of `$CNNSCAN_DOCS_GALLERY`, once per process."""
+    chosen = settings()
+    if chosen.mode not in _RUNS:
+        _RUNS[chosen.mode] = compute(log, chosen)
+    return _RUNS[chosen.mode]
 
 
 def _fit(rgb: np.ndarray) -> np.ndarray:
@@ -222,7 +289,8 @@ def synthesis_section(run: Run) -> tuple[list[str], dict[str, bytes]]:
     model, photo = run.model, run.photos[0]
     depth = depth_layers(photo.scan.layer_table())
     deep, middle = depth[-1], depth[len(depth) // 2]
-    steps, size = SYNTHESIS_STEPS, SYNTHESIS_PX
+    steps, size = run.settings.synthesis_steps, run.settings.synthesis_px
+    dream = min(5, steps)
     jobs = [
         (
             f"class-{p.class_id}",
@@ -237,14 +305,17 @@ def synthesis_section(run: Run) -> tuple[list[str], dict[str, bytes]]:
             "channel",
             f"channel 5 of {middle}",
             f'cnnscan.synthesize(model, "{middle}:5", steps={steps}, size={size})',
-            lambda: cnnscan.synthesize(model, f"{middle}:5", steps=steps, size=size, progress=False),
+            lambda: cnnscan.synthesize(
+                model, f"{middle}:5", steps=steps, size=size, progress=False
+            ),
         ),
         (
             "deepdream",
             f"DeepDream of {photo.name} at {middle}",
-            f'cnnscan.deepdream(model, "sample:{photo.name}", "{middle}", octaves=2, steps=5)',
+            f'cnnscan.deepdream(model, "sample:{photo.name}", "{middle}", '
+            f"octaves=2, steps={dream})",
             lambda: cnnscan.deepdream(
-                model, photo.picture, middle, octaves=2, steps=5, progress=False
+                model, photo.picture, middle, octaves=2, steps=dream, progress=False
             ),
         ),
         (
@@ -276,6 +347,15 @@ def synthesis_section(run: Run) -> tuple[list[str], dict[str, bytes]]:
     return lines, files
 
 
+def preview_warning(chosen: Settings) -> list[str]:
+    return [
+        f'!!! warning "A {chosen.mode} preview build"',
+        f"    Built with `{MODE_VARIABLE}={chosen.mode}`: minimal counts and steps, so the "
+        "pictures and numbers are not representative. The published site is built without it.",
+        "",
+    ]
+
+
 def files(run: Run, pages: set[str]) -> dict[str, str | bytes]:
     """`gallery.md` and its pictures; `pages` are the site's pages (for family links)."""
     methods, pictures = method_section(run, pages)
@@ -283,21 +363,25 @@ def files(run: Run, pages: set[str]) -> dict[str, str | bytes]:
     synthesized, synthesized_pictures = synthesis_section(run)
     slow = [info.name for info in run.methods if not info.in_default_scan]
     total = sum(run.seconds.values())
+    chosen = run.settings
+    photos = " and ".join(p.name for p in run.photos)
     intro = [
         "# Gallery",
         "",
-        f"Every registered method ({len(run.methods)}) on two sample photos for the model's "
-        "top-1 class, drawn the way `cnnscan scan`'s report draws them: layer maps as heat "
-        "maps over the photo, input-space maps in the method's own view. The pictures are "
+        *(preview_warning(chosen) if chosen.mode != "full" else []),
+        f"Every registered method ({len(run.methods)}) on the sample photos {photos} for the "
+        "model's top-1 class, drawn the way `cnnscan scan`'s report draws them: layer maps as "
+        "heat maps over the photo, input-space maps in the method's own view. The pictures are "
         "computed by `tools/docs/gallery.py` each time this site is built (bundled "
         "EfficientNet-Lite0 with ImageNet weights, CPU), so they show what the code does "
         f"today; building them took {total:.0f} s, and the time column is that build's.",
         "",
-        f"Counts are lowered to keep the build fast ({_options_text(QUICK)} where a method has "
-        "them). "
+        f"Counts are lowered to keep the build fast ({_options_text(chosen.quick)} where a "
+        "method has them). "
         + (
             f"Slow methods ({', '.join(f'`{n}`' for n in slow)}) run on the first photo only, "
-            f"with cheaper settings ({_options_text(SLOW)} where they apply). "
+            f"with cheaper settings ({_options_text(chosen.slow)} where they apply): their "
+            "maps are coarser or noisier than with the defaults. "
             if slow
             else ""
         )

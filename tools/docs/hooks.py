@@ -16,15 +16,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import cli_reference  # noqa: E402
-import gallery  # noqa: E402
-import trust  # noqa: E402
-import tutorials  # noqa: E402
-from mkdocs.exceptions import PluginError  # noqa: E402
-from mkdocs.structure.files import File, Files  # noqa: E402
+import cli_reference
+import gallery
+import trust
+import tutorials
+from mkdocs.exceptions import PluginError
+from mkdocs.structure.files import File, Files
 
-import cnnscan  # noqa: E402
-from cnnscan.methods import FAMILIES  # noqa: E402
+import cnnscan
+from cnnscan.methods import FAMILIES
 
 log = logging.getLogger("mkdocs.hooks.cnnscan")
 
@@ -88,10 +88,10 @@ def on_config(config: Any) -> Any:
 
 
 def on_files(files: Files, config: Any) -> Files:
-    """Add the generated pages and pictures (nothing is cached between builds)."""
+    """Add the generated pages and pictures (computed once per process: see gallery.cached)."""
     began = time.perf_counter()
     generated: dict[str, str | bytes] = {"cli.md": cli_reference.page(), **tutorials.files()}
-    run = gallery.compute(log.info)
+    run = gallery.cached(log.info)
     pages = {file.src_uri for file in files if file.src_uri.endswith(".md")}
     generated.update(gallery.files(run, pages))
     generated.update(trust.files(run, log.info))
@@ -100,7 +100,9 @@ def on_files(files: Files, config: Any) -> Files:
             raise PluginError(f"generated page {path} would replace a file in docs/")
         files.append(File.generated(config, path, content=content))
     timings = ", ".join(f"{key} {value:.1f} s" for key, value in run.seconds.items())
-    log.info(f"generated pages in {time.perf_counter() - began:.1f} s ({timings})")
+    log.info(
+        f"generated pages ({run.settings.mode}) in {time.perf_counter() - began:.1f} s ({timings})"
+    )
     return files
 
 

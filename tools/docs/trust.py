@@ -10,13 +10,14 @@ import time
 from statistics import mean
 from typing import Any
 
+import gallery
+
 from cnnscan.metrics.leaderboard import leaderboard
 from cnnscan.metrics.outputs import COLUMNS, method_curves
 from cnnscan.metrics.plot import PALETTE, curves_image
 from cnnscan.metrics.sanity import THRESHOLD
 from cnnscan.render import png_bytes
 
-STEPS = 10  # deletion/insertion steps (the scan's leaderboard uses 20, `evaluate` 50)
 METRICS = ("deletion_auc", "insertion_auc", "model_randomization", "completeness")
 CHEAP = ("deletion_auc", "insertion_auc")  # for the slow methods: no re-runs
 
@@ -35,7 +36,7 @@ def boards(run: Any, log: Any = print) -> dict[str, list[dict[str, Any]]]:
     out = {}
     for k, photo in enumerate(run.photos):
         began = time.perf_counter()
-        common = {"steps": STEPS, "scan": photo.scan, "seed": 0}
+        common = {"steps": run.settings.trust_steps, "scan": photo.scan, "seed": 0}
         rows = leaderboard(
             run.model,
             photo.picture,
@@ -140,12 +141,15 @@ def _chart(rows: list[dict[str, Any]], kind: str, title: str) -> bytes:
 
 def files(run: Any, log: Any = print) -> dict[str, str | bytes]:
     """`trust.md` and its curve charts."""
-    results = boards(run, log)
+    if run.boards is None:
+        run.boards = boards(run, log)
+    results = run.boards
     pictures: dict[str, bytes] = {}
     photos = {photo.name: photo for photo in run.photos}
     lines = [
         "# Which method should I trust?",
         "",
+        *(gallery.preview_warning(run.settings) if run.settings.mode != "full" else []),
         "An explanation is only useful if it shows what the model used. This page ranks every "
         "method of the [gallery](gallery.md) on its two photos with the checks of "
         "[Evaluation](evaluation.md), computed by `tools/docs/trust.py` each time this site "
@@ -178,8 +182,8 @@ def files(run: Any, log: Any = print) -> dict[str, str | bytes]:
             "",
             f"## {name}: {photo.class_id} {photo.label}",
             "",
-            f"{STEPS} deletion/insertion steps; the gallery's options (counts lowered) for "
-            "the methods' re-runs.",
+            f"{run.settings.trust_steps} deletion/insertion steps (`cnnscan evaluate`: 50); "
+            "the gallery's options (counts lowered) for the methods' re-runs.",
             "",
             *table(rows),
             "",
