@@ -65,7 +65,7 @@ MODES = {
         "fast",
         ("chelsea",),
         quick={"n_steps": 4, "n_samples": 2},
-        slow={"n_masks": 16, "n_samples": 12, "window": 56, "stride": 56},
+        slow={"n_masks": 32, "n_samples": 64, "window": 56, "stride": 56},
         synthesis_steps=2,
         synthesis_px=64,
         trust_steps=4,

@@ -28,7 +28,7 @@ from cnnscan.methods import FAMILIES
 
 log = logging.getLogger("mkdocs.hooks.cnnscan")
 
-# Hand-written pages in reading order; any other page in docs/ is appended to the navigation.
+# Pages in reading order (those missing are left out); any other page in docs/ is appended.
 SECTIONS = [
     ("Home", "index.md"),
     ("Getting started", "getting-started.md"),
@@ -39,6 +39,8 @@ SECTIONS = [
     ("What the network learned", ["learned.md", "synthesis.md"]),
     ("Models", "models.md"),
     ("Jupyter", "jupyter.md"),
+    ("Web app", "app.md"),
+    ("Batch", "batch.md"),
 ]
 REFERENCE = ("Reference", ["api.md", "cli.md"])
 GENERATED = {"gallery.md", "trust.md", "cli.md"}
@@ -70,12 +72,14 @@ def on_config(config: Any) -> Any:
             ]
         elif entry == "methods":
             pages = _method_pages(docs)
-        else:
+        else:  # hand-written pages that exist (another branch may not have landed yet)
             pages = [entry] if isinstance(entry, str) else entry
+            pages = [p for p in pages if p in GENERATED or (docs / p).is_file()]
         names = [p if isinstance(p, str) else next(iter(p.values())) for p in pages]
         listed.update(names)
+        single = isinstance(entry, str) and entry.endswith(".md")
         if pages:
-            nav.append({title: pages[0] if isinstance(entry, str) else pages})
+            nav.append({title: pages[0] if single else pages})
     others = sorted(
         path.relative_to(docs).as_posix()
         for path in docs.rglob("*.md")
