@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -93,6 +94,15 @@ def test_family_pages_must_describe_every_registered_method():
     table = hooks.registry_section("cam", page + f" `{infos[0].name}`")
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == [info.name for info in infos]
+
+
+def test_the_api_page_must_document_every_public_name():
+    page = SimpleNamespace(file=SimpleNamespace(src_uri="api.md"))
+    ids = [f'<h3 id="cnnscan.{name}">' for name in cnnscan.__all__ if name != "explain"]
+    with pytest.raises(PluginError, match=r"does not document cnnscan\.explain:"):
+        hooks.on_page_content("".join(ids), page, {}, None)
+    ids.append('<h2 id="cnnscan.explain.explain">')  # found under its module's path
+    assert hooks.on_page_content("".join(ids), page, {}, None) == "".join(ids)
 
 
 def test_cli_reference_is_the_help_of_every_subcommand():
@@ -188,7 +198,8 @@ def test_site_builds_strict_with_every_method_in_the_gallery(site):
         assert f"<code>{info.name}</code>" in trust_page, info.name
     assert "random (chance)" in trust_page
     api = (site / "api.html").read_text()
-    assert 'id="cnnscan.explain"' in api and 'id="cnnscan.widgets.explorer"' in api
+    for name in ["cnnscan.explain_many", "cnnscan.explain.explain", "cnnscan.widgets.explorer"]:
+        assert f'id="{name}"' in api, name
     # Getting started shows the README's two commands (included, not copied).
     text = html.unescape(re.sub(r"<[^>]+>", "", (site / "getting-started.html").read_text()))
     assert "pip install -c constraints.txt -e . && cnnscan scan" in text

@@ -9,6 +9,7 @@ build, so that a method added later cannot go undocumented.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -148,6 +149,20 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
     if uri.startswith("methods/") and Path(uri).stem in families():
         return markdown.rstrip() + "\n" + registry_section(Path(uri).stem, markdown)
     return markdown
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Files) -> str:
+    """The API reference documents every name of `cnnscan.__all__` (a name that griffe
+    hides, e.g. behind a submodule of the same name, needs its own `:::` entry)."""
+    if page.file.src_uri == "api.md":
+        documented = set(re.findall(r'id="cnnscan(?:\.[\w.]+)?\.(\w+)"', html))
+        missing = [name for name in cnnscan.__all__ if name not in documented]
+        if missing:
+            raise PluginError(
+                f"docs/api.md does not document cnnscan.{', cnnscan.'.join(missing)}: add "
+                "`::: cnnscan.MODULE.NAME` for each"
+            )
+    return html
 
 
 def on_pre_build(config: Any) -> None:
