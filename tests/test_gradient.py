@@ -377,21 +377,32 @@ def test_ig_baselines_equal_captum_given_the_same_tensor(default64, cat, kind, r
     assert float(attr.extras["completeness_error"][0, 0]) == pytest.approx(error, abs=1e-6)
 
 
-def test_smoothgrad_equals_captum_saliency_at_the_same_noise(default_model, cat, captum_module):
+def test_smoothgrad_equals_captum_saliency_at_the_same_noise(
+    default_model, default64, cat, captum_module
+):
     """Our smoothgrad = mean of captum's Saliency at x + σε (ε from the documented seed), and
-    captum's NoiseTunnel = mean of our gradient at its own noise (reproduced from its seed)."""
+    captum's NoiseTunnel = mean of our gradient at its own noise (reproduced from its seed).
+    Our noisy passes run with BatchNorm folded: in float32 that rounding moves the map by up
+    to ~0.5 % of its scale where a ReLU6 input sits on a kink (compared by correlation); in
+    float64 it is exact."""
     n_samples, sigma = 4, 0.15 * float(cat.max() - cat.min())
     eps = _seeded_noise(n_samples, seed=3, shape=cat.shape[1:])
-    noisy = cat + sigma * eps
-    saliency = Saliency(captum_module).attribute(noisy, target=285, abs=False)
-    for mode, reduce in [
-        ("smoothgrad", lambda g: g.mean(0)),
-        ("vargrad", lambda g: g.var(0, unbiased=False)),
-    ]:
-        ours = explain(
-            default_model, cat, "smoothgrad", targets=[285], n_samples=n_samples, seed=3, mode=mode
-        ).maps[0, 0]
-        close(ours, reduce(saliency), rel=1e-4, msg=mode)
+    for model, module, x in [(default_model, captum_module, cat), (default64, None, cat.double())]:
+        module = module or model.module
+        noisy = x + sigma * eps.to(x.dtype)
+        saliency = Saliency(module).attribute(noisy, target=285, abs=False)
+        for mode, reduce in [
+            ("smoothgrad", lambda g: g.mean(0)),
+            ("vargrad", lambda g: g.var(0, unbiased=False)),
+        ]:
+            ours = explain(
+                model, x, "smoothgrad", targets=[285], n_samples=n_samples, seed=3, mode=mode
+            ).maps[0, 0]
+            if x.dtype == torch.float32:
+                assert pearson(ours, reduce(saliency)) > 0.9999, mode
+                close(ours, reduce(saliency), rel=2e-2, msg=mode)
+            else:
+                close(ours, reduce(saliency), rel=1e-9, msg=mode)
     torch.manual_seed(123)
     theirs = NoiseTunnel(Saliency(captum_module)).attribute(
         cat, nt_type="smoothgrad", nt_samples=n_samples, stdevs=sigma, target=285, abs=False

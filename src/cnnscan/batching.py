@@ -17,16 +17,43 @@ _DEFAULT_BUDGET_MB = 2048
 _learned: dict[Hashable, int] = {}
 
 
-def memory_budget_bytes() -> int:
-    """Peak working memory a batch may take: `CNNSCAN_MEMORY_MB` (default 2048 MiB)."""
-    return int(float(os.environ.get("CNNSCAN_MEMORY_MB", _DEFAULT_BUDGET_MB)) * 2**20)
+_UNITS = {"": 2**20, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30}
 
 
-def max_batch_for(bytes_per_item: int, ceiling: int = 64) -> int:
-    """The largest batch whose working memory fits the budget (at least 1)."""
+def parse_memory(value: int | float | str) -> int:
+    """Bytes from a number of MiB (2048) or a size with a unit ("512MB", "4 GB", "1.5g")."""
+    text = str(value).strip().lower().replace("ib", "b")
+    number = text.rstrip("kmgb ").strip()
+    unit = text[len(number) :].strip()
+    try:
+        size = float(number) * _UNITS[unit]
+    except (KeyError, ValueError):
+        size = float("nan")
+    if not size > 0 or size == float("inf"):
+        raise ValueError(
+            f"max_memory must be a positive size like 2048 (MiB), '512MB' or '4GB'; got {value!r}"
+        )
+    return int(size)
+
+
+def memory_budget_bytes(max_memory: int | float | str | None = None) -> int:
+    """Peak working memory a batch may take: `max_memory` if given, else the environment's
+    `CNNSCAN_MEMORY_MB`, else 2048 MiB."""
+    if max_memory is not None:
+        return parse_memory(max_memory)
+    try:
+        return parse_memory(os.environ.get("CNNSCAN_MEMORY_MB", _DEFAULT_BUDGET_MB))
+    except ValueError as e:
+        raise ValueError(f"the environment variable CNNSCAN_MEMORY_MB: {e}") from None
+
+
+def max_batch_for(bytes_per_item: int, ceiling: int = 64, budget: int | None = None) -> int:
+    """The largest batch whose working memory fits `budget` bytes (default: the environment's
+    budget, `memory_budget_bytes()`), at least 1."""
     if bytes_per_item <= 0:
         return ceiling
-    return max(1, min(ceiling, memory_budget_bytes() // bytes_per_item))
+    budget = memory_budget_bytes() if budget is None else budget
+    return max(1, min(ceiling, budget // bytes_per_item))
 
 
 def adaptive_batches(

@@ -24,7 +24,7 @@ EXAMPLES = {
   cnnscan scan                                   # bundled cat photo, bundled model
   cnnscan scan photo.jpg --out results/          # your photo
   cnnscan scan photo.jpg --methods gradient,integrated_gradients --top-k 3
-  cnnscan scan photo.jpg --full                  # also the slow methods (Score-CAM)
+  cnnscan scan photo.jpg --full                  # also the slow ones (Score-CAM, perturbation)
   cnnscan scan photo.jpg --model resnet50 --weights resnet50.pth""",
     "explain": """examples:
   cnnscan explain cat.jpg --method integrated_gradients --targets top3
@@ -114,9 +114,19 @@ def _parser() -> argparse.ArgumentParser:
             help="allow loading a pickled full model (runs code from the file)",
         )
 
+    def memory_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--max-memory",
+            default=None,
+            metavar="SIZE",
+            help="working memory a batch may take, e.g. 512MB or 4GB "
+            "(default: $CNNSCAN_MEMORY_MB or 2GB)",
+        )
+
     scan = command("scan", "Full report: top-k predictions and every method for each class.")
     scan.add_argument("image", nargs="?", default=DEFAULT_IMAGE, help="image path or sample:NAME")
     model_options(scan)
+    memory_option(scan)
     scan.add_argument("--out", default="cnnscan-report", help="output folder")
     scan.add_argument(
         "--top-k", type=_positive_int, default=5, help="classes to explain (default 5)"
@@ -129,8 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument(
         "--full",
         action="store_true",
-        help="every registered method, also slow ones (Score-CAM), and the full sanity checks "
-        "(cascading randomization of every block, random-class check) in the leaderboard",
+        help="every registered method, also slow ones (Score-CAM, perturbation), and the full "
+        "sanity checks (cascading randomization of every block, random-class check) in the "
+        "leaderboard",
     )
     scan.add_argument(
         "--no-leaderboard", action="store_true", help="skip the evaluation leaderboard"
@@ -163,6 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--out", default="cnnscan-explain", help="output folder")
     model_options(explain)
+    memory_option(explain)
 
     layers = command(
         "layers", "Table of layers: name, type, output shape, receptive field, parameters."
@@ -399,6 +411,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
             progress=progress,
             class_image_steps=args.class_image_steps,
             evaluate="none" if args.no_leaderboard else "full" if args.full else "default",
+            max_memory=args.max_memory,
         )
     path = write_report(result, args.out)
     for p in result.predictions:
@@ -427,6 +440,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         info.name,
         targets=_parse_targets(args.targets),
         layer=args.layer,
+        max_memory=args.max_memory,
         **options,
     )
     written = attr.save(args.out, kind=args.view or info.view)

@@ -36,6 +36,7 @@ def make_scan(
     *,
     device: torch.device | str | None = None,
     batch_size: int | None = None,
+    max_memory: int | float | str | None = None,
 ) -> Scan:
     """One shared forward for `methods` (switchable ReLUs only if one of them needs them)."""
     model = model if isinstance(model, Model) else load_model(model)
@@ -46,6 +47,7 @@ def make_scan(
         relu_rules=any(m.relu_rules for m in methods),
         device=device,
         batch_size=batch_size,
+        max_memory=max_memory,
     )
 
 
@@ -90,6 +92,7 @@ def explain(
     layer: str | list[str] | None = None,
     device: torch.device | str | None = None,
     batch_size: int | None = None,
+    max_memory: int | float | str | None = None,
     scan: Scan | None = None,
     **options: Any,
 ) -> Attribution:
@@ -98,11 +101,15 @@ def explain(
     `image`: a path, PIL image, HxWx3 array, or a preprocessed float tensor (N, 3, H, W).
     `targets`: "top5", an int, class ids, class names, or a LongTensor (N, T).
     Options are the method's own (see `cnnscan.list_methods()` / `MethodInfo.options()`).
+    `batch_size` fixes the batch of extra passes (default: measured); `max_memory` caps a
+    batch's working memory (MiB or "4GB"; default `CNNSCAN_MEMORY_MB` or 2048 MiB).
     Pass `scan=` to reuse a forward pass already made for this image.
     """
     info = get_method(method)
     if scan is None:
-        scan = make_scan(model, image, [info], device=device, batch_size=batch_size)
+        scan = make_scan(
+            model, image, [info], device=device, batch_size=batch_size, max_memory=max_memory
+        )
     return run_method(scan, info, targets, layer, options)
 
 
@@ -116,6 +123,7 @@ def explain_many(
     options: dict[str, dict[str, Any]] | None = None,
     device: torch.device | str | None = None,
     batch_size: int | None = None,
+    max_memory: int | float | str | None = None,
 ) -> dict[str, Attribution]:
     """Several methods from one shared forward pass: method name -> Attribution.
 
@@ -126,7 +134,9 @@ def explain_many(
     unknown = set(options) - {info.name for info in infos}
     if unknown:
         raise MethodError(f"options given for methods not requested: {', '.join(sorted(unknown))}")
-    scan = make_scan(model, image, infos, device=device, batch_size=batch_size)
+    scan = make_scan(
+        model, image, infos, device=device, batch_size=batch_size, max_memory=max_memory
+    )
     return {
         info.name: run_method(
             scan,

@@ -82,17 +82,21 @@ def run_scan(
     progress: Callable[[str], None] | None = None,
     class_image_steps: int = CLASS_IMAGE_STEPS,
     evaluate: str = "default",
+    max_memory: int | float | str | None = None,
 ) -> ScanResult:
     """One shared forward, then every method for the top-k classes, each timed;
     `progress(name)` is called as each method finishes. `class_image_steps=0` skips the
     synthesized image of the top-1 class. `evaluate` ranks the methods' maps of the top-1
     class in a leaderboard: "default" (the cheap checks, `LEADERBOARD`), "full" (also the
-    full cascade and the random-class check) or "none"."""
+    full cascade and the random-class check) or "none". `max_memory` caps the working
+    memory of a batch (see `cnnscan.explain`)."""
     started = time.perf_counter()
     model = model if isinstance(model, Model) else load_model(model)
     infos = [get_method(name) for name in (methods or default_methods())]
     picture = cnnscan.load_image(image)
-    scan = make_scan(model, model.preprocessing(picture), infos, device=device)
+    scan = make_scan(
+        model, model.preprocessing(picture), infos, device=device, max_memory=max_memory
+    )
     seconds = {"load + forward": time.perf_counter() - started}
     if top_k < 1:
         raise TargetError(f"top_k must be at least 1, got {top_k}")

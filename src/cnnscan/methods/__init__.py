@@ -100,4 +100,4 @@ def check_options(info: MethodInfo, options: dict[str, Any]) -> None:
         raise MethodError(f"{info.name} has no option {', '.join(unknown)}; its options: {listing}")
 
 
-from cnnscan.methods import cam, gradient, lrp  # noqa: E402,F401  (register the families)
+from cnnscan.methods import cam, gradient, lrp, perturbation  # noqa: E402,F401  (register the families)

@@ -1,0 +1,106 @@
+"""Batch sizes: the memory budget (`max_memory=`, `CNNSCAN_MEMORY_MB`) and measured sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from nets import SmallConvNet
+
+import cnnscan
+import cnnscan.scan
+from cnnscan.batching import adaptive_batches, max_batch_for, memory_budget_bytes, parse_memory
+from cnnscan.errors import MethodError
+
+X = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (2048, 2048 * 2**20),
+        ("512", 512 * 2**20),
+        ("512MB", 512 * 2**20),
+        ("512 MiB", 512 * 2**20),
+        ("4GB", 4 * 2**30),
+        ("1.5g", int(1.5 * 2**30)),
+        ("64kb", 64 * 2**10),
+    ],
+)
+def test_sizes_with_and_without_units(value, expected):
+    assert parse_memory(value) == expected
+
+
+@pytest.mark.parametrize("value", [0, -1, "", "lots", "4TB", "nan", "inf", "GB"])
+def test_bad_sizes_are_refused(value):
+    with pytest.raises(ValueError, match="positive size"):
+        parse_memory(value)
+
+
+def test_the_environment_sets_the_default_and_an_argument_overrides_it(monkeypatch):
+    monkeypatch.delenv("CNNSCAN_MEMORY_MB", raising=False)
+    assert memory_budget_bytes() == 2048 * 2**20
+    monkeypatch.setenv("CNNSCAN_MEMORY_MB", "100")
+    assert memory_budget_bytes() == 100 * 2**20
+    assert memory_budget_bytes("1GB") == 2**30
+    monkeypatch.setenv("CNNSCAN_MEMORY_MB", "a lot")
+    with pytest.raises(ValueError, match="CNNSCAN_MEMORY_MB"):
+        memory_budget_bytes()
+
+
+def test_the_largest_batch_that_fits():
+    assert max_batch_for(2**20, budget=10 * 2**20) == 10  # 10 MiB of 1 MiB items
+    assert max_batch_for(2**20, ceiling=4, budget=10 * 2**20) == 4
+    assert max_batch_for(2**30, budget=10 * 2**20) == 1  # never below one
+    assert max_batch_for(0, ceiling=7) == 7
+
+
+def test_adaptive_batches_cover_the_range_once_and_remember_the_size():
+    key = ("test", object())
+    slices = list(adaptive_batches(37, key, limit=8))
+    covered = [i for s in slices for i in range(s.start, s.stop)]
+    assert covered == list(range(37))
+    assert [s.stop - s.start for s in slices[:3]] == [1, 2, 4]  # the measuring doubles
+    again = list(adaptive_batches(10, key, limit=8))  # the learned size, cut to the limit
+    assert len({s.stop - s.start for s in again[:-1]}) == 1
+    assert [s.stop - s.start for s in adaptive_batches(10, key, limit=8, fixed=3)] == [3, 3, 3, 1]
+
+
+def test_max_memory_limits_the_batches_of_a_method(monkeypatch):
+    limits = []
+    real = cnnscan.scan.adaptive_batches
+
+    def spy(total, key, limit, fixed=None):
+        limits.append(limit)
+        return real(total, key, limit, fixed)
+
+    monkeypatch.setattr(cnnscan.scan, "adaptive_batches", spy)
+    net = SmallConvNet().eval()
+    options = {"n_masks": 40, "cell": 4, "seed": 0}
+    roomy = cnnscan.explain(net, X, "rise", targets=[1], max_memory="1GB", **options)
+    assert max(limits) > 1
+    limits.clear()
+    tight = cnnscan.explain(net, X, "rise", targets=[1], max_memory="1kb", **options)
+    assert limits and max(limits) == 1  # one masked copy at a time...
+    torch.testing.assert_close(tight.maps, roomy.maps)  # ...and the same answer
+
+
+def test_bad_max_memory_is_a_clear_error_before_any_work():
+    with pytest.raises(MethodError, match="max_memory"):
+        cnnscan.explain(SmallConvNet().eval(), X, "gradient", max_memory="lots")
+
+
+def test_derived_scans_keep_the_budget():
+    from cnnscan.explain import make_scan
+
+    scan = make_scan(SmallConvNet().eval(), X, max_memory="3MB")
+    assert scan.memory_budget == 3 * 2**20
+    assert scan.derive(X + 1).memory_budget == 3 * 2**20
+
+
+def test_the_command_line_takes_max_memory(capsys, tmp_path):
+    from cnnscan.cli import main
+
+    argv = ["explain", "sample:chelsea", "--method", "gradient", "--out", str(tmp_path)]
+    assert main([*argv, "--max-memory", "lots"]) == 1
+    assert "max_memory" in capsys.readouterr().err
+    assert main([*argv, "--max-memory", "256MB"]) == 0
