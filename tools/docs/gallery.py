@@ -3,8 +3,8 @@ photos for the model's top-1 class, then filters, feature maps and synthesized i
 
 Methods come from the registry (`cnnscan.list_methods()`), so a method registered later
 appears without edits. Step and sample counts are kept small so the build stays fast; the
-options used are printed under each row. Slow methods (`in_default_scan=False`) run on the
-first photo only, with the cheap settings of `Settings.slow`.
+options used are printed under each row. Slow methods (`in_default_scan=False`) run with
+the cheaper settings of `Settings.slow`.
 
 `CNNSCAN_DOCS_GALLERY=fast` (the docs test, quick previews with `mkdocs serve`) still runs
 every method, on one photo with minimal counts, slow layer methods at an early layer; the
@@ -43,7 +43,7 @@ class Settings:
     # Count options lowered for every method that has them (the defaults take longer, not
     # different pictures: IG's completeness error is printed where it matters).
     quick: dict[str, Any]
-    # Slow methods: fewer forwards still (masks, samples, windows); first photo only.
+    # Slow methods: fewer forwards still (masks, samples, windows).
     slow: dict[str, Any]
     synthesis_steps: int
     synthesis_px: int
@@ -84,9 +84,9 @@ def settings() -> Settings:
 
 @dataclass
 class Shot:
-    """One method on one photo: its attribution (None when skipped), time and options."""
+    """One method on one photo: its attribution, time and options."""
 
-    attr: Attribution | None
+    attr: Attribution
     seconds: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -118,7 +118,7 @@ class Run:
         chosen = {}
         for info in self.methods:
             shot = self.shots[info.name][photo]
-            if shot.attr is not None and info.in_default_scan != slow:
+            if info.in_default_scan != slow:
                 chosen[info.name] = shot.attr
         return chosen
 
@@ -126,21 +126,17 @@ class Run:
         """Gallery options per method (for metrics that re-run methods)."""
         first = self.photos[0].scan
         return {
-            info.name: _options(self.settings, info, first, first=True)
+            info.name: _options(self.settings, info, first)
             for info in self.methods
             if info.in_default_scan != slow
         }
 
 
-def _options(
-    chosen_settings: Settings, info: MethodInfo, scan: Scan, first: bool
-) -> dict[str, Any] | None:
-    """The gallery's options for a method, None if it is skipped on this photo."""
+def _options(chosen_settings: Settings, info: MethodInfo, scan: Scan) -> dict[str, Any]:
+    """The gallery's options for a method (counts lowered)."""
     takes = info.options()
     chosen = {key: value for key, value in chosen_settings.quick.items() if key in takes}
     if not info.in_default_scan:
-        if not first:
-            return None
         chosen.update({key: value for key, value in chosen_settings.slow.items() if key in takes})
         if chosen_settings.early_slow_layers and info.space == "layer" and "layer" in takes:
             chosen["layer"] = depth_layers(scan.layer_table())[0]
@@ -162,11 +158,8 @@ def compute(log: Any = print, chosen: Settings | None = None) -> Run:
     shots: dict[str, dict[str, Shot]] = {}
     for info in methods:
         shots[info.name] = {}
-        for k, photo in enumerate(photos):
-            options = _options(chosen, info, photo.scan, first=k == 0)
-            if options is None:
-                shots[info.name][photo.name] = Shot(None)
-                continue
+        for photo in photos:
+            options = _options(chosen, info, photo.scan)
             start = time.perf_counter()
             attr = run_method(photo.scan, info, [photo.class_id], options=options)
             shots[info.name][photo.name] = Shot(attr, time.perf_counter() - start, options)
@@ -213,12 +206,6 @@ def method_section(run: Run, pages: set[str]) -> tuple[list[str], dict[str, byte
         cells, seconds, notes = [], 0.0, []
         for photo in run.photos:
             shot = run.shots[info.name][photo.name]
-            if shot.attr is None:
-                cells.append(
-                    f"skipped: slow ({info.cost or 'many forwards'}); "
-                    f"`cnnscan explain sample:{photo.name} --method {info.name}`"
-                )
-                continue
             view = np.asarray(photo.scan.model.view(photo.picture))
             path = f"gallery/{info.name}-{photo.name}.png"
             files[path] = render.png_bytes(_fit(map_picture(shot.attr, 0, 0, view)))
@@ -226,13 +213,13 @@ def method_section(run: Run, pages: set[str]) -> tuple[list[str], dict[str, byte
             seconds += shot.seconds
             relative = shot.attr.extras.get("completeness_error_relative")
             if relative is not None:
-                notes.append(f"completeness error {float(relative.flatten()[0]):.1%}")
-        options = next((s.options for s in run.shots[info.name].values() if s.attr), {})
+                notes.append(f"{photo.name} {float(relative.flatten()[0]):.1%}")
+        options = run.shots[info.name][run.photos[0].name].options
         described = f"`{info.name}`<br/>{info.description}"
         if options:
             described += f"<br/>options: {_options_text(options)}"
         if notes:
-            described += f"<br/>{'; '.join(notes)} ({run.photos[0].name})"
+            described += f"<br/>completeness error: {', '.join(notes)}"
         lines.append(f"| {described} | {' | '.join(cells)} | {seconds:.2f} s |")
     return lines, files
 
@@ -379,7 +366,7 @@ def files(run: Run, pages: set[str]) -> dict[str, str | bytes]:
         f"Counts are lowered to keep the build fast ({_options_text(chosen.quick)} where a "
         "method has them). "
         + (
-            f"Slow methods ({', '.join(f'`{n}`' for n in slow)}) run on the first photo only, "
+            f"Slow methods ({', '.join(f'`{n}`' for n in slow)}) run "
             f"with cheaper settings ({_options_text(chosen.slow)} where they apply): their "
             "maps are coarser or noisier than with the defaults. "
             if slow

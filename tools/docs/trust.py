@@ -1,7 +1,7 @@
 """The "Which method should I trust?" page, computed when the site is built: the scan's
 leaderboard (`cnnscan.metrics.leaderboard`) of every method's map of the gallery photos,
 ranked by insertion − deletion AUC, with the model-randomization sanity check, plus the
-slow methods on the first photo; the summary sentences are derived from these numbers."""
+slow methods by deletion and insertion; the summary sentences are derived from these numbers."""
 
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def boards(run: Any, log: Any = print) -> dict[str, list[dict[str, Any]]]:
-    """Photo name -> ranked rows: the default-scan methods with every check; on the first
-    photo also the slow methods, by deletion and insertion only (same curves, same seed)."""
+    """Photo name -> ranked rows: the default-scan methods with every check, and the slow
+    methods by deletion and insertion only (same curves, same seed: no re-runs)."""
     out = {}
-    for k, photo in enumerate(run.photos):
+    for photo in run.photos:
         began = time.perf_counter()
         common = {"steps": run.settings.trust_steps, "scan": photo.scan, "seed": 0}
         rows = leaderboard(
@@ -45,7 +45,7 @@ def boards(run: Any, log: Any = print) -> dict[str, list[dict[str, Any]]]:
             method_options=run.options(slow=False),
             **common,
         )
-        slow = run.attributions(photo.name, slow=True) if k == 0 else {}
+        slow = run.attributions(photo.name, slow=True)
         if slow:
             extra = leaderboard(run.model, photo.picture, slow, CHEAP, **common)
             rows += [dict(row, slow=True) for row in extra if not row["reference"]]
