@@ -69,10 +69,7 @@ def test_what_did_my_network_learn_runs_and_shows_its_pictures(tmp_path):
     for cell in cells:
         assert shown(cell) & (SHOWN | {"stdout"}), cell.source
     pictures = [
-        output
-        for cell in cells
-        for output in cell.outputs
-        if "image/png" in output.get("data", {})
+        output for cell in cells for output in cell.outputs if "image/png" in output.get("data", {})
     ]
     # photo, 2 filter grids, 3 feature-map grids, 2 unit maps, 4 synthesized images
     assert len(pictures) == 12
