@@ -70,7 +70,11 @@ def test_opens_on_the_cat_with_gradcam_for_the_top_class(ex, default_model, chel
 
 def test_methods_come_from_the_registry_grouped_by_family(ex):
     infos = cnnscan.list_methods()
-    assert ex.method.options == tuple((f"{i.family}: {i.name}", i.name) for i in infos)
+    assert [value for _, value in ex.method.options] == [i.name for i in infos]
+    for (label, _), info in zip(ex.method.options, infos, strict=True):
+        slow = " (slow)" if not info.in_default_scan else ""
+        assert label == f"{info.family}: {info.name}{slow}"
+    assert any(label.endswith("(slow)") for label, _ in ex.method.options)  # e.g. scorecam
     families = [label.split(":")[0] for label, _ in ex.method.options]
     assert families == sorted(families, key=families.index)  # each family in one block
 

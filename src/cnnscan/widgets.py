@@ -242,8 +242,12 @@ def _model_names() -> list[str]:
 
 
 def _method_options() -> list[tuple[str, str]]:
-    """Every registered method, grouped by family (registry order): ("family: name", name)."""
-    return [(f"{info.family}: {info.name}", info.name) for info in list_methods()]
+    """Every registered method, grouped by family (registry order): ("family: name", name);
+    methods left out of the default scan (many forwards) are labelled slow."""
+    return [
+        (f"{info.family}: {info.name}{'' if info.in_default_scan else ' (slow)'}", info.name)
+        for info in list_methods()
+    ]
 
 
 def explorer(model: Any = None, image: Any = None) -> Explorer:
