@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 pytest.importorskip("mkdocs")
 pytest.importorskip("material")
@@ -175,7 +176,17 @@ def _build(site: Path, **overrides) -> None:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory, fast_mode) -> Path:
+def one_thread():
+    """One torch thread while the site builds: the gallery is batch-1 work, and on a busy
+    2-core CI machine two spin-waiting threads made the build ~10x slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, fast_mode, one_thread) -> Path:
     out = tmp_path_factory.mktemp("site")
     _build(out)
     return out

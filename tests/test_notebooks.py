@@ -16,7 +16,10 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SHOWN = {"image/png", "text/html", "text/plain", "application/vnd.jupyter.widget-view+json"}
 
 
-def run(name: str, cwd: Path) -> nbformat.NotebookNode:
+def run(name: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> nbformat.NotebookNode:
+    # One torch thread in the kernel: the work is batch-1 forwards, and on a busy 2-core CI
+    # machine two spin-waiting threads made these notebooks ~10x slower (measured).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     notebook = nbformat.read(EXAMPLES / name, as_version=4)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert code and all(not cell.outputs for cell in code), "commit notebooks without outputs"
@@ -46,8 +49,8 @@ def code_cells(notebook: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
 
 
 @pytest.mark.slow
-def test_explain_a_prediction_runs_and_shows_its_results(tmp_path):
-    cells = code_cells(run("explain_a_prediction.ipynb", tmp_path))
+def test_explain_a_prediction_runs_and_shows_its_results(tmp_path, monkeypatch):
+    cells = code_cells(run("explain_a_prediction.ipynb", tmp_path, monkeypatch))
     for cell in cells:
         assert shown(cell) & (SHOWN | {"stdout"}), cell.source
     by_source = {cell.source.splitlines()[-1]: shown(cell) for cell in cells}
@@ -64,8 +67,8 @@ def test_explain_a_prediction_runs_and_shows_its_results(tmp_path):
 
 
 @pytest.mark.slow
-def test_what_did_my_network_learn_runs_and_shows_its_pictures(tmp_path):
-    cells = code_cells(run("what_did_my_network_learn.ipynb", tmp_path))
+def test_what_did_my_network_learn_runs_and_shows_its_pictures(tmp_path, monkeypatch):
+    cells = code_cells(run("what_did_my_network_learn.ipynb", tmp_path, monkeypatch))
     for cell in cells:
         assert shown(cell) & (SHOWN | {"stdout"}), cell.source
     pictures = [
