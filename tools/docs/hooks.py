@@ -2,8 +2,9 @@
 registry, generated pages (gallery, trust, CLI reference, tutorials) computed at build time,
 and a generated list of each family's registered methods appended to its page.
 
-A registered method without a family page, or not mentioned on its family's page, fails the
-build, so that a method added later cannot go undocumented.
+A registered method without a family page, or not mentioned on its family's page, and a
+name of `cnnscan.__all__` missing from the API page fail the build, so that what is added
+later cannot go undocumented. `CNNSCAN_DOCS_GALLERY=fast` selects quick settings (gallery.py).
 """
 
 from __future__ import annotations
