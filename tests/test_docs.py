@@ -208,6 +208,8 @@ def test_site_builds_strict_with_every_method_in_the_gallery(site):
     for info in cnnscan.list_methods():
         assert f"<code>{info.name}</code>" in trust_page, info.name
     assert "random (chance)" in trust_page
+    for page in (gallery_page, trust_page):  # a fast build says so
+        assert "fast preview build" in page and gallery.MODE_VARIABLE in page
     api = (site / "api.html").read_text()
     for name in ["cnnscan.explain_many", "cnnscan.explain.explain", "cnnscan.widgets.explorer"]:
         assert f'id="{name}"' in api, name
