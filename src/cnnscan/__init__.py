@@ -8,6 +8,7 @@ attr = cnnscan.explain(model, image, "integrated_gradients", targets="top5")
 
 from cnnscan import batch
 from cnnscan.attribution import Attribution
+from cnnscan.display import Picture, Predictions, show_feature_maps, show_filters
 from cnnscan.errors import (
     CnnscanError,
     ImageError,
@@ -40,6 +41,8 @@ __all__ = [
     "MetricError",
     "Model",
     "ModelError",
+    "Picture",
+    "Predictions",
     "Preprocessing",
     "ReceptiveField",
     "Scan",
@@ -64,6 +67,8 @@ __all__ = [
     "predict",
     "receptive_fields",
     "sample_image",
+    "show_feature_maps",
+    "show_filters",
     "synthesize",
     "top_channels",
 ]

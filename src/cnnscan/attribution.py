@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cnnscan import render
+from cnnscan.preprocessing import Preprocessing
 
 
 def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -32,7 +33,8 @@ class Attribution:
 
     C = 3 for input-space methods, 1 for layer maps (CAMs). `inputs` are the model inputs
     the maps explain; `scores` the target logits; `extras` method-specific numbers (e.g. the
-    completeness error of Integrated Gradients).
+    completeness error of Integrated Gradients); `preprocessing` turns `inputs` back into
+    the picture for overlays. In Jupyter an Attribution shows itself as a grid of its maps.
     """
 
     maps: torch.Tensor
@@ -43,6 +45,7 @@ class Attribution:
     scores: torch.Tensor | None = None
     labels: tuple[str, ...] = ()
     extras: dict[str, Any] = field(default_factory=dict)
+    preprocessing: Preprocessing | None = None
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -115,3 +118,13 @@ class Attribution:
         meta = directory / f"{self.method}.json"
         meta.write_text(json.dumps(self.summary(), indent=2))
         return [*written, meta]
+
+    def _repr_png_(self) -> bytes:
+        from cnnscan.display import attribution_png
+
+        return attribution_png(self)
+
+    def _repr_html_(self) -> str:
+        from cnnscan.display import attribution_html
+
+        return attribution_html(self)

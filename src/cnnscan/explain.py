@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from cnnscan.attribution import Attribution
+from cnnscan.display import Predictions
 from cnnscan.errors import MethodError
 from cnnscan.methods import MethodInfo, check_options, get_method
 from cnnscan.models import Model, load_model
@@ -78,6 +79,7 @@ def run_method(
         scores=scores,
         labels=scan.model.labels,
         extras=result.extras,
+        preprocessing=scan.model.preprocessing,
     )
 
 
@@ -147,10 +149,11 @@ def explain_many(
     }
 
 
-def predict(model: ModelLike, image: Any, k: int = 5) -> list[list[dict[str, Any]]]:
-    """Top-k predictions per image: [{rank, class_id, label, probability, logit}, ...]."""
+def predict(model: ModelLike, image: Any, k: int = 5) -> Predictions:
+    """Top-k predictions per image: [{rank, class_id, label, probability, logit}, ...]
+    (a list that shows itself as a table in Jupyter)."""
     scan = make_scan(model, image)
-    return top_predictions(scan, k)
+    return Predictions(top_predictions(scan, k))
 
 
 def top_predictions(scan: Scan, k: int = 5) -> list[list[dict[str, Any]]]:

@@ -20,11 +20,12 @@ import torch
 import cnnscan
 from cnnscan import render
 from cnnscan.attribution import Attribution
+from cnnscan.display import map_picture
 from cnnscan.errors import TargetError
 from cnnscan.explain import ModelLike, make_scan, run_method, top_predictions
 from cnnscan.layers import LayerRow
 from cnnscan.learned import conv_layers, depth_layers, filters, top_channels
-from cnnscan.methods import MethodInfo, get_method, list_methods
+from cnnscan.methods import get_method, list_methods
 from cnnscan.models import Model, load_model
 from cnnscan.receptive import ReceptiveField, receptive_fields
 from cnnscan.scan import Scan
@@ -220,12 +221,6 @@ def _b64(rgb: np.ndarray) -> str:
     return base64.b64encode(render.png_bytes(rgb)).decode("ascii")
 
 
-def _cell_image(attr: Attribution, info: MethodInfo, target: int, view: np.ndarray) -> np.ndarray:
-    if info.view == "heatmap" and info.space == "layer":
-        return attr.image(0, target, "heatmap", background=view)
-    return attr.image(0, target, info.view)
-
-
 def _notes(attr: Attribution) -> list[dict[str, Any]]:
     notes = []
     relative = attr.extras.get("completeness_error_relative")
@@ -277,7 +272,7 @@ def write_report(result: ScanResult, out: str | Path) -> Path:
                 caption = f"completeness err {float(relative[0, t]):.1%}"
             cells.append(
                 {
-                    "png": _b64(_cell_image(attr, info, t, result.view)),
+                    "png": _b64(map_picture(attr, 0, t, result.view)),
                     "alt": f"{info.name} for {prediction['label']}",
                     "caption": caption,
                 }

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnnscan.render import png_bytes
+from cnnscan.render import png_bytes, tile_grid
 
 
 @dataclass
@@ -38,6 +38,10 @@ class Synthesis:
     def image(self) -> np.ndarray:
         """The first image as uint8 (H, W, 3)."""
         return self.images[0]
+
+    def _repr_png_(self) -> bytes:  # Jupyter shows the image(s), side by side
+        images = self.images
+        return png_bytes(images[0] if len(images) == 1 else tile_grid(np.stack(images)))
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: objective, values, settings, timing and the history."""
