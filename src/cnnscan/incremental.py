@@ -28,6 +28,7 @@ from torch.nn.modules import module as _module_globals
 
 from cnnscan.execution import check_logits, logits_of
 from cnnscan.fold import CONV_ARGS, CONV_DEFAULTS, fold_zero_padding
+from cnnscan.layers import ACTIVATION_MODULES
 from cnnscan.tracing import symbolic_trace
 
 # A box covering at least this share of a map is computed as the full map (measured on the
@@ -107,25 +108,7 @@ def _format_of(x: torch.Tensor) -> torch.memory_format:
 
 
 # -- what each graph node does, seen from the boxes ---------------------------------------------
-_POINTWISE_MODULES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardtanh,
-    nn.Softplus,
-    nn.Identity,
-)
+_POINTWISE_MODULES = (*ACTIVATION_MODULES, nn.Identity)
 _POINTWISE_FUNCTIONS = {
     F.relu,
     torch.relu,

@@ -24,6 +24,27 @@ _active_capture: contextvars.ContextVar[object | None] = contextvars.ContextVar(
     "cnnscan_capture", default=None
 )
 
+# Elementwise activation modules: their outputs are what "feature maps" usually means, and
+# each output value depends on one input value only.
+ACTIVATION_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+)
+
 # Modules that only pool, drop or pass through: never the default layer to explain.
 _NOT_FEATURE_LAYERS = (
     nn.AdaptiveAvgPool2d,

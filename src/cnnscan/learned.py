@@ -12,27 +12,9 @@ from torch import nn
 from cnnscan.errors import LayerError
 from cnnscan.execution import runnable
 from cnnscan.explain import as_inputs
-from cnnscan.layers import LayerRef, LayerRow, capture, get_module
+from cnnscan.layers import ACTIVATION_MODULES, LayerRef, LayerRow, capture, get_module
 from cnnscan.models import Model, load_model
 from cnnscan.scan import match_format
-
-# Activation modules: their outputs are what "feature maps" usually means.
-_ACTIVATIONS = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Hardtanh,
-    nn.Sigmoid,
-    nn.Tanh,
-)
 
 
 def _model(model: Any) -> Model:
@@ -113,7 +95,7 @@ def depth_layers(rows: Sequence[LayerRow], count: int = 3) -> list[str]:
         and len(row.output_shape) == 3
         and row.output_shape[1] * row.output_shape[2] > 1
     ]
-    activations = [row for row in spatial if row.type in {a.__name__ for a in _ACTIVATIONS}]
+    activations = [row for row in spatial if row.type in {a.__name__ for a in ACTIVATION_MODULES}]
     pool = activations if len(activations) >= count else spatial
     if not pool:
         return []
