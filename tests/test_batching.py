@@ -7,6 +7,7 @@ import torch
 from nets import SmallConvNet
 
 import cnnscan
+import cnnscan.batching
 import cnnscan.scan
 from cnnscan.batching import adaptive_batches, max_batch_for, memory_budget_bytes, parse_memory
 from cnnscan.errors import MethodError
@@ -59,10 +60,17 @@ def test_adaptive_batches_cover_the_range_once_and_remember_the_size():
     slices = list(adaptive_batches(37, key, limit=8))
     covered = [i for s in slices for i in range(s.start, s.stop)]
     assert covered == list(range(37))
-    assert [s.stop - s.start for s in slices[:3]] == [1, 2, 4]  # the measuring doubles
+    assert [s.stop - s.start for s in slices[:2]] == [1, 2]  # the measuring doubles
     again = list(adaptive_batches(10, key, limit=8))  # the learned size, cut to the limit
     assert len({s.stop - s.start for s in again[:-1]}) == 1
     assert [s.stop - s.start for s in adaptive_batches(10, key, limit=8, fixed=3)] == [3, 3, 3, 1]
+
+
+def test_a_few_items_teach_nothing():
+    key = ("test", object())
+    for total in (1, 2, 3):
+        list(adaptive_batches(total, key, limit=64))
+    assert key not in cnnscan.batching._learned  # a later big job still measures
 
 
 def test_max_memory_limits_the_batches_of_a_method(monkeypatch):

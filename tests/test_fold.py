@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 import cnnscan
-from cnnscan.fold import fold_batchnorm
+from cnnscan.fold import fold_layers
 
 
 def _batchnorms_called(module: nn.Module) -> int:
@@ -39,7 +39,7 @@ def test_folded_copy_computes_the_same_logits(name):
     module = _with_statistics(getattr(torchvision.models, name)(weights=None)).double()
     before = copy.deepcopy(module.state_dict())
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    result = fold_batchnorm(module)
+    result = fold_layers(module)
     assert _batchnorms_called(result) == 0 < _batchnorms_called(module)
     with torch.no_grad():
         torch.testing.assert_close(result(x), module(x), rtol=1e-10, atol=1e-10)
@@ -50,8 +50,15 @@ def test_folded_copy_computes_the_same_logits(name):
 def test_default_model_folds_its_same_padding_convs(default_model):
     module = copy.deepcopy(default_model.module).double().eval()
     x = default_model.preprocess("sample:chelsea").double()
-    result = fold_batchnorm(module)
+    result = fold_layers(module)
     assert _batchnorms_called(result) == 0
+    pads = [
+        n
+        for n in result.graph.nodes
+        if n.op == "call_module" and isinstance(result.get_submodule(n.target), nn.ZeroPad2d)
+    ]
+    before = sum(isinstance(m, nn.ZeroPad2d) for m in module.modules())
+    assert len(pads) == 5 < before  # only the asymmetric 'same' pads of strided convs stay
     with torch.no_grad():
         torch.testing.assert_close(result(x), module(x), rtol=1e-10, atol=1e-10)
 
@@ -63,7 +70,7 @@ def test_hooked_modules_are_not_folded():
     _with_statistics(net)
     seen = []
     net[1].register_forward_hook(lambda _m, _i, out: seen.append(out.sum()))
-    result = fold_batchnorm(net)
+    result = fold_layers(net)
     assert _batchnorms_called(result) == 1  # the hooked one stays, the other folds
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
@@ -85,7 +92,7 @@ def test_shared_or_branching_convs_are_not_folded():
             return self.fc(z.mean(dim=(2, 3)))
 
     net = _with_statistics(Branching())
-    assert fold_batchnorm(net) is net
+    assert fold_layers(net) is net
     x = torch.randn(2, 3, 8, 8)
     scan = cnnscan.Scan(net, x)
     torch.testing.assert_close(scan.logits_at(x), net(x).detach(), rtol=1e-5, atol=1e-6)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from cnnscan.fold import fold_batchnorm
+from cnnscan.fold import fold_layers
 from cnnscan.layers import LayerRef
 from cnnscan.split import _hooked_head, head_of
 from cnnscan.tracing import Tracer, symbolic_trace
@@ -97,7 +97,7 @@ def test_forward_in_another_thread_during_a_trace_gets_real_tensors(net, trace):
         if trace == "tracer":
             return symbolic_trace(net)
         if trace == "fold":
-            return fold_batchnorm(net)
+            return fold_layers(net)
         return head_of(net, LayerRef("conv2"), x)
 
     result, other = _meet_during(net, x, work)

@@ -2,9 +2,10 @@
 
 On a CPU a bigger batch is not always faster per image (measured here: the default model
 runs forward+backward fastest at batch 4-8, slower at 16). `adaptive_batches` therefore
-times the real work: it hands out chunks of 1, 2, 4, ... items while the time per item keeps
-falling by more than 5 %, then settles on the best size and remembers it for the same kind
-of work. Nothing is computed twice to measure.
+times the real work: it hands out chunks of 1, 2, 4, ... items until the time per item is
+more than 5 % worse than the best seen (a plateau, as between 1 and 2 here, does not stop
+the search), then settles on the best size and remembers it for the same kind of work.
+Nothing is computed twice to measure.
 """
 
 from __future__ import annotations
@@ -77,13 +78,15 @@ def adaptive_batches(
         yield slice(start, start + n)
         per_item = (time.perf_counter() - began) / n
         start += n
-        if not exploring:
+        if not exploring or n < size:  # a short last chunk says little about `size`
             continue
-        if n == size and per_item < best_time * 0.95:
+        if per_item < best_time:
             best_size, best_time = size, per_item
-            if size * 2 <= limit:
-                size *= 2
-                continue
+        if per_item < best_time * 1.05 and size * 2 <= limit:  # not worse yet: try bigger
+            size *= 2
+            continue
         exploring = False
         size = best_size
+        _learned[key] = best_size
+    if exploring and size > 4:  # the work ran out after 1, 2, 4, ...: keep the best seen
         _learned[key] = best_size

@@ -9,6 +9,7 @@ copied is borrowed instead, under a lock, and every flag is put back afterwards.
 from __future__ import annotations
 
 import copy
+import itertools
 import threading
 import weakref
 from collections.abc import Iterator
@@ -163,3 +164,16 @@ def forward_logits(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         logits = logits_of(runner(x))
     check_logits(logits)
     return logits
+
+
+def memory_format_of(module: nn.Module) -> torch.memory_format:
+    """The memory format of the module's 4-D weights (channels-last in CPU working copies),
+    for inputs to match; read from the tensors, so folded copies whose convolutions became
+    functional calls answer the same."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if tensor.ndim != 4:
+            continue
+        last = tensor.is_contiguous(memory_format=torch.channels_last)
+        if last != tensor.is_contiguous():  # 1×1 or single-channel weights are both
+            return torch.channels_last if last else torch.contiguous_format
+    return torch.contiguous_format

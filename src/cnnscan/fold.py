@@ -1,8 +1,8 @@
-"""Cheap layers folded into the convolution next to them, for forwards without gradients
-(Score-CAM, occlusion, metrics): BatchNorm into the convolution or linear layer before it
-(`folded`), and symmetric zero padding into the convolution after it (`fold_zero_padding`,
-for traced graphs). The same function with one pass over the data fewer per fold, exact up
-to float rounding; the source model is never modified.
+"""Cheap layers folded into the convolution next to them, for passes that read no layer:
+each eval-mode BatchNorm into the convolution or linear layer before it, and each symmetric
+zero padding into the convolution after it (the default model pads before every
+convolution: a third of a forward+backward). `folded` gives a cached folded copy; the same
+function and input gradients up to float rounding; the source model is never modified.
 """
 
 from __future__ import annotations
@@ -26,30 +26,37 @@ _folded: weakref.WeakKeyDictionary[nn.Module, dict[frozenset[str], nn.Module]] =
 
 
 class _LayerLeaves(Tracer):
-    """Keep convolutions (also subclasses such as TF-style 'same' padding convs), linear
-    layers and BatchNorm as single nodes, so that the pairs can be found, and the modules
-    named in `keep` whole, so that hooks on them still see every call."""
+    """Keep convolutions, linear layers and BatchNorm as single nodes, so that the pairs can
+    be found, and hooked modules and the modules named in `keep` whole, so that hooks still
+    see every call. Subclasses of convolutions (TF-style 'same' padding convs) are traced
+    into, to reach their padding, unless `whole_subclasses` (for those that do not trace)."""
 
-    def __init__(self, keep: frozenset[str] = frozenset()):
+    def __init__(self, keep: frozenset[str] = frozenset(), whole_subclasses: bool = False):
         super().__init__()
-        self.keep = keep
+        self.keep, self.whole_subclasses = keep, whole_subclasses
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        if isinstance(module, _FOLDABLE_BN + _FOLDABLE_INTO) or qualified_name in self.keep:
+        foldable = _FOLDABLE_BN + _FOLDABLE_INTO
+        if type(module) in foldable or qualified_name in self.keep or _hooked(module):
+            return True
+        if self.whole_subclasses and isinstance(module, foldable):
             return True
         return super().is_leaf_module(module, qualified_name)
 
 
+_TRACE_ERRORS = (fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError, ValueError)
+
+
 def folded(module: nn.Module, keep: Iterable[str] = ()) -> nn.Module:
-    """A cached BN-folded copy of an eval-mode `module` (sharing every unchanged weight), or
+    """A cached folded copy of an eval-mode `module` (sharing every unchanged weight), or
     `module` itself when nothing folds or the model does not trace. The modules named in
     `keep` (layers a caller will hook) stay whole, as called modules at the same names."""
     keep = frozenset(keep)
     cache = _folded.setdefault(module, {})
     if keep not in cache:
         try:
-            cache[keep] = fold_batchnorm(module, keep)
-        except (fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError, ValueError):
+            cache[keep] = fold_layers(module, keep)
+        except _TRACE_ERRORS:
             cache[keep] = module
     return cache[keep]
 
@@ -63,11 +70,14 @@ def folded_working_copy(
     return runner if runner is source else folded(runner, keep)
 
 
-def fold_batchnorm(module: nn.Module, keep: frozenset[str] = frozenset()) -> nn.Module:
-    """Trace `module` and fold every BatchNorm (eval mode, running statistics) whose only
-    input is a convolution or linear layer that runs once and feeds nothing else; the
-    modules named in `keep` are not traced into."""
-    graph = _LayerLeaves(keep).trace(module)
+def fold_layers(module: nn.Module, keep: frozenset[str] = frozenset()) -> nn.Module:
+    """Trace `module`; fold every BatchNorm (eval mode, running statistics) whose only input
+    is a convolution or linear layer that runs once and feeds nothing else, then the zero
+    paddings (`fold_zero_padding`); the modules named in `keep` are not traced into."""
+    try:
+        graph = _LayerLeaves(keep).trace(module)
+    except _TRACE_ERRORS:  # e.g. a 'same' conv that computes its padding from the input size
+        graph = _LayerLeaves(keep, whole_subclasses=True).trace(module)
     modules = dict(module.named_modules())
     calls: dict[str, int] = {}
     for node in graph.nodes:
@@ -78,25 +88,40 @@ def fold_batchnorm(module: nn.Module, keep: frozenset[str] = frozenset()) -> nn.
     for node in list(graph.nodes):
         if node.op != "call_module" or not isinstance(modules[node.target], _FOLDABLE_BN):
             continue
+        norm = modules[node.target]
         source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-        if not (isinstance(source, fx.Node) and source.op == "call_module"):
-            continue
-        layer, norm = modules[source.target], modules[node.target]
         if (
-            not isinstance(layer, _FOLDABLE_INTO)
-            or calls[source.target] != 1
+            not isinstance(source, fx.Node)
             or len(source.users) != 1
             or norm.training
             or norm.running_mean is None
-            or _hooked(layer)
             or _hooked(norm)
-            or keep & {source.target, node.target}
+            or node.target in keep
         ):
             continue
-        _set_submodule(result, source.target, _fold(layer, norm))
-        node.replace_all_uses_with(source)
-        graph.erase_node(node)
+        if source.op == "call_module":
+            layer = modules[source.target]
+            if (
+                not isinstance(layer, _FOLDABLE_INTO)
+                or calls[source.target] != 1
+                or _hooked(layer)
+                or source.target in keep
+            ):
+                continue
+            _set_submodule(result, source.target, _fold(layer, norm))
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+        else:  # a convolution traced into: F.conv2d on the layer's parameters
+            spec = conv_spec(result, source)
+            if spec is None:
+                continue
+            scale, shift = _bn_affine(norm, spec["weight"].dtype)
+            spec["weight"] = _like(spec["weight"] * scale.view(-1, 1, 1, 1), spec["weight"])
+            bias = spec["bias"]
+            spec["bias"] = shift if bias is None else bias * scale + shift
+            _rebuild(result, [source, node], spec)
         count += 1
+    count += fold_zero_padding(result, keep)
     if count == 0:
         return module
     graph.lint()
@@ -109,24 +134,34 @@ def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def _bn_affine(norm: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) per channel with norm(y) = y · scale + shift for an eval BatchNorm."""
+    scale = norm.running_var.to(dtype).add(norm.eps).rsqrt()
+    if norm.weight is not None:
+        scale = scale * norm.weight.detach().to(dtype)
+    shift = -norm.running_mean.to(dtype) * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias.detach().to(dtype)
+    return scale, shift
+
+
+def _like(weight: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
+    """`weight` in the memory format of `template` (channels-last stays channels-last)."""
+    if template.ndim == 4 and template.is_contiguous(memory_format=torch.channels_last):
+        return weight.contiguous(memory_format=torch.channels_last)
+    return weight.contiguous()
+
+
 def _fold(layer: nn.Module, norm: nn.Module) -> nn.Module:
     """A copy of `layer` computing norm(layer(x)) for an eval-mode BatchNorm."""
     weight = layer.weight.detach()
-    scale = norm.running_var.to(weight.dtype).add(norm.eps).rsqrt()
-    if norm.weight is not None:
-        scale = scale * norm.weight.detach().to(weight.dtype)
-    shift = -norm.running_mean.to(weight.dtype) * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias.detach().to(weight.dtype)
+    scale, shift = _bn_affine(norm, weight.dtype)
     bias = layer.bias.detach() * scale + shift if layer.bias is not None else shift
     shape = (-1,) + (1,) * (weight.ndim - 1)
-    new_weight = weight * scale.view(shape)
-    if weight.is_contiguous(memory_format=torch.channels_last) and weight.ndim == 4:
-        new_weight = new_weight.contiguous(memory_format=torch.channels_last)
     out = copy.copy(layer)  # same class and settings, own parameter slots
     out._parameters = dict(layer._parameters)
     out._modules = dict(layer._modules)
-    out.weight = nn.Parameter(new_weight, requires_grad=False)
+    out.weight = nn.Parameter(_like(weight * scale.view(shape), weight), requires_grad=False)
     out.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
     return out
 
@@ -231,10 +266,11 @@ def _zero_pad(root: fx.GraphModule, node: fx.Node) -> tuple[int, int] | None:
     return int(pads[2]), int(pads[0])
 
 
-def fold_zero_padding(root: fx.GraphModule) -> None:
+def fold_zero_padding(root: fx.GraphModule, keep: frozenset[str] = frozenset()) -> int:
     """Fold each symmetric zero padding that only feeds an unpadded convolution into the
-    convolution's own padding, in place on a private traced copy: one pass over memory fewer
-    (the default model pads before every strided convolution)."""
+    convolution's own padding, in place on a private traced copy; returns how many. Hooked
+    or kept modules keep their calls."""
+    count = 0
     for node in list(root.graph.nodes):
         spec = conv_spec(root, node)
         pad = spec["input"] if spec is not None else None
@@ -242,9 +278,20 @@ def fold_zero_padding(root: fx.GraphModule) -> None:
             continue
         if spec["padding"] not in (0, (0, 0), [0, 0]):
             continue
+        if any(_protected(root, n, keep) for n in (pad, node)):
+            continue
         amount = _zero_pad(root, pad)
         if amount is None:
             continue
         spec["input"], spec["padding"] = pad.args[0], amount
         _rebuild(root, [pad, node], spec)
+        count += 1
     root.recompile()
+    return count
+
+
+def _protected(root: fx.GraphModule, node: fx.Node, keep: frozenset[str]) -> bool:
+    """A module call that must stay: kept by name or hooked."""
+    if node.op != "call_module":
+        return False
+    return node.target in keep or _hooked(root.get_submodule(node.target))

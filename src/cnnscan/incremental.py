@@ -27,7 +27,7 @@ from torch import fx, nn
 from torch.nn.modules import module as _module_globals
 
 from cnnscan.execution import check_logits, logits_of
-from cnnscan.fold import CONV_ARGS, CONV_DEFAULTS, fold_zero_padding
+from cnnscan.fold import CONV_ARGS, CONV_DEFAULTS
 from cnnscan.layers import ACTIVATION_MODULES
 from cnnscan.tracing import symbolic_trace
 
@@ -217,7 +217,6 @@ def patched_forward(runner: nn.Module, image: torch.Tensor) -> PatchedForward | 
     ):
         return None
     try:
-        fold_zero_padding(traced)
         return PatchedForward(traced, image)
     except (RuntimeError, TypeError, ValueError, NotImplementedError):
         return None

@@ -18,7 +18,7 @@ from torch import nn
 
 from cnnscan.batching import adaptive_batches, max_batch_for, memory_budget_bytes
 from cnnscan.errors import MethodError
-from cnnscan.execution import check_logits, logits_of, runnable
+from cnnscan.execution import check_logits, logits_of, memory_format_of, runnable
 from cnnscan.fold import folded_working_copy
 from cnnscan.incremental import PatchedForward, patched_forward
 from cnnscan.layers import LayerRef, LayerRow, capture, default_layer, get_module, trace_layers
@@ -299,10 +299,7 @@ class Scan:
 
 def match_format(x: torch.Tensor, runner: nn.Module) -> torch.Tensor:
     """Give the input the memory format of the working copy's convolutions (a copy)."""
-    conv = next((m for m in runner.modules() if isinstance(m, nn.Conv2d)), None)
-    if conv is not None and conv.weight.is_contiguous(memory_format=torch.channels_last):
-        return x.contiguous(memory_format=torch.channels_last).clone()
-    return x.clone()
+    return x.contiguous(memory_format=memory_format_of(runner)).clone()
 
 
 class _SavedBytes:

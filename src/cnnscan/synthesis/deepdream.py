@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cnnscan.errors import MethodError
-from cnnscan.execution import runnable
+from cnnscan.execution import memory_format_of, runnable
 from cnnscan.fold import folded_working_copy
 from cnnscan.layers import LayerRef
 from cnnscan.methods.gradient import _count, _number, generator
 from cnnscan.models import Model, load_model
-from cnnscan.synthesis.forward import memory_format, probe
+from cnnscan.synthesis.forward import probe
 from cnnscan.synthesis.objectives import Objective, as_objective, layer_norm
 from cnnscan.synthesis.result import Synthesis
 from cnnscan.synthesis.run import ModelLike, evaluate, finite, photo_pixels, size_pair
@@ -91,7 +91,7 @@ def deepdream(
     with runnable(model.module, device) as runner:
         initial = evaluate(runner, model, objective, photo, validate=True)
         runner = folded_working_copy(runner, model.module, [ref.name for ref in objective.layers])
-        fmt = memory_format(runner)
+        fmt = memory_format_of(runner)
         detail = torch.zeros((1, 3, *sizes[0]), device=device)
         bar = tqdm(
             total=octaves * steps, desc="deepdream", unit="step", disable=None if progress else True

@@ -83,11 +83,3 @@ def probe(
             except _Stop:
                 pass
     return Probe(model_input, captured, logits)
-
-
-def memory_format(runner: nn.Module) -> torch.memory_format:
-    """The memory format of the working copy's convolutions (channels-last on CPU)."""
-    conv = next((m for m in runner.modules() if isinstance(m, nn.Conv2d)), None)
-    if conv is not None and conv.weight.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from cnnscan.execution import runnable
+from cnnscan.execution import memory_format_of, runnable
 from cnnscan.layers import LayerRef
 from cnnscan.methods.gradient import _number
 from cnnscan.models import Model, load_model
-from cnnscan.synthesis.forward import memory_format, probe
+from cnnscan.synthesis.forward import probe
 from cnnscan.synthesis.objectives import alpha_norm, feature_match, layer_norm, total_variation
 from cnnscan.synthesis.result import Synthesis
 from cnnscan.synthesis.run import ModelLike, photo_pixels, synthesize
@@ -86,7 +86,7 @@ def features(
         found = probe(
             runner,
             objective,
-            x.contiguous(memory_format=memory_format(runner)),
+            x.contiguous(memory_format=memory_format_of(runner)),
             x,
             stop_early=False,
         )

@@ -20,11 +20,11 @@ from torch import nn
 from tqdm import tqdm
 
 from cnnscan.errors import MethodError, ModelError
-from cnnscan.execution import runnable
+from cnnscan.execution import memory_format_of, runnable
 from cnnscan.fold import folded_working_copy
 from cnnscan.methods.gradient import _count, _number, generator
 from cnnscan.models import Model, load_model
-from cnnscan.synthesis.forward import memory_format, probe
+from cnnscan.synthesis.forward import probe
 from cnnscan.synthesis.objectives import (
     Objective,
     as_objective,
@@ -102,7 +102,7 @@ def synthesize(
     with runnable(model.module, device) as runner, bar:
         initial = evaluate(runner, model, objective, image().detach(), validate=True)
         runner = folded_working_copy(runner, model.module, [ref.name for ref in objective.layers])
-        fmt = memory_format(runner)
+        fmt = memory_format_of(runner)
         for step in range(steps):
             pixels = image()
             seen = model.preprocessing.normalize(transform(pixels, gen))
@@ -199,7 +199,7 @@ def evaluate(
         found = probe(
             runner,
             objective,
-            x.contiguous(memory_format=memory_format(runner)),
+            x.contiguous(memory_format=memory_format_of(runner)),
             x,
             stop_early=not validate,
         )
