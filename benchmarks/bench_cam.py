@@ -15,13 +15,13 @@ convention) and with torchcam using the default (torchcam's convention).
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import pytorch_grad_cam as pgc
 import torch
 import torchcam.methods as tcm
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from timing import best_time
 
 import cnnscan
 from cnnscan.layers import unshare
@@ -33,15 +33,6 @@ GRADIENT_CAMS = {
     "layercam": pgc.LayerCAM,
     "hirescam": pgc.HiResCAM,
 }
-
-
-def best_time(fn, repeat: int) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        began = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - began)
-    return best, result
 
 
 def pearson(a, b) -> float:

@@ -12,10 +12,10 @@ per layer (captum's LayerActivation, one call per layer).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from captum.attr import LayerActivation
+from timing import best_time
 
 import cnnscan
 from cnnscan import render
@@ -23,15 +23,6 @@ from cnnscan.execution import forward_logits
 from cnnscan.layers import get_module
 
 LAYERS = ["_swish@0", "_blocks.5", "_conv_head"]
-
-
-def best_time(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        began = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - began)
-    return best
 
 
 def main() -> None:
@@ -46,27 +37,27 @@ def main() -> None:
     forward_logits(module, x)  # build the working copy once
 
     rows = []
-    forward = best_time(lambda: forward_logits(module, x), args.repeat)
+    forward, _ = best_time(lambda: forward_logits(module, x), args.repeat)
     rows.append(("plain forward, no gradients (default model)", forward, 1.0))
-    maps = best_time(lambda: cnnscan.feature_maps(model, x, LAYERS), args.repeat)
+    maps, _ = best_time(lambda: cnnscan.feature_maps(model, x, LAYERS), args.repeat)
     rows.append(("feature_maps, 3 layers, one forward", maps, maps / forward))
 
     def captum_style() -> None:  # one hooked forward per layer, as LayerActivation is used
         for name in ("_swish", "_blocks.5", "_conv_head"):
             LayerActivation(module, get_module(module, name)).attribute(x)
 
-    per_layer = best_time(captum_style, args.repeat)
+    per_layer, _ = best_time(captum_style, args.repeat)
     rows.append(("captum LayerActivation, one call per layer", per_layer, per_layer / forward))
     weights = cnnscan.filters(model)
-    grid = best_time(lambda: render.filter_grid(weights), args.repeat)
+    grid, _ = best_time(lambda: render.filter_grid(weights), args.repeat)
     rows.append(("filters + RGB grid of the first conv (32 filters)", grid, grid / forward))
     head = cnnscan.feature_maps(model, x, "_swish@1")["_swish@1"][0]
     top = cnnscan.top_channels(head, 32)
-    feature_grid = best_time(lambda: render.feature_grid(head, top), args.repeat)
+    feature_grid, _ = best_time(lambda: render.feature_grid(head, top), args.repeat)
     rows.append(("feature grid, top 32 of 1280 channels", feature_grid, feature_grid / forward))
-    fields = best_time(lambda: cnnscan.receptive_fields(model, x), args.repeat)
+    fields, _ = best_time(lambda: cnnscan.receptive_fields(model, x), args.repeat)
     rows.append(("receptive fields, 199 layer calls", fields, fields / forward))
-    unit = best_time(
+    unit, _ = best_time(
         lambda: cnnscan.explain(model, x, "deconvnet", unit=("_blocks.5", 7)), args.repeat
     )
     rows.append(("DeconvNet of one unit (forward + backward)", unit, unit / forward))
@@ -74,15 +65,15 @@ def main() -> None:
     vgg = cnnscan.load_model("vgg16", weights=None)
     vgg_x = torch.zeros(1, 3, 224, 224)
     forward_logits(vgg.module, vgg_x)
-    vgg_forward = best_time(lambda: forward_logits(vgg.module, vgg_x), args.repeat)
+    vgg_forward, _ = best_time(lambda: forward_logits(vgg.module, vgg_x), args.repeat)
     rows.append(("plain forward, no gradients (VGG16)", vgg_forward, 1.0))
-    vgg_fields = best_time(lambda: cnnscan.receptive_fields(vgg, vgg_x), args.repeat)
+    vgg_fields, _ = best_time(lambda: cnnscan.receptive_fields(vgg, vgg_x), args.repeat)
     rows.append(("receptive fields, VGG16 (41 layer calls)", vgg_fields, vgg_fields / vgg_forward))
     with torch.device("meta"):
         import torchvision
 
         shapes_only = torchvision.models.vgg16()
-    meta = best_time(
+    meta, _ = best_time(
         lambda: cnnscan.receptive_fields(shapes_only, torch.zeros(1, 3, 224, 224, device="meta")),
         args.repeat,
     )

@@ -19,25 +19,15 @@ the curves. Timing on a shared machine is noisy: compare ratios within one run.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
+from timing import best_time
 
 import cnnscan
 from cnnscan.attribution import Attribution
 from cnnscan.explain import make_scan
 from cnnscan.metrics.relevance import relevance
-
-
-def best_time(fn, repeat: int) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        began = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - began)
-    return best, result
-
 
 SEEN = {"images": 0}  # module-level: cnnscan runs working copies of the model
 
