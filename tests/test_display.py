@@ -188,3 +188,13 @@ def test_synthesis_shows_its_images(default_model):
     batch = cnnscan.synthesize(default_model, "_blocks.2@0:3", steps=2, size=32, batch=2)
     row = png_pixels(batch._repr_png_())
     assert np.array_equal(row, render.tile_grid(np.stack(batch.images)))
+
+
+def test_summary_lists_per_target_values_and_names_maps_by_shape():
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    net = SmallConvNet().eval()
+    ig = cnnscan.explain(net, x, "integrated_gradients", targets=[1, 3], n_steps=4)
+    error = ig.summary()["extras"]["completeness_error"]
+    assert error == ig.extras["completeness_error"].tolist()  # (2, 2): one per image and target
+    cam = cnnscan.explain(net, x, "gradcam", targets=[1, 3])
+    assert cam.summary()["extras"]["raw"] == f"tensor {tuple(cam.extras['raw'].shape)}"

@@ -86,9 +86,11 @@ class Attribution:
         return f"{class_id} {name}"
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready description: method, layer, targets, scores and scalar extras."""
+        """JSON-ready description: method, layer, targets, scores and scalar extras; a tensor
+        extra is listed when it holds at most a value per image and target (completeness
+        errors, steps), else named by its shape (maps such as a CAM's pre-ReLU `raw`)."""
         extras = {
-            key: value.tolist() if isinstance(value, torch.Tensor) else value
+            key: _summarized(value, self.targets.numel())
             for key, value in self.extras.items()
             if isinstance(value, str | int | float | bool | torch.Tensor)
         }
@@ -128,3 +130,12 @@ class Attribution:
         from cnnscan.display import attribution_html
 
         return attribution_html(self)
+
+
+def _summarized(value: Any, per_target: int) -> Any:
+    """`value` as JSON: small tensors as lists, larger ones as "tensor (shape)"."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.numel() <= per_target:
+        return value.tolist()
+    return f"tensor {tuple(value.shape)}"
