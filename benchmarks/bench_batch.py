@@ -1,4 +1,4 @@
-"""Batch mode: images/s of `cnnscan.batch.run` vs a naive loop, thread-pool vs DataLoader
+"""Batch mode: images/s of `cnnscan.batch.runner` vs a naive loop, thread-pool vs DataLoader
 reading, Ray (2 actors) vs in-process, and peak memory over few vs many images.
 
     python benchmarks/bench_batch.py speed --images 64        # engine vs explain() per image

@@ -19,7 +19,7 @@ from timing import best_time
 
 import cnnscan
 from cnnscan import render
-from cnnscan.execution import forward_logits
+from cnnscan.engine.working_copy import forward_logits
 from cnnscan.layers import get_module
 
 LAYERS = ["_swish@0", "_blocks.5", "_conv_head"]

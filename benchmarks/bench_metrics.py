@@ -26,8 +26,8 @@ from timing import best_time
 
 import cnnscan
 from cnnscan.attribution import Attribution
-from cnnscan.explain import make_scan
 from cnnscan.metrics.relevance import relevance
+from cnnscan.scan import make_scan
 
 SEEN = {"images": 0}  # module-level: cnnscan runs working copies of the model
 

@@ -19,7 +19,7 @@ import time
 import torch
 
 import cnnscan
-from cnnscan.explain import make_scan
+from cnnscan.scan import make_scan
 
 
 class Copies:

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from nets import SmallConvNet
+from helpers import SmallConvNet
 from PIL import Image
 
 import cnnscan
 from cnnscan import render
 from cnnscan.app import core, exports, jobs, launch, pictures, sources
 from cnnscan.errors import ImageError, MethodError, ModelError
-from cnnscan.preprocessing import Preprocessing
+from cnnscan.models.preprocessing import Preprocessing
 
 TINY = Preprocessing(size=(32, 32), resize_shorter=None)
 
@@ -62,7 +62,7 @@ def tiny_model() -> cnnscan.Model:
 
 @pytest.fixture
 def tiny_workspace(tiny_model, photo) -> core.Workspace:
-    picture = sources.Picture(Image.fromarray(photo), "photo.png", "digest-photo")
+    picture = sources.SourceImage(Image.fromarray(photo), "photo.png", "digest-photo")
     return core.Workspace(tiny_model, "tiny", picture, core.ResultCache())
 
 
@@ -220,7 +220,7 @@ def test_layer_methods_get_one_column_per_layer():
 
 
 def test_default_screen_is_gradcam():
-    assert core.default_methods() == ["gradcam"]
+    assert core.first_screen_methods() == ["gradcam"]
 
 
 def test_cells_equal_the_library_called_per_target(tiny_workspace, tiny_model):
@@ -267,7 +267,7 @@ def test_only_missing_targets_are_computed(tiny_workspace, monkeypatch):
     assert again[0] is first[1] and again[1] is first[0]
     assert more[0] is first[1] and more[2] is first[0]
     other_picture = core.Workspace(
-        ws.model, ws.model_key, sources.Picture(ws.picture.image, "x", "other"), ws.results
+        ws.model, ws.model_key, sources.SourceImage(ws.picture.image, "x", "other"), ws.results
     )
     other_picture.explain(column, [1])
     assert calls[-1] == [[1]]  # another picture is another key

@@ -27,7 +27,7 @@ PLAN = [
 DREAM = jobs.SynthesisRequest("deepdream", steps=2, octaves=1, layer="_blocks.4")
 
 
-def session(model: cnnscan.Model, picture: sources.Picture, start: threading.Barrier) -> dict:
+def session(model: cnnscan.Model, picture: sources.SourceImage, start: threading.Barrier) -> dict:
     """What one page session computes: top-5, a grid of top-2 cells, feature maps, a dream."""
     ws = core.Workspace(model, "default", picture, core.ResultCache())
     start.wait(timeout=120)

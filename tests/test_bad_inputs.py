@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SmallConvNet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nets import SmallConvNet
 from PIL import Image, ImageOps
 from torch import nn
 

@@ -16,17 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from nets import SmallConvNet
+from helpers import SmallConvNet
 from PIL import Image
 
 import cnnscan
 import cnnscan.batch
 from cnnscan.batch.inputs import discover
-from cnnscan.batch.run import plan
+from cnnscan.batch.runner import plan
 from cnnscan.batch.store import Store
 from cnnscan.cli import main
 from cnnscan.errors import BatchError
-from cnnscan.preprocessing import Preprocessing
+from cnnscan.models.preprocessing import Preprocessing
 
 TESTS = Path(__file__).parent
 GOOD = [
@@ -557,8 +557,8 @@ def test_resume_after_sigkill(folder, tmp_path):
         import sys, time, pathlib
         sys.path.insert(0, {str(TESTS)!r})
         import cnnscan, cnnscan.batch
-        from cnnscan.preprocessing import Preprocessing
-        from nets import SmallConvNet
+        from cnnscan.models.preprocessing import Preprocessing
+        from helpers import SmallConvNet
         model = cnnscan.load_model(
             SmallConvNet(classes=5), preprocessing=Preprocessing(size=(32, 32), resize_shorter=None)
         )

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nets import SmallConvNet
+from helpers import SmallConvNet
 
 import cnnscan
-import cnnscan.batching
+import cnnscan.engine.batch_size
 import cnnscan.scan
-from cnnscan.batching import adaptive_batches, max_batch_for, memory_budget_bytes, parse_memory
+from cnnscan.engine.batch_size import (
+    adaptive_batches,
+    max_batch_for,
+    memory_budget_bytes,
+    parse_memory,
+)
 from cnnscan.errors import MethodError
 
 X = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -70,7 +75,7 @@ def test_a_few_items_teach_nothing():
     key = ("test", object())
     for total in (1, 2, 3):
         list(adaptive_batches(total, key, limit=64))
-    assert key not in cnnscan.batching._learned  # a later big job still measures
+    assert key not in cnnscan.engine.batch_size._learned  # a later big job still measures
 
 
 def test_max_memory_limits_the_batches_of_a_method(monkeypatch):
@@ -98,7 +103,7 @@ def test_bad_max_memory_is_a_clear_error_before_any_work():
 
 
 def test_derived_scans_keep_the_budget():
-    from cnnscan.explain import make_scan
+    from cnnscan.scan import make_scan
 
     scan = make_scan(SmallConvNet().eval(), X, max_memory="3MB")
     assert scan.memory_budget == 3 * 2**20

@@ -84,7 +84,7 @@ def test_scan_predictions_json(quick_report, default_model, chelsea):
     assert [p["class_id"] for p in predictions] == top.indices.tolist()
     for p, expected in zip(predictions, top.values.tolist(), strict=True):
         assert p["probability"] == pytest.approx(expected, abs=1e-5)
-        assert p["label"] == cnnscan.labels.imagenet_labels()[p["class_id"]]
+        assert p["label"] == cnnscan.models.labels.imagenet_labels()[p["class_id"]]
 
 
 def test_scan_report_is_self_contained(quick_report):
@@ -136,7 +136,7 @@ def test_scan_on_a_file_and_another_model(tmp_path, capsys):
 
 
 def test_scan_top_k_larger_than_the_classes(tmp_path, capsys):
-    from nets import SmallConvNet
+    from helpers import SmallConvNet
 
     net = SmallConvNet(classes=3)
     torch.save(net, tmp_path / "full.pt")

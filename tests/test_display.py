@@ -4,27 +4,16 @@ right labels, scores and escaping; `predict` still returns a plain-compatible li
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
-from nets import SmallConvNet
-from PIL import Image
-from test_report import decode, parse
+from helpers import SmallConvNet, decode, parse, png_pixels
 
 import cnnscan
 from cnnscan import display, render
-from cnnscan.explain import make_scan, top_predictions
-
-
-def png_pixels(data: bytes | memoryview) -> np.ndarray:
-    data = bytes(data)
-    assert data.startswith(b"\x89PNG\r\n\x1a\n")
-    with Image.open(io.BytesIO(data)) as picture:
-        picture.load()
-        return np.asarray(picture.convert("RGB"))
+from cnnscan.scan import make_scan
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +38,7 @@ def test_attribution_png_is_the_grid_of_overlays(default_model, chelsea, two_by_
         back = display.background(attr, i)
         for t in range(3):
             overlay = attr.image(i, t, "heatmap", background=back)
-            tiles.append(render._enlarge(overlay[None], display.TILE_PX)[0])
+            tiles.append(render.enlarge(overlay[None], display.TILE_PX)[0])
     expected = render.tile_grid(np.stack(tiles), 3, labels=[""] * 6)  # blank label strips
     assert grid.shape == expected.shape
     # the tiles (below each 12-pixel label strip) are exactly the overlays
@@ -80,7 +69,7 @@ def test_attribution_html_lists_every_map_with_label_and_logit(two_by_three):
             picture = decode(cell["images"][0]["src"])
             back = display.background(attr, i)
             overlay = attr.image(i, t, "heatmap", background=back)
-            assert np.array_equal(picture, render._enlarge(overlay[None], display.TILE_PX)[0])
+            assert np.array_equal(picture, render.enlarge(overlay[None], display.TILE_PX)[0])
     assert parse(page).tables[0]["rows"][0][1]["images"][0]["alt"].startswith("285 Egyptian")
 
 
@@ -88,7 +77,7 @@ def test_input_space_maps_use_the_methods_view_and_extras_are_listed(default_mod
     attr = cnnscan.explain(default_model, chelsea, "integrated_gradients", n_steps=4)
     info = cnnscan.get_method("integrated_gradients")
     cell = parse(attr._repr_html_()).tables[0]["rows"][0][1]
-    expected = render._enlarge(attr.image(0, 0, info.view)[None], display.TILE_PX)[0]
+    expected = render.enlarge(attr.image(0, 0, info.view)[None], display.TILE_PX)[0]
     assert np.array_equal(decode(cell["images"][0]["src"]), expected)
     relative = float(attr.extras["completeness_error_relative"][0, 0])
     assert f"<code>completeness_error_relative</code>: {relative:.4g}" in attr._repr_html_()
@@ -116,7 +105,7 @@ def test_labels_are_escaped_and_large_attributions_are_capped():
 
 def test_predict_returns_a_list_that_renders_as_a_table(default_model, chelsea):
     table = cnnscan.predict(default_model, chelsea)
-    plain = top_predictions(make_scan(default_model, chelsea), 5)
+    plain = make_scan(default_model, chelsea).predictions(5)
     assert isinstance(table, list) and table == plain
     assert json.loads(json.dumps(table)) == plain
     html = parse(table._repr_html_())

@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 import cnnscan
-from cnnscan.fold import fold_layers
+from cnnscan.engine.folding import fold_layers
 
 
 def _batchnorms_called(module: nn.Module) -> int:
@@ -113,8 +113,8 @@ def test_kept_layers_stay_whole_and_their_hooks_see_every_call():
     module = _with_statistics(torchvision.models.resnet18(weights=None)).double()
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     keep = ["layer2.0", "layer3.1.bn2"]
-    result = cnnscan.fold.folded(module, keep)
-    assert result is cnnscan.fold.folded(module, keep)  # cached per set of kept names
+    result = cnnscan.engine.folding.folded(module, keep)
+    assert result is cnnscan.engine.folding.folded(module, keep)  # cached per set of kept names
     called = [n.target for n in result.graph.nodes if n.op == "call_module"]
     assert "layer2.0" in called and "layer2.0.conv1" not in called  # whole, not traced into
     assert "layer3.1.bn2" in called and "layer3.1.bn1" not in called  # kept vs folded
@@ -142,6 +142,6 @@ def test_kept_layers_stay_whole_and_their_hooks_see_every_call():
 
 def test_a_borrowed_model_is_not_folded():
     module = _with_statistics(torchvision.models.resnet18(weights=None))
-    assert cnnscan.fold.folded_working_copy(module, module) is module
+    assert cnnscan.engine.folding.folded_working_copy(module, module) is module
     copy_of = copy.deepcopy(module)
-    assert cnnscan.fold.folded_working_copy(copy_of, module) is not copy_of
+    assert cnnscan.engine.folding.folded_working_copy(copy_of, module) is not copy_of

@@ -21,12 +21,12 @@ from captum.attr import (
     NoiseTunnel,
     Saliency,
 )
-from nets import Linear, SmallConvNet, SmoothConvNet, SquareSum, relu6_visible_to_captum
+from helpers import Linear, SmallConvNet, SmoothConvNet, SquareSum, relu6_visible_to_captum
 
 import cnnscan
 from cnnscan.errors import MethodError
 from cnnscan.methods.gradient import generator, make_baseline
-from cnnscan.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from cnnscan.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from cnnscan.scan import Scan
 
 ONE_BACKWARD = ["gradient", "gradient_x_input", "guided_backprop", "deconvnet"]

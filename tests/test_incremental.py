@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from nets import SmallConvNet
+from helpers import SmallConvNet
 from torch import nn
 
-from cnnscan.execution import runnable
-from cnnscan.fold import folded
-from cnnscan.incremental import Boxed, patched_forward
+from cnnscan.engine.folding import folded
+from cnnscan.engine.incremental import Boxed, patched_forward
+from cnnscan.engine.working_copy import runnable
 
 
 def random_boxes(batch: int, size: int, box: int, seed: int = 0):

@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from nets import Linear, SmallConvNet
-from test_safety import hooks_of
+from helpers import Linear, SmallConvNet, hooks_of
 from torch import nn
 
 import cnnscan

@@ -13,9 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from nets import Linear, SmallConvNet
+from helpers import Linear, SmallConvNet, assert_unchanged, prepared, snapshot
 from PIL import Image
-from test_safety import assert_unchanged, prepared, snapshot
 from torch import nn
 
 import cnnscan

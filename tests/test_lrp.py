@@ -11,7 +11,7 @@ import gc
 import pytest
 import torch
 import torchvision
-from nets import RELU6_FORMS, RELU_FORMS, SmallConvNet
+from helpers import RELU6_FORMS, RELU_FORMS, SmallConvNet, efficientnet_lite_canonizers, zennit_lrp
 from torch import nn
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import (
@@ -22,13 +22,12 @@ from zennit.composites import (
     EpsilonPlusFlat,
 )
 from zennit.torchvision import ResNetCanonizer
-from zennit_refs import efficientnet_lite_canonizers, zennit_lrp
 
 import cnnscan
 from cnnscan.errors import MethodError
 from cnnscan.lrp import COMPOSITES, AlphaBeta, Composite, Epsilon, Gamma, ZBox
 from cnnscan.methods.lrp import input_bounds
-from cnnscan.preprocessing import Preprocessing
+from cnnscan.models.preprocessing import Preprocessing
 
 LOW, HIGH = input_bounds(Preprocessing(), torch.zeros(1, 3, 1, 1))
 ZENNIT = {

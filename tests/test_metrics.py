@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from nets import Linear, SmallConvNet
+from helpers import Linear, SmallConvNet
 from PIL import Image
 from scipy.stats import spearmanr
 from skimage.metrics import structural_similarity
@@ -19,10 +19,10 @@ from torch import nn
 import cnnscan
 from cnnscan.attribution import Attribution
 from cnnscan.errors import MetricError
-from cnnscan.explain import make_scan
 from cnnscan.metrics import faithfulness, localization, sanity
 from cnnscan.metrics.relevance import random_attribution, relevance
 from cnnscan.metrics.similarity import spearman, ssim
+from cnnscan.scan import make_scan
 
 
 def sigmoid(z: float) -> float:
@@ -716,3 +716,40 @@ def test_scan_of_a_model_that_cannot_be_copied_skips_only_model_randomization(tm
     assert all("model_randomization" not in row for row in result.leaderboard)
     html = write_report(result, tmp_path).read_text(encoding="utf-8")
     assert "No model randomization" in html
+
+
+def test_a_new_metric_is_one_registered_function(monkeypatch, tmp_path, capsys):
+    """Registered once, a metric is evaluated by default, ranked in `cnnscan evaluate`'s
+    table under its title, stored as a batch column and named in the registry's listing."""
+    from cnnscan.batch.evaluation import Evaluator, batch_metrics
+    from cnnscan.metrics import registry
+    from cnnscan.metrics.outputs import Evaluation, table_lines
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @registry.register_metric(
+        "peak_share",
+        family="localization",
+        description="The share of the total relevance held by the strongest pixel.",
+        higher_is_better=True,
+        title="peak↑",
+    )
+    def peak_share(ctx):
+        totals = ctx.stacked.flatten(1).sum(dim=1).clamp_min(1e-12)
+        share = ctx.split(ctx.stacked.flatten(1).amax(dim=1) / totals)
+        return {name: {"peak_share": share[name]} for name in ctx.names}
+
+    model = cnnscan.load_model(SmallConvNet())
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    attr = cnnscan.explain(model, x, "gradient", targets="top2")
+    rel = relevance(attr)
+    expected = (rel.flatten(2).amax(dim=2) / rel.flatten(2).sum(dim=2)).tolist()
+    scores = cnnscan.evaluate(model, None, attr, steps=4)  # the default set includes it
+    assert np.allclose(scores["peak_share"], expected)
+    assert "peak_share" in [info.name for info in cnnscan.metrics.list_metrics()]
+    assert "peak_share" in batch_metrics()
+    evaluator = Evaluator(model, ["peak_share"])
+    assert evaluator.columns == ["peak_share"]
+    rows = [{"method": "gradient", "reference": False, "rank": 1, "peak_share": 0.25}]
+    lines = table_lines(Evaluation(0, "a", rows, {}))
+    assert "peak↑" in lines[0] and "0.250" in lines[1]

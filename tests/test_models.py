@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from nets import SmallConvNet
+from helpers import SmallConvNet
 from torch import nn
 
 import cnnscan
 from cnnscan import ModelError, load_model
-from cnnscan.labels import imagenet_labels
+from cnnscan.models.labels import imagenet_labels
 
 X8 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 

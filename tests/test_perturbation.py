@@ -10,18 +10,17 @@ import numpy as np
 import pytest
 import torch
 from captum.attr import Occlusion
+from helpers import SafetyNet, SmallConvNet, assert_unchanged, snapshot
 from lime.lime_image import LimeImageExplainer
-from nets import SmallConvNet
-from test_safety import SafetyNet, assert_unchanged, snapshot
 from torch import nn
 
 import cnnscan
 from cnnscan.errors import MethodError
-from cnnscan.explain import make_scan
 from cnnscan.methods.gradient import make_baseline
 from cnnscan.methods.perturbation import _RiseMasks
-from cnnscan.preprocessing import Preprocessing
-from cnnscan.superpixels import segment
+from cnnscan.methods.superpixels import segment
+from cnnscan.models.preprocessing import Preprocessing
+from cnnscan.scan import make_scan
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from nets import SmallConvNet
+from helpers import SmallConvNet
 from torch import nn
 
 from cnnscan.receptive import receptive_fields, trace_receptive_fields

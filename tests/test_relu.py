@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from nets import RELU6_FORMS, RELU_FORMS, SmallConvNet
+from helpers import RELU6_FORMS, RELU_FORMS, SmallConvNet
 
 import cnnscan
-from cnnscan.relu import RuleSwitch, switchable_relus
+from cnnscan.engine.relu_rules import RuleSwitch, switchable_relus
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 

@@ -3,75 +3,16 @@ method) cell showing that class's map, labels escaped, everything embedded."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-from html.parser import HTMLParser
 
 import numpy as np
 import pytest
 import torch
-from nets import SmallConvNet
+from helpers import SmallConvNet, Tables, decode, parse
 from PIL import Image
 
 import cnnscan
 from cnnscan.report import run_scan, write_report
-
-
-class Tables(HTMLParser):
-    """Tables as rows of cells; each cell has its text, its images and its tag (td/th)."""
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.tables: list[dict] = []
-        self._stack: list[dict] = []
-        self._cell: dict | None = None
-        self.images: list[dict] = []
-        self.open_tags: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag not in ("img", "br", "meta", "input", "link", "hr"):
-            self.open_tags.append(tag)
-        if tag == "table":
-            table = {"class": attrs.get("class", ""), "rows": []}
-            self.tables.append(table)
-            self._stack.append(table)
-        elif tag == "tr" and self._stack:
-            self._stack[-1]["rows"].append([])
-        elif tag in ("td", "th") and self._stack and self._stack[-1]["rows"]:
-            self._cell = {"tag": tag, "text": "", "images": []}
-            self._stack[-1]["rows"][-1].append(self._cell)
-        elif tag == "img":
-            self.images.append(attrs)
-            if self._cell is not None:
-                self._cell["images"].append(attrs)
-
-    def handle_endtag(self, tag):
-        if self.open_tags and self.open_tags[-1] == tag:
-            self.open_tags.pop()
-        if tag == "table" and self._stack:
-            self._stack.pop()
-        elif tag in ("td", "th"):
-            self._cell = None
-
-    def handle_data(self, data):
-        if self._cell is not None:
-            self._cell["text"] += data
-
-
-def parse(html: str) -> Tables:
-    tables = Tables()
-    tables.feed(html)
-    tables.close()
-    return tables
-
-
-def decode(src: str) -> np.ndarray:
-    prefix = "data:image/png;base64,"
-    assert src.startswith(prefix), src[:40]
-    with Image.open(io.BytesIO(base64.b64decode(src[len(prefix) :]))) as picture:
-        return np.asarray(picture.convert("RGB"))
 
 
 def prediction_table(tables: Tables) -> list[list[str]]:

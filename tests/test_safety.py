@@ -4,12 +4,11 @@ the method raises midway; and explanations do not depend on the model's train/ev
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
+from helpers import FORWARDS, SafetyNet, assert_unchanged, prepared, snapshot
 from torch import nn
-from torch.nn.modules import module as module_globals
 
 import cnnscan
 
@@ -27,141 +26,12 @@ def small_options(info: cnnscan.MethodInfo) -> dict:
 
 METHODS = [info.name for info in cnnscan.list_methods()]
 
-# Forwards of the user's module: counted outside the module so that working copies share it.
-_forwards = {"count": 0, "fail_at": None}
-
-
-def _tick(x: torch.Tensor) -> torch.Tensor:
-    _forwards["count"] += 1
-    if _forwards["fail_at"] is not None and _forwards["count"] >= _forwards["fail_at"]:
-        raise RuntimeError(f"injected failure in forward {_forwards['count']}")
-    return x
-
-
-torch.fx.wrap("_tick")  # a node of traced copies too (BatchNorm-folded runs), so they count
-
-
-class SafetyNet(nn.Module):
-    """In-place ReLUs, BatchNorm, dropout, a reused module, a residual add, a linear head."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.relu = nn.ReLU(inplace=True)
-        self.drop = nn.Dropout2d(0.3)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.pool = nn.MaxPool2d(2)
-        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
-        self.conv4 = nn.Conv2d(8, 8, 3, padding=1)
-        self.head_drop = nn.Dropout(0.5)
-        self.fc = nn.Linear(8, 5)
-        with torch.no_grad():  # non-trivial BatchNorm statistics
-            for bn in (self.bn1, self.bn2):
-                bn.running_mean.uniform_(-0.5, 0.5)
-                bn.running_var.uniform_(0.5, 2.0)
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.uniform_(-0.2, 0.2)
-
-    def forward(self, x):
-        x = _tick(x)
-        x = self.drop(self.relu(self.bn1(self.conv1(x))))
-        x = self.pool(self.relu(self.bn2(self.conv2(x))))
-        x = self.relu(self.conv3(x)) + x
-        x = self.relu(self.conv4(x))  # the default layer: relu@3 feeds pooling + fc
-        return self.fc(self.head_drop(x.mean(dim=(2, 3))))
-
-
-class UncopyableNet(SafetyNet):
-    """Holds a lock, so it cannot be deep-copied: cnnscan has to borrow the user's module."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__(seed)
-        self.lock = threading.Lock()
-
-
-def prepared(kind: str) -> tuple[nn.Module, list]:
-    """A net as a user might hold it mid-training: train mode, a frozen layer, a hook."""
-    net = (SafetyNet if kind == "copyable" else UncopyableNet)()
-    if kind == "uncopyable":
-        with pytest.raises(TypeError):
-            copy.deepcopy(net)
-    net.train()
-    net.conv1.weight.requires_grad_(False)
-    net.bn1.requires_grad_(False)
-    net.drop.eval()  # one submodule in another mode than its parent
-    seen = []
-    net.bn2.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
-    return net, seen
-
-
-def hooks_of(root: nn.Module) -> dict:
-    state = {
-        name: tuple(
-            tuple(getattr(m, attr).items())
-            for attr in (
-                "_forward_hooks",
-                "_forward_pre_hooks",
-                "_backward_hooks",
-                "_backward_pre_hooks",
-                "_state_dict_hooks",
-                "_load_state_dict_pre_hooks",
-            )
-        )
-        for name, m in root.named_modules()
-    }
-    state["<global>"] = (
-        tuple(module_globals._global_forward_hooks),
-        tuple(module_globals._global_forward_pre_hooks),
-        tuple(module_globals._global_backward_hooks),
-    )
-    return state
-
-
-def snapshot(net: nn.Module) -> dict:
-    """Everything explain must leave alone."""
-    return {
-        "state": {k: v.detach().clone() for k, v in net.state_dict(keep_vars=True).items()},
-        "tensors": {k: (id(v), v.data_ptr()) for k, v in net.state_dict(keep_vars=True).items()},
-        "training": {name: m.training for name, m in net.named_modules()},
-        "requires_grad": {name: p.requires_grad for name, p in net.named_parameters()},
-        "grads": {name: p.grad for name, p in net.named_parameters()},
-        "inplace": {name: m.inplace for name, m in net.named_modules() if hasattr(m, "inplace")},
-        "hooks": hooks_of(net),
-        "memory_format": {
-            name: p.is_contiguous() for name, p in net.named_parameters() if p.ndim == 4
-        },
-        "modules": {name: id(m) for name, m in net.named_modules()},
-        "grad_enabled": torch.is_grad_enabled(),
-        "function_modes": torch._C._len_torch_function_stack(),
-        "rng": torch.random.get_rng_state(),
-    }
-
-
-def assert_unchanged(before: dict, net: nn.Module) -> None:
-    after = snapshot(net)
-    assert after["state"].keys() == before["state"].keys()
-    for key, value in before["state"].items():
-        # bitwise: same dtype, shape and bytes (NaN-safe)
-        other = after["state"][key]
-        assert other.dtype == value.dtype and other.shape == value.shape, key
-        assert torch.equal(other.view(-1).view(torch.uint8), value.view(-1).view(torch.uint8)), key
-    for field in ("tensors", "training", "requires_grad", "inplace", "hooks", "memory_format"):
-        assert after[field] == before[field], field
-    assert all(g is None for g in after["grads"].values()), "gradients leaked into .grad"
-    assert after["modules"] == before["modules"]
-    assert after["grad_enabled"] == before["grad_enabled"]
-    assert after["function_modes"] == before["function_modes"] == 0
-    assert torch.equal(after["rng"], before["rng"]), "the global random state was consumed"
-
 
 @pytest.fixture(autouse=True)
 def _reset_forward_counter():
-    _forwards.update(count=0, fail_at=None)
+    FORWARDS.update(count=0, fail_at=None)
     yield
-    _forwards.update(count=0, fail_at=None)
+    FORWARDS.update(count=0, fail_at=None)
 
 
 @pytest.mark.parametrize("kind", ["copyable", "uncopyable"])
@@ -182,9 +52,9 @@ def test_model_unchanged_after_explain(method, kind):
 def _count_forwards(method: str, kind: str) -> int:
     net, _ = prepared(kind)
     info = cnnscan.get_method(method)
-    _forwards.update(count=0, fail_at=None)
+    FORWARDS.update(count=0, fail_at=None)
     cnnscan.explain(net, X, method, targets=TARGETS, batch_size=4, **small_options(info))
-    return _forwards["count"]
+    return FORWARDS["count"]
 
 
 @pytest.mark.parametrize("kind", ["copyable", "uncopyable"])
@@ -195,11 +65,11 @@ def test_model_unchanged_when_a_forward_raises_midway(method, kind):
     for fail_at in sorted({2, total} if total >= 2 else {1}):
         net, _ = prepared(kind)
         before = snapshot(net)
-        _forwards.update(count=0, fail_at=fail_at)
+        FORWARDS.update(count=0, fail_at=fail_at)
         with pytest.raises(RuntimeError, match="injected failure"):
             # a fixed batch size: the same forwards as counted (no batch-size exploration)
             cnnscan.explain(net, X, method, targets=TARGETS, batch_size=4, **small_options(info))
-        _forwards.update(fail_at=None)
+        FORWARDS.update(fail_at=None)
         assert_unchanged(before, net)
         # ... and the model still works normally afterwards.
         cnnscan.explain(net, X, "gradient", targets=[0])

@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from nets import SmallConvNet
-from test_safety import SafetyNet, _forwards, assert_unchanged, prepared, snapshot
+from helpers import FORWARDS, SafetyNet, SmallConvNet, assert_unchanged, prepared, snapshot
 
 import cnnscan
 from cnnscan import synthesis
+from cnnscan.engine.working_copy import runnable
 from cnnscan.errors import LayerError, MethodError, TargetError
-from cnnscan.execution import runnable
 from cnnscan.synthesis import transforms as T
 from cnnscan.synthesis.forward import probe
 from cnnscan.synthesis.param import (
@@ -329,12 +328,12 @@ def test_model_unchanged(run, kind):
     assert_unchanged(before, net)
     assert seen, "the user's hook should still fire"
     for fail_at in (1, 3):
-        _forwards.update(count=0, fail_at=fail_at)
+        FORWARDS.update(count=0, fail_at=fail_at)
         try:
             with pytest.raises(RuntimeError, match="injected failure"):
                 RUNS[run](net)
         finally:
-            _forwards.update(count=0, fail_at=None)
+            FORWARDS.update(count=0, fail_at=None)
         assert_unchanged(before, net)
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from nets import SmallConvNet
+from helpers import SmallConvNet
 
 import cnnscan
 from cnnscan import TargetError
-from cnnscan.labels import imagenet_labels
+from cnnscan.models.labels import imagenet_labels
 from cnnscan.targets import resolve_targets
 
 LABELS = imagenet_labels()

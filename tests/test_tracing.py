@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from cnnscan.fold import fold_layers
+from cnnscan.engine.folding import fold_layers
+from cnnscan.engine.head import _hooked_head, head_of
+from cnnscan.engine.tracing import Tracer, symbolic_trace
 from cnnscan.layers import LayerRef
-from cnnscan.split import _hooked_head, head_of
-from cnnscan.tracing import Tracer, symbolic_trace
 
 
 class Rendezvous(nn.Module):
@@ -191,6 +191,6 @@ def test_every_fx_trace_in_cnnscan_uses_the_thread_safe_tracer():
         for match in plain.finditer(text)
     ]
     assert not offenders, (
-        f"plain torch.fx tracing in {offenders}: subclass cnnscan.tracing.Tracer or call "
-        "cnnscan.tracing.symbolic_trace, so that other threads' forwards are not traced"
+        f"plain torch.fx tracing in {offenders}: subclass cnnscan.engine.tracing.Tracer or call "
+        "cnnscan.engine.tracing.symbolic_trace, so that other threads' forwards are not traced"
     )

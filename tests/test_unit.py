@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from captum.attr import NeuronDeconvolution, NeuronGradient, NeuronGuidedBackprop
-from test_safety import assert_unchanged, prepared, snapshot
+from helpers import assert_unchanged, prepared, snapshot
 from torch import nn
 
 import cnnscan
 from cnnscan import LayerError, MethodError
-from cnnscan.explain import make_scan
+from cnnscan.scan import make_scan
 
 METHODS = ("deconvnet", "guided_backprop", "gradient")
 

@@ -12,10 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import assert_unchanged, parse, png_pixels, snapshot
 from PIL import Image
-from test_display import png_pixels
-from test_report import parse
-from test_safety import assert_unchanged, snapshot
 
 import cnnscan
 from cnnscan import render
@@ -24,7 +22,7 @@ from cnnscan.widgets import DEFAULT_LAYER, GIVEN, PANEL_PX, Explorer, explorer
 
 
 def panel(rgb: np.ndarray) -> np.ndarray:
-    return render._enlarge(rgb[None], PANEL_PX)[0]
+    return render.enlarge(rgb[None], PANEL_PX)[0]
 
 
 def expected_overlay(model, picture, method, target, layer=None) -> np.ndarray:

@@ -7,6 +7,7 @@ attr = cnnscan.explain(model, image, "integrated_gradients", targets="top5")
 """
 
 from cnnscan import batch
+from cnnscan.api import explain, explain_many, predict
 from cnnscan.attribution import Attribution
 from cnnscan.display import Picture, Predictions, show_feature_maps, show_filters
 from cnnscan.errors import (
@@ -18,13 +19,12 @@ from cnnscan.errors import (
     ModelError,
     TargetError,
 )
-from cnnscan.explain import explain, explain_many, predict
 from cnnscan.images import load_image, sample_image
 from cnnscan.learned import conv_layers, feature_maps, filters, top_channels
 from cnnscan.methods import MethodInfo, get_method, list_methods
 from cnnscan.metrics import evaluate, evaluate_many
 from cnnscan.models import Model, list_models, load_model
-from cnnscan.preprocessing import Preprocessing
+from cnnscan.models.preprocessing import Preprocessing
 from cnnscan.receptive import ReceptiveField, receptive_fields
 from cnnscan.scan import Scan
 from cnnscan.synthesis import Synthesis, class_image, deepdream, invert, synthesize

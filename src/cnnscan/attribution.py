@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cnnscan import render
-from cnnscan.preprocessing import Preprocessing
+from cnnscan.models.preprocessing import Preprocessing
 
 
 def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -27,6 +27,13 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return resized.view(n, t, c, *size)
 
 
+def minmax_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Each (h, w) map of (..., h, w) scaled to [0, 1]; a constant map becomes all zeros."""
+    low = maps.amin(dim=(-2, -1), keepdim=True)
+    span = maps.amax(dim=(-2, -1), keepdim=True) - low
+    return torch.where(span > 0, (maps - low) / span.clamp_min(1e-30), torch.zeros_like(maps))
+
+
 @dataclass
 class Attribution:
     """Raw signed maps (N images, T targets, C, h, w) at the method's native resolution.
@@ -34,7 +41,10 @@ class Attribution:
     C = 3 for input-space methods, 1 for layer maps (CAMs). `inputs` are the model inputs
     the maps explain; `scores` the target logits; `extras` method-specific numbers (e.g. the
     completeness error of Integrated Gradients); `preprocessing` turns `inputs` back into
-    the picture for overlays. In Jupyter an Attribution shows itself as a grid of its maps.
+    the picture for overlays; `space` ("input" or "layer") and `default_view` (a kind of
+    `cnnscan.render.VIEWS`) say how reports draw it (set from the method's registration; a
+    hand-made Attribution with `space=None` counts as a layer map when it has one channel).
+    In Jupyter an Attribution shows itself as a grid of its maps.
     """
 
     maps: torch.Tensor
@@ -46,6 +56,8 @@ class Attribution:
     labels: tuple[str, ...] = ()
     extras: dict[str, Any] = field(default_factory=dict)
     preprocessing: Preprocessing | None = None
+    space: str | None = None
+    default_view: str = "heatmap"
 
     @property
     def input_size(self) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from cnnscan.errors import CnnscanError
 from cnnscan.render import FILTER_MODES, SCALES, VIEWS
 from cnnscan.report import CLASS_IMAGE_STEPS
+from cnnscan.targets import parse_targets
 
 DEFAULT_IMAGE = "sample:chelsea"
 
@@ -377,13 +378,6 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _parse_targets(text: str) -> Any:
-    if text.lower().startswith("top"):
-        return text
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    return [int(p) if p.lstrip("-").isdigit() else p for p in parts]
-
-
 def _cmd_scan(args: argparse.Namespace) -> int:
     from cnnscan.images import load_image
     from cnnscan.methods import get_method
@@ -424,7 +418,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from cnnscan.explain import explain
+    from cnnscan.api import explain
     from cnnscan.methods import get_method
 
     options = {}
@@ -438,7 +432,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         _load(args),
         args.image,
         info.name,
-        targets=_parse_targets(args.targets),
+        targets=parse_targets(args.targets),
         layer=args.layer,
         max_memory=args.max_memory,
         **options,
@@ -603,7 +597,7 @@ def _cmd_dream(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from cnnscan.zoo import list_models
+    from cnnscan.models.zoo import list_models
 
     names = list_models(args.pattern)
     if not names:
@@ -615,7 +609,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cnnscan.images import load_image
     from cnnscan.methods import get_method
-    from cnnscan.metrics import METRICS
+    from cnnscan.metrics import get_metric
     from cnnscan.metrics.localization import region
     from cnnscan.metrics.outputs import evaluate_methods, print_table, write_evaluation
     from cnnscan.report import default_methods
@@ -623,10 +617,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     methods = [get_method(name).name for name in names] if names else default_methods()
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-    unknown = [m for m in metrics or () if m not in METRICS]
-    if unknown:
-        raise CnnscanError(f"unknown metric(s) {', '.join(unknown)}; metrics: {', '.join(METRICS)}")
-    needs = [m for m in metrics or () if m in ("pointing_game", "energy_in_box")]
+    chosen = [get_metric(name) for name in metrics or ()]  # unknown names fail here
+    needs = [info.name for info in chosen if info.needs_region]
     if needs and args.box is None and args.mask is None:
         raise CnnscanError(f"{', '.join(needs)} need --box x0,y0,x1,y1 or --mask FILE")
     picture = load_image(args.image)  # bad images fail before the model loads
@@ -634,7 +626,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.box is not None or args.mask is not None:  # bad regions fail before any work
         prep = model.preprocessing
         region(prep.size, box=args.box, mask=args.mask, picture=picture, preprocessing=prep)
-    target = _parse_targets(args.target)
+    target = parse_targets(args.target)
     result = evaluate_methods(
         model,
         picture,
@@ -680,7 +672,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
                 f"--option expects METHOD.KEY=VALUE (KEY=VALUE with one method), got {item!r}"
             )
         options.setdefault(method or methods[0], {})[name] = _parse_value(value)
-    targets = args.targets if args.targets.strip() == "label" else _parse_targets(args.targets)
+    targets = args.targets if args.targets.strip() == "label" else parse_targets(args.targets)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else ()
     results = run(
         args.input,

@@ -63,20 +63,15 @@ def background(attr: Attribution, image: int = 0) -> np.ndarray:
     un-normalized with the model's preprocessing, or min-max scaled if it is unknown."""
     x = attr.inputs[image].detach().float().cpu()
     prep = attr.preprocessing
-    pixels = prep.denormalize(x[None])[0] if prep is not None else render._minmax(x)
+    pixels = prep.denormalize(x[None])[0] if prep is not None else render.minmax(x)
     return render.to_rgb(pixels.clamp(0, 1))
 
 
 def map_picture(attr: Attribution, image: int, target: int, back: np.ndarray) -> np.ndarray:
     """One map drawn as the report draws it: layer heat maps over the picture, input-space
-    maps in the method's own view (`MethodInfo.view`); unregistered names as heat maps."""
-    from cnnscan.methods import MethodError, get_method
-
-    try:
-        info = get_method(attr.method)
-        space, kind = info.space, info.view
-    except MethodError:  # e.g. a metric's random reference map
-        space, kind = ("layer" if attr.maps.shape[2] == 1 else "input"), "heatmap"
+    maps in the method's own view (`Attribution.default_view`)."""
+    space = attr.space or ("layer" if attr.maps.shape[2] == 1 else "input")
+    kind = attr.default_view
     if kind == "heatmap" and space == "layer":
         return attr.image(image, target, "heatmap", background=back)
     return attr.image(image, target, kind)
@@ -84,7 +79,7 @@ def map_picture(attr: Attribution, image: int, target: int, back: np.ndarray) ->
 
 def _fit(rgb: np.ndarray, px: int) -> np.ndarray:
     """Scale a picture so its longer side is `px` (pixels kept crisp when enlarged)."""
-    return render._enlarge(rgb[None], px)[0] if max(rgb.shape[:2]) != px else rgb
+    return render.enlarge(rgb[None], px)[0] if max(rgb.shape[:2]) != px else rgb
 
 
 def _caption(attr: Attribution, image: int, target: int, short: bool = True) -> str:
@@ -197,9 +192,10 @@ def show_filters(
 ) -> Picture:
     """The filters of a convolution (default: the first) as a grid picture, as
     `cnnscan filters` draws them (see `cnnscan.render.filter_grid` for the modes)."""
-    from cnnscan.learned import _model, conv_layers, filters
+    from cnnscan.learned import conv_layers, filters
+    from cnnscan.models import as_model
 
-    model = _model(model)
+    model = as_model(model)
     weights = filters(model, layer)
     picture = render.filter_grid(
         weights, mode, max_filters=max_filters, max_channels=max_channels, tile_px=tile_px

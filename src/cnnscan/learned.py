@@ -9,28 +9,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnscan.engine.working_copy import runnable
 from cnnscan.errors import LayerError
-from cnnscan.execution import runnable
-from cnnscan.explain import as_inputs
 from cnnscan.layers import ACTIVATION_MODULES, LayerRef, LayerRow, capture, get_module
-from cnnscan.models import Model, load_model
+from cnnscan.models import as_model
 from cnnscan.scan import match_format
-
-
-def _model(model: Any) -> Model:
-    return model if isinstance(model, Model) else load_model(model)
 
 
 def conv_layers(model: Any) -> list[str]:
     """Names of the 2-D convolutions (nn.Conv2d and subclasses), in definition order."""
-    module = _model(model).module
+    module = as_model(model).module
     return [name for name, m in module.named_modules() if name and isinstance(m, nn.Conv2d)]
 
 
 def filters(model: Any = None, layer: str | None = None) -> torch.Tensor:
     """The weights of a 2-D convolution, (out, in / groups, kh, kw): a copy, equal to the
     layer's `weight`. `layer=None` picks the first convolution (the one that sees pixels)."""
-    model = _model(model)
+    model = as_model(model)
     convs = conv_layers(model)
     if not convs:
         raise LayerError("the model has no nn.Conv2d layer, so there are no filters to show")
@@ -58,7 +53,7 @@ def feature_maps(
 
     Name a module run several times per forward by call: `_swish@1` (see `cnnscan layers`).
     """
-    model = _model(model)
+    model = as_model(model)
     names = [layers] if isinstance(layers, str) else list(layers)
     if not names:
         raise LayerError("feature_maps needs at least one layer name (see `cnnscan layers`)")
@@ -66,7 +61,7 @@ def feature_maps(
     for ref in refs:
         get_module(model.module, ref.name)  # unknown names fail before the forward
     device = torch.device(device) if device is not None else model.device
-    x = as_inputs(model, image, device)
+    x = model.inputs(image, device)
     with runnable(model.module, device) as runner, capture(runner, refs) as captured:
         with torch.no_grad():
             runner(match_format(x, runner))

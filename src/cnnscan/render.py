@@ -73,14 +73,14 @@ def view(map_: torch.Tensor, kind: str = "heatmap") -> torch.Tensor:
     map_ = map_.detach().float()
     if kind == "heatmap":
         if map_.shape[0] == 1:
-            return _minmax(map_[0])
+            return minmax(map_[0])
         kind = "grayscale"
     if kind == "grayscale":
         magnitude = map_.abs().sum(dim=0)
         top = torch.quantile(magnitude.flatten()[:16_000_000], 0.99)
         return (magnitude / top.clamp_min(_EPS)).clamp(0, 1)
     if kind == "colour":
-        return _minmax(map_)
+        return minmax(map_)
     if kind in ("positive", "negative"):
         part = (map_ if kind == "positive" else -map_).clamp_min(0)
         return part / part.max().clamp_min(_EPS)
@@ -90,7 +90,7 @@ def view(map_: torch.Tensor, kind: str = "heatmap") -> torch.Tensor:
     raise ValueError(f"unknown view {kind!r}; use one of {VIEWS}")
 
 
-def _minmax(x: torch.Tensor) -> torch.Tensor:
+def minmax(x: torch.Tensor) -> torch.Tensor:
     low, high = x.min(), x.max()
     return (x - low) / (high - low).clamp_min(_EPS)
 
@@ -140,7 +140,7 @@ def _minmax_each(x: torch.Tensor) -> torch.Tensor:
     return (x.float() - low) / (high - low).clamp_min(_EPS)
 
 
-def _enlarge(tiles: np.ndarray, tile_px: int) -> np.ndarray:
+def enlarge(tiles: np.ndarray, tile_px: int) -> np.ndarray:
     """(n, h, w, 3) uint8 tiles scaled so the longer side is about `tile_px`: integer nearest
     upscaling keeps every weight/unit a crisp block; larger tiles are box-filtered down."""
     h, w = tiles.shape[1:3]
@@ -239,7 +239,7 @@ def filter_grid(
         columns = scaled.shape[1]
         tiles = _grey(scaled.flatten(0, 1))
         names = [str(i) if c == 0 else "" for i in range(len(shown)) for c in range(columns)]
-    return tile_grid(_enlarge(tiles, tile_px), columns, labels=names if labels else None)
+    return tile_grid(enlarge(tiles, tile_px), columns, labels=names if labels else None)
 
 
 def _grey(values: torch.Tensor) -> np.ndarray:
@@ -273,11 +273,11 @@ def feature_grid(
             f"channel {int(bad[0])} is out of range: the maps have {len(maps)} (0..{len(maps) - 1})"
         )
     values = maps.detach().float().cpu()[index]
-    values = _minmax_each(values) if scale == "per-map" else _minmax(values)
+    values = _minmax_each(values) if scale == "per-map" else minmax(values)
     lut = _lut(cmap)
     tiles = lut[(values.clamp(0, 1) * 255).round().long().numpy()]
     names = [str(int(i)) for i in index] if labels else None
-    return tile_grid(_enlarge(tiles, tile_px), labels=names)
+    return tile_grid(enlarge(tiles, tile_px), labels=names)
 
 
 # -- colour bars --------------------------------------------------------------------------------

@@ -22,13 +22,12 @@ from cnnscan import render
 from cnnscan.attribution import Attribution
 from cnnscan.display import map_picture
 from cnnscan.errors import TargetError
-from cnnscan.explain import ModelLike, make_scan, run_method, top_predictions
 from cnnscan.layers import LayerRow
 from cnnscan.learned import conv_layers, depth_layers, filters, top_channels
-from cnnscan.methods import get_method, list_methods
-from cnnscan.models import Model, load_model
+from cnnscan.methods import get_method, list_methods, run_method
+from cnnscan.models import Model, ModelLike, as_model
 from cnnscan.receptive import ReceptiveField, receptive_fields
-from cnnscan.scan import Scan
+from cnnscan.scan import Scan, make_scan
 from cnnscan.synthesis import class_image
 
 CELL_PX = 160
@@ -91,7 +90,7 @@ def run_scan(
     full cascade and the random-class check) or "none". `max_memory` caps the working
     memory of a batch (see `cnnscan.explain`)."""
     started = time.perf_counter()
-    model = model if isinstance(model, Model) else load_model(model)
+    model = as_model(model)
     infos = [get_method(name) for name in (methods or default_methods())]
     picture = cnnscan.load_image(image)
     scan = make_scan(
@@ -135,7 +134,7 @@ def run_scan(
         model=model,
         image_name=image_name,
         view=np.asarray(model.preprocessing.view(picture)),
-        predictions=top_predictions(scan, top_k)[0],
+        predictions=scan.predictions(top_k)[0],
         attributions=attributions,
         seconds=seconds,
         layers=layers,
@@ -162,9 +161,9 @@ def learned_pictures(scan: Scan, rows: Sequence[LayerRow]) -> Learned:
     return learned
 
 
-# What the scan's leaderboard computes: "default" keeps the scan in seconds (measured: see
-# docs/evaluation.md), "full" adds the whole cascade of model randomization and the
-# random-class check, which re-run every method once per block / once more.
+# What the scan's leaderboard computes: "default" keeps the scan in seconds, "full" adds the
+# whole cascade of model randomization and the random-class check, which re-run every method
+# once per block / once more.
 LEADERBOARD = {
     "default": {
         "metrics": ("deletion_auc", "insertion_auc", "model_randomization", "completeness"),

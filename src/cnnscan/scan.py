@@ -11,21 +11,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
-from cnnscan.batching import adaptive_batches, max_batch_for, memory_budget_bytes
+from cnnscan.engine.batch_size import adaptive_batches, max_batch_for, memory_budget_bytes
+from cnnscan.engine.folding import folded_working_copy
+from cnnscan.engine.head import Head, head_of
+from cnnscan.engine.incremental import PatchedForward, patched_forward
+from cnnscan.engine.logits import check_logits, logits_of
+from cnnscan.engine.relu_rules import ReluRule, RuleSwitch, switchable_relus
+from cnnscan.engine.working_copy import memory_format_of, runnable
 from cnnscan.errors import MethodError
-from cnnscan.execution import check_logits, logits_of, memory_format_of, runnable
-from cnnscan.fold import folded_working_copy
-from cnnscan.incremental import PatchedForward, patched_forward
 from cnnscan.layers import LayerRef, LayerRow, capture, default_layer, get_module, trace_layers
-from cnnscan.models import Model, load_model
-from cnnscan.relu import Rule, RuleSwitch, switchable_relus
-from cnnscan.split import Head, head_of
+from cnnscan.models import Model, ModelLike, as_model
 from cnnscan.targets import Targets, resolve_targets
+
+if TYPE_CHECKING:
+    from cnnscan.methods.registry import MethodInfo
 
 
 class Indexable(Protocol):
@@ -55,7 +59,7 @@ class Scan:
         batch_size: int | None = None,
         max_memory: int | float | str | None = None,
     ):
-        self.model = model if isinstance(model, Model) else load_model(model)
+        self.model = as_model(model)
         self.device = torch.device(device) if device is not None else self.model.device
         if inputs.ndim == 3:
             inputs = inputs.unsqueeze(0)
@@ -107,6 +111,24 @@ class Scan:
         """(probabilities, class ids), each (N, k), best first."""
         return self.probabilities.topk(min(k, self.logits.shape[1]), dim=1)
 
+    def predictions(self, k: int = 5) -> list[list[dict[str, Any]]]:
+        """The top-k table per image: [{rank, class_id, label, probability, logit}, ...]."""
+        probabilities, ids = self.top(k)
+        logits = self.logits.detach()
+        return [
+            [
+                {
+                    "rank": rank + 1,
+                    "class_id": int(class_id),
+                    "label": self.model.labels[int(class_id)],
+                    "probability": float(probability),
+                    "logit": float(logits[i, int(class_id)]),
+                }
+                for rank, (probability, class_id) in enumerate(zip(row_p, row_ids, strict=True))
+            ]
+            for i, (row_p, row_ids) in enumerate(zip(probabilities, ids, strict=True))
+        ]
+
     def targets(self, targets: Targets) -> torch.Tensor:
         """Resolve user targets against this scan's logits: LongTensor (N, T)."""
         return resolve_targets(targets, self.logits, self.model.labels)
@@ -116,7 +138,7 @@ class Scan:
         return self.logits.detach().gather(1, targets)
 
     # -- gradients w.r.t. the input ----------------------------------------------------
-    def input_gradients(self, targets: torch.Tensor, rule: Rule = "standard") -> torch.Tensor:
+    def input_gradients(self, targets: torch.Tensor, rule: ReluRule = "standard") -> torch.Tensor:
         """d logit[target] / d input for every target: (N, T, 3, H, W), from the shared forward."""
         if rule != "standard" and not self.relu_rules:
             raise RuntimeError(f"the {rule!r} rule needs a Scan made with relu_rules=True")
@@ -132,7 +154,7 @@ class Scan:
         return torch.stack(columns, dim=1)
 
     def input_gradients_of(
-        self, output: torch.Tensor, seed: torch.Tensor, rule: Rule = "standard"
+        self, output: torch.Tensor, seed: torch.Tensor, rule: ReluRule = "standard"
     ) -> torch.Tensor:
         """d ⟨output, seed⟩ / d input (N, 3, H, W) for a tensor of the shared forward's graph
         (e.g. `activations(layer)`: a unit's gradient), through the ReLUs by `rule`."""
@@ -143,7 +165,7 @@ class Scan:
         return grad.contiguous()
 
     def iter_gradients(
-        self, inputs: Indexable, targets: torch.Tensor, rule: Rule = "standard"
+        self, inputs: Indexable, targets: torch.Tensor, rule: ReluRule = "standard"
     ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
         """Gradients at other inputs, chunk by chunk: yields (rows, grads (b, T, 3, H, W),
         target logits (b, T)). `inputs` is a tensor (M, 3, H, W) or anything with len() and
@@ -170,7 +192,7 @@ class Scan:
                 yield rows, grads, selected.detach()
 
     def gradients_at(
-        self, inputs: torch.Tensor, targets: torch.Tensor, rule: Rule = "standard"
+        self, inputs: torch.Tensor, targets: torch.Tensor, rule: ReluRule = "standard"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All of `iter_gradients` at once: (M, T, 3, H, W) gradients, (M, T) target logits."""
         grads = inputs.new_empty((*targets.shape, *inputs.shape[1:]))
@@ -223,7 +245,7 @@ class Scan:
     def layer_table(self) -> list[LayerRow]:
         """Every module call with its output shape and parameter count (one extra forward)."""
         if self._layer_rows is None:
-            with self._runner() as runner:
+            with self.runner() as runner:
                 self._layer_rows = trace_layers(runner, self.inputs[:1])
         return self._layer_rows
 
@@ -248,7 +270,7 @@ class Scan:
         """The part of the network after `layer` (logits from replacement activations),
         usable inside the block only: a borrowed model is in eval mode just that long."""
         ref = LayerRef.parse(layer)
-        with self._runner() as runner:
+        with self.runner() as runner:
             if ref not in self._heads:
                 self._heads[ref] = head_of(runner, ref, match_format(self.inputs, runner))
             yield self._heads[ref]
@@ -256,7 +278,7 @@ class Scan:
     @contextmanager
     def patched(self, image: int = 0) -> Iterator[PatchedForward | None]:
         """Forwards of copies of image `image` that differ from it only inside a box, by
-        incremental inference (see `cnnscan.incremental`), usable inside the block only;
+        incremental inference (see `cnnscan.engine.incremental`), usable inside the block only;
         None if the model does not trace (then use `logits_at`)."""
         with self._folded_runner() as runner:
             yield patched_forward(runner, match_format(self.inputs[image : image + 1], runner))
@@ -282,18 +304,29 @@ class Scan:
             columns.append(self._layer_grads[key])
         return torch.stack(columns, dim=1)
 
-    # -- helpers -------------------------------------------------------------------------
+    # -- running the model ---------------------------------------------------------------
     @contextmanager
-    def _runner(self) -> Iterator[nn.Module]:
+    def runner(self) -> Iterator[nn.Module]:
+        """The model ready to run (eval mode, frozen parameters; a private working copy where
+        it can be copied), for a method that makes its own forward (LRP); the user's module is
+        left as it was."""
         with runnable(self.model.module, self.device) as runner:
             yield runner
 
+    @staticmethod
+    def checked_logits(output: object) -> torch.Tensor:
+        """The (N, classes) logits in a forward's output, or a ModelError (not logits, NaN/Inf,
+        probabilities)."""
+        logits = logits_of(output)
+        check_logits(logits)
+        return logits
+
     @contextmanager
     def _folded_runner(self) -> Iterator[nn.Module]:
-        """The working copy with BatchNorm folded (`cnnscan.fold`): the same function and
+        """The working copy with BatchNorm folded (`cnnscan.engine.folding`): the same function and
         input gradients, a third faster on the default model; for passes that read no layer
         (hooks would miss folded BatchNorms). A borrowed (uncopyable) model runs as it is."""
-        with self._runner() as runner:
+        with self.runner() as runner:
             yield folded_working_copy(runner, self.model.module)
 
 
@@ -325,3 +358,26 @@ def _saved_bytes(shared: Iterable[torch.Tensor]) -> Iterator[_SavedBytes]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield counter
+
+
+def make_scan(
+    model: ModelLike,
+    image: Any,
+    methods: Sequence[MethodInfo] = (),
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int | None = None,
+    max_memory: int | float | str | None = None,
+) -> Scan:
+    """One shared forward of `image` (a path, picture, list of them or a preprocessed
+    tensor) for `methods` (switchable ReLUs only if one of them needs them)."""
+    model = as_model(model)
+    device = torch.device(device) if device is not None else model.device
+    return Scan(
+        model,
+        model.inputs(image, device),
+        relu_rules=any(m.relu_rules for m in methods),
+        device=device,
+        batch_size=batch_size,
+        max_memory=max_memory,
+    )

@@ -1,4 +1,5 @@
-"""Turn what a user says about target classes into a (n_images, n_targets) LongTensor."""
+"""Turn what a user says about target classes into a (n_images, n_targets) LongTensor: the
+one parser of targets for the library, the command line and batch runs."""
 
 from __future__ import annotations
 
@@ -17,6 +18,37 @@ Targets = str | int | Sequence[int] | Sequence[str] | Sequence[Sequence[int]] | 
 _TOP_K = re.compile(r"^top[-_ ]?(\d+)$", re.IGNORECASE)
 
 
+def top_k(targets: object) -> int | None:
+    """K of a "topK" target ("top5", "top-3"), else None."""
+    if isinstance(targets, str) and (match := _TOP_K.match(targets.strip())):
+        return int(match.group(1))
+    return None
+
+
+def parse_targets(text: str) -> str | list[int | str]:
+    """Targets as typed on a command line: "top3" as it is, else comma-separated class ids
+    and names ("285,tiger cat" -> [285, "tiger cat"])."""
+    if top_k(text) is not None:
+        return text.strip()
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise TargetError(f"no targets in {text!r}; use topK or comma-separated class ids/names")
+    return [int(p) if p.lstrip("-").isdigit() else p for p in parts]
+
+
+def class_ids(targets: Targets, labels: Sequence[str]) -> torch.Tensor:
+    """Fixed class ids (T,) for targets that name classes (ids, names), checked against the
+    labels without a forward; "topK" depends on the logits: use `resolve_targets`."""
+    if top_k(targets) is not None:
+        raise TargetError(f"{targets!r} depends on each image's logits; name classes instead")
+    listed = [targets] if isinstance(targets, str | numbers.Integral) else list(targets)
+    ids = torch.tensor([class_id_of(t, labels) for t in listed], dtype=torch.long)
+    if not len(ids):
+        raise TargetError("no target classes given")
+    _check_range(ids, len(labels))
+    return ids
+
+
 def resolve_targets(targets: Targets, logits: torch.Tensor, labels: Sequence[str]) -> torch.Tensor:
     """Targets as class ids per image.
 
@@ -28,8 +60,7 @@ def resolve_targets(targets: Targets, logits: torch.Tensor, labels: Sequence[str
     device = logits.device
     if targets is None:
         targets = "top1"
-    if isinstance(targets, str) and (match := _TOP_K.match(targets.strip())):
-        k = int(match.group(1))
+    if (k := top_k(targets)) is not None:
         if not 1 <= k <= n_classes:
             raise TargetError(f"{targets!r}: k must be between 1 and {n_classes} (the classes)")
         return logits.detach().topk(k, dim=1).indices
@@ -49,7 +80,7 @@ def resolve_targets(targets: Targets, logits: torch.Tensor, labels: Sequence[str
     elif isinstance(targets, Sequence):
         targets = list(targets)
         if targets and all(_is_row(t) for t in targets):
-            rows = [[_class_id(t, labels) for t in row] for row in targets]
+            rows = [[class_id_of(t, labels) for t in row] for row in targets]
             if len({len(row) for row in rows}) > 1:
                 raise TargetError(
                     "each image needs the same number of targets; got rows of lengths "
@@ -57,7 +88,7 @@ def resolve_targets(targets: Targets, logits: torch.Tensor, labels: Sequence[str
                 )
             ids = torch.tensor(rows, dtype=torch.long)
         else:
-            ids = torch.tensor([_class_id(t, labels) for t in targets], dtype=torch.long)
+            ids = torch.tensor([class_id_of(t, labels) for t in targets], dtype=torch.long)
         ids = ids.to(device)
     else:
         raise TargetError(
@@ -71,13 +102,17 @@ def resolve_targets(targets: Targets, logits: torch.Tensor, labels: Sequence[str
             f"targets must give at least one class per image ({n_images} images); got shape "
             f"{tuple(ids.shape)}"
         )
+    _check_range(ids, n_classes)
+    return ids.contiguous()
+
+
+def _check_range(ids: torch.Tensor, n_classes: int) -> None:
     bad = ids[(ids < 0) | (ids >= n_classes)]
     if bad.numel():
         raise TargetError(
             f"target class {int(bad[0])} is out of range: the model has {n_classes} classes "
             f"(0..{n_classes - 1})"
         )
-    return ids.contiguous()
 
 
 def _is_row(target: object) -> bool:
@@ -86,7 +121,8 @@ def _is_row(target: object) -> bool:
     return isinstance(target, Sequence) and not isinstance(target, str)
 
 
-def _class_id(target: object, labels: Sequence[str]) -> int:
+def class_id_of(target: object, labels: Sequence[str]) -> int:
+    """One class id from an id or a class name (exact spelling first, then any case)."""
     if isinstance(target, bool | np.bool_):
         raise TargetError(f"target {target!r} is not a class id or name")
     if isinstance(target, torch.Tensor | np.ndarray) and target.ndim == 0:

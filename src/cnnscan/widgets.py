@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 
 from cnnscan import render
+from cnnscan.api import explain
 from cnnscan.display import Predictions, background
-from cnnscan.explain import explain, make_scan, top_predictions
 from cnnscan.images import load_image, sample_names
 from cnnscan.methods import list_methods
 from cnnscan.models import DEFAULT_MODEL, Model, load_model
+from cnnscan.scan import make_scan
 
 try:
     import ipywidgets as widgets
@@ -33,7 +34,7 @@ TOP_K = 5
 
 
 def _png(rgb: np.ndarray) -> bytes:
-    return render.png_bytes(render._enlarge(rgb[None], PANEL_PX)[0])
+    return render.png_bytes(render.enlarge(rgb[None], PANEL_PX)[0])
 
 
 def _layer_options(scan: Any) -> list[str]:
@@ -193,7 +194,7 @@ class Explorer(widgets.VBox):
             picture = load_image(key)
         self.scan = make_scan(model, model.preprocessing(picture), list_methods())
         self.loaded, self.picture, self._shown_image = model, picture, key
-        top = top_predictions(self.scan, min(TOP_K, self.scan.logits.shape[1]))
+        top = self.scan.predictions(min(TOP_K, self.scan.logits.shape[1]))
         self.table.value = Predictions(top)._repr_html_()
         ranked = [
             (f"{p['rank']}. {p['class_id']} {p['label']} ({p['probability']:.3f})", p["class_id"])
@@ -236,7 +237,7 @@ class Explorer(widgets.VBox):
 
 
 def _model_names() -> list[str]:
-    from cnnscan.zoo import list_models
+    from cnnscan.models.zoo import list_models
 
     return list_models()
 

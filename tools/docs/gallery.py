@@ -24,11 +24,10 @@ import cnnscan
 from cnnscan import render
 from cnnscan.attribution import Attribution
 from cnnscan.display import map_picture
-from cnnscan.explain import make_scan, run_method, top_predictions
 from cnnscan.learned import depth_layers
-from cnnscan.methods import MethodInfo
+from cnnscan.methods import MethodInfo, run_method
 from cnnscan.report import learned_pictures
-from cnnscan.scan import Scan
+from cnnscan.scan import Scan, make_scan
 
 TILE_PX = 192
 MODE_VARIABLE = "CNNSCAN_DOCS_GALLERY"
@@ -154,7 +153,7 @@ def compute(log: Any = print, chosen: Settings | None = None) -> Run:
     for name in chosen.photos:
         picture = cnnscan.load_image(f"sample:{name}")
         scan = make_scan(model, model.preprocessing(picture), methods)
-        top = top_predictions(scan, 1)[0][0]
+        top = scan.predictions(1)[0][0]
         photos.append(Photo(name, picture, scan, top["class_id"], top["label"], top["probability"]))
     shots: dict[str, dict[str, Shot]] = {}
     for info in methods:
@@ -184,7 +183,7 @@ def cached(log: Any = print) -> Run:
 
 
 def _fit(rgb: np.ndarray) -> np.ndarray:
-    return render._enlarge(rgb[None], TILE_PX)[0]
+    return render.enlarge(rgb[None], TILE_PX)[0]
 
 
 def _options_text(options: dict[str, Any]) -> str:

@@ -44,7 +44,7 @@ SECTIONS = [
     ("Web app", "app.md"),
     ("Batch", "batch.md"),
 ]
-REFERENCE = ("Reference", ["api.md", "cli.md"])
+REFERENCE = ("Reference", ["api.md", "cli.md", "architecture.md"])
 GENERATED = {"gallery.md", "trust.md", "cli.md"}
 
 
@@ -145,16 +145,42 @@ def registry_section(family: str, page: str) -> str:
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
-    """Append the registry's list to each family page."""
+    """Append the registry's list to each family page and to the evaluation page."""
     uri = page.file.src_uri
     if uri.startswith("methods/") and Path(uri).stem in families():
         return markdown.rstrip() + "\n" + registry_section(Path(uri).stem, markdown)
+    if uri == "evaluation.md":
+        return markdown.rstrip() + "\n" + metric_section()
     return markdown
+
+
+def metric_section() -> str:
+    """Markdown listing every registered metric (docs/evaluation.md)."""
+    from cnnscan.metrics import list_metrics
+
+    better = {True: "higher", False: "lower", None: "a verdict"}
+    lines = [
+        "",
+        "## Registered metrics",
+        "",
+        "Generated from the metric registry (`cnnscan.metrics.list_metrics()`) when this site "
+        "was built.",
+        "",
+        "| metric | family | what it measures | better | needs a region | cost | paper |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for info in list_metrics():
+        lines.append(
+            f"| `{info.name}` | {info.family} | {info.description} | "
+            f"{better[info.higher_is_better]} | {'yes' if info.needs_region else 'no'} | "
+            f"{info.cost or '–'} | {info.paper or '–'} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def on_page_content(html: str, page: Any, config: Any, files: Files) -> str:
     """The API reference documents every name of `cnnscan.__all__` (a name that griffe
-    hides, e.g. behind a submodule of the same name, needs its own `:::` entry)."""
+    does not list under `::: cnnscan` needs its own `:::` entry)."""
     if page.file.src_uri == "api.md":
         documented = set(re.findall(r'id="cnnscan(?:\.[\w.]+)?\.(\w+)"', html))
         missing = [name for name in cnnscan.__all__ if name not in documented]

@@ -13,7 +13,7 @@ from typing import Any
 import gallery
 
 from cnnscan.metrics.leaderboard import leaderboard
-from cnnscan.metrics.outputs import COLUMNS, method_curves
+from cnnscan.metrics.outputs import columns, method_curves
 from cnnscan.metrics.plot import PALETTE, curves_image
 from cnnscan.metrics.sanity import THRESHOLD
 from cnnscan.render import png_bytes
@@ -65,9 +65,9 @@ def _verdict(row: dict[str, Any]) -> str:
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
     """A markdown table with the columns `cnnscan evaluate` prints."""
-    present = [c for c in COLUMNS if any(c[0] in row for row in rows)]
+    present = [c for c in columns() if any(c.key in row for row in rows)]
     lines = [
-        "| rank | method | " + " | ".join(title for _, title, _ in present) + " |",
+        "| rank | method | " + " | ".join(c.title for c in present) + " |",
         "|---" * (len(present) + 2) + "|",
     ]
     for row in rows:
@@ -76,7 +76,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             name = f"*{row['method']} (chance)*"
         elif row.get("slow"):
             name += " (slow; deletion/insertion only)"
-        cells = [fmt(row[key]) if key in row else "" for key, _, fmt in present]
+        cells = [c.show(row[c.key]) if c.key in row else "" for c in present]
         lines.append(f"| {row['rank']} | {name} | " + " | ".join(cells) + " |")
     return lines
 

@@ -3,7 +3,7 @@ forward and explanation cells) and the result cache all sessions share. Every nu
 from the library; this module only routes.
 
 Thread safety: one `Model` is shared by every session. The library never changes it: each
-forward runs on a private working copy (`cnnscan.execution.runnable`) whose hooks act only
+forward runs on a private working copy (`cnnscan.engine.working_copy.runnable`) whose hooks act only
 in the thread that set them. A `Workspace` (and its `Scan`) belongs to one session; its
 lock serializes the session's own script run and its deferred downloads.
 """
@@ -24,13 +24,13 @@ import torch
 from PIL import Image
 
 import cnnscan
-from cnnscan.app.sources import Picture
+from cnnscan.app.sources import SourceImage
 from cnnscan.attribution import Attribution
 from cnnscan.errors import MethodError
-from cnnscan.explain import make_scan, run_method, top_predictions
 from cnnscan.layers import LayerRow
-from cnnscan.methods import MethodInfo, get_method, list_methods
+from cnnscan.methods import MethodInfo, get_method, list_methods, run_method
 from cnnscan.models import Model
+from cnnscan.scan import make_scan
 
 
 # -- the shared result cache ----------------------------------------------------------------------
@@ -139,7 +139,7 @@ def columns_for(
     return columns
 
 
-def default_methods() -> list[str]:
+def first_screen_methods() -> list[str]:
     """What the first screen shows: Grad-CAM, or the first gradient method if it is missing."""
     names = [m.name for m in list_methods()]
     for preferred in ("gradcam", "integrated_gradients", "gradient"):
@@ -206,7 +206,7 @@ class Workspace:
         self,
         model: Model,
         model_key: str,
-        picture: Picture,
+        picture: SourceImage,
         results: ResultCache | None = None,
     ):
         self.model = model
@@ -232,12 +232,12 @@ class Workspace:
 
     def predictions(self, k: int = 5) -> list[dict[str, Any]]:
         with self.lock:
-            return top_predictions(self.scan, k)[0]
+            return self.scan.predictions(k)[0]
 
     def prediction_rows(self, class_ids: Sequence[int]) -> list[dict[str, Any]]:
         """Rank, label, probability and logit of any classes (rank in the model's ranking)."""
         with self.lock:
-            ranking = top_predictions(self.scan, self.scan.logits.shape[1])[0]
+            ranking = self.scan.predictions(self.scan.logits.shape[1])[0]
         by_id = {row["class_id"]: row for row in ranking}
         return [by_id[int(c)] for c in class_ids]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import cnnscan
 from cnnscan.app.core import ResultCache
-from cnnscan.app.sources import Picture
+from cnnscan.app.sources import SourceImage
 from cnnscan.errors import CnnscanError
 from cnnscan.models import Model
 from cnnscan.synthesis import Synthesis, channel, neuron
@@ -48,7 +48,7 @@ class SynthesisRequest:
 
 def run_request(
     model: Model,
-    picture: Picture,
+    picture: SourceImage,
     request: SynthesisRequest,
     callback: Callable[[int, float], object] | None = None,
 ) -> Synthesis:
@@ -89,7 +89,7 @@ class Job:
     def __init__(
         self,
         model: Model,
-        picture: Picture,
+        picture: SourceImage,
         request: SynthesisRequest,
         cache: ResultCache,
         key: tuple,
@@ -141,7 +141,7 @@ class Job:
         return self.state == "running"
 
 
-def request_key(model_key: str, picture: Picture, request: SynthesisRequest) -> tuple:
+def request_key(model_key: str, picture: SourceImage, request: SynthesisRequest) -> tuple:
     """The cache key of a request: the picture counts only for DeepDream and inversion."""
     uses_picture = request.kind in ("deepdream", "inversion")
     return ("synthesis", model_key, picture.digest if uses_picture else "", request)

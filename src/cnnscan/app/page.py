@@ -64,7 +64,7 @@ def _uploaded() -> None:
         st.session_state["image_source"] = "upload"
 
 
-def sidebar_picture() -> sources.Picture:
+def sidebar_picture() -> sources.SourceImage:
     st.header("Image")
     source = st.radio("Picture", ["sample", "upload"], key="image_source", horizontal=True)
     names = sample_names()
@@ -89,7 +89,7 @@ def sidebar_picture() -> sources.Picture:
             except CnnscanError as e:
                 decoded = (upload.file_id, str(e))
             st.session_state["decoded"] = decoded
-        if isinstance(decoded[1], sources.Picture):
+        if isinstance(decoded[1], sources.SourceImage):
             return decoded[1]
         st.session_state["upload_error"] = decoded[1]
     elif source == "upload":
@@ -97,7 +97,7 @@ def sidebar_picture() -> sources.Picture:
     return sources.sample_picture(sample)
 
 
-def workspace(model: cnnscan.Model, model_key: str, picture: sources.Picture) -> core.Workspace:
+def workspace(model: cnnscan.Model, model_key: str, picture: sources.SourceImage) -> core.Workspace:
     ws = st.session_state.get("workspace")
     if ws is None or ws.key != (model_key, picture.digest):
         ws = core.Workspace(model, model_key, picture)
@@ -150,7 +150,7 @@ def choose_targets(ws: core.Workspace) -> list[int]:
 
 def choose_methods() -> list[str]:
     families = list(dict.fromkeys(info.family for info in list_methods()))
-    defaults = core.default_methods()
+    defaults = core.first_screen_methods()
     chosen: list[str] = []
     for column, family in zip(st.columns(len(families)), families, strict=True):
         infos = list_methods(family)
@@ -214,7 +214,7 @@ def explanations(ws: core.Workspace) -> tuple | None:
     options = choose_options(methods)
     methods = [m for m in methods if options.get(m, "{}") is not None]
     view_col, alpha_col, cmap_col = st.columns(3)
-    view = view_col.radio("View", pictures.VIEWS, key="view", horizontal=True)
+    view = view_col.radio("View", pictures.CELL_VIEWS, key="view", horizontal=True)
     alpha = alpha_col.slider("Overlay opacity", 0.0, 1.0, 0.5, 0.05, key="alpha")
     cmaps = list(render.COLORMAPS)
     cmap = cmap_col.selectbox("Colour map", cmaps, index=cmaps.index("jet"), key="cmap")

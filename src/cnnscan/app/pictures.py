@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 from cnnscan import render
 from cnnscan.attribution import Attribution
 
-VIEWS = ("overlay", "heatmap", "raw")
+CELL_VIEWS = ("overlay", "heatmap", "raw")
 SIGNED_CMAP = "coolwarm"
 _BAR_PX, _LABEL_PX, _GAP_PX = 10, 13, 3
 
@@ -27,8 +27,8 @@ def cell_picture(
     "overlay": the heat map blended over `background` (the picture as the model sees it)
     with opacity `alpha`; "heatmap": the heat map alone; "raw": the signed map (summed over
     colour channels), zero in the middle of a diverging colour map."""
-    if view not in VIEWS:
-        raise ValueError(f"unknown view {view!r}; use one of {VIEWS}")
+    if view not in CELL_VIEWS:
+        raise ValueError(f"unknown view {view!r}; use one of {CELL_VIEWS}")
     full = attr.upsample()[0, 0]
     if view == "raw":
         values = render.view(full, "signed")

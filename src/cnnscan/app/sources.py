@@ -100,7 +100,7 @@ def load_choice(choice: ModelChoice, config: AppConfig) -> Model:
 
 # -- pictures -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Picture:
+class SourceImage:
     """A decoded RGB image, what to call it, and a digest that identifies it in caches."""
 
     image: Image.Image = field(compare=False, hash=False)
@@ -108,13 +108,13 @@ class Picture:
     digest: str
 
 
-def sample_picture(name: str = DEFAULT_SAMPLE) -> Picture:
+def sample_picture(name: str = DEFAULT_SAMPLE) -> SourceImage:
     if name not in sample_names():
         raise ImageError(f"unknown sample {name!r}; samples: {', '.join(sample_names())}")
-    return Picture(cnnscan.sample_image(name), f"sample:{name}", f"sample:{name}")
+    return SourceImage(cnnscan.sample_image(name), f"sample:{name}", f"sample:{name}")
 
 
-def read_upload(name: str, data: bytes, max_mb: float) -> Picture:
+def read_upload(name: str, data: bytes, max_mb: float) -> SourceImage:
     """Decode an uploaded file, or raise an ImageError that says what is wrong with it:
     another file type, over the size limit, not an image, truncated, too many pixels."""
     suffix = Path(name).suffix.lower().lstrip(".")
@@ -131,4 +131,4 @@ def read_upload(name: str, data: bytes, max_mb: float) -> Picture:
     handle = io.BytesIO(data)
     handle.name = name  # error messages name the file
     image = cnnscan.load_image(handle)
-    return Picture(image, name, hashlib.sha256(data).hexdigest())
+    return SourceImage(image, name, hashlib.sha256(data).hexdigest())

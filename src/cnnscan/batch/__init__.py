@@ -9,7 +9,7 @@ tables and compressed arrays, resumably, in-process or on Ray.
 
 from cnnscan.batch.compute import Explainer, Settings
 from cnnscan.batch.inputs import IMAGE_EXTENSIONS, Item, discover
-from cnnscan.batch.run import run
+from cnnscan.batch.runner import run
 from cnnscan.batch.store import Part, Results
 from cnnscan.batch.summary import summarize, write_summary
 

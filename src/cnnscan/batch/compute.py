@@ -9,7 +9,6 @@ cannot be read, or whose batch fails and then fails again on its own, becomes an
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,15 +22,14 @@ from cnnscan.attribution import Attribution
 from cnnscan.batch.inputs import Item
 from cnnscan.batch.store import Part
 from cnnscan.errors import BatchError, CnnscanError, ImageError
-from cnnscan.explain import make_scan, run_method
 from cnnscan.images import load_image
 from cnnscan.layers import LayerRef, get_module
-from cnnscan.methods import check_options, get_method
+from cnnscan.methods import check_options, get_method, run_method
 from cnnscan.models import Model
-from cnnscan.scan import Scan
+from cnnscan.scan import Scan, make_scan
+from cnnscan.targets import class_ids, top_k
 
 Resolution = Literal["layer", "input"]
-_TOP_K = re.compile(r"^top[-_ ]?(\d+)$", re.IGNORECASE)
 
 
 class Loaded(NamedTuple):
@@ -308,12 +306,9 @@ def _attempt(load, item: Item) -> Loaded | BaseException:
 
 def _fixed_targets(targets: Any, labels: tuple[str, ...]) -> torch.Tensor | None:
     """Class ids shared by every image, or None for 'topK' / 'label' (decided per image)."""
-    if isinstance(targets, str) and (targets == "label" or _TOP_K.match(targets.strip())):
+    if targets == "label" or top_k(targets) is not None:
         return None
-    from cnnscan.targets import resolve_targets
-
-    listed = [targets] if isinstance(targets, str | int) else list(targets)
-    return resolve_targets(listed, torch.zeros(1, len(labels)), labels)[0]
+    return class_ids(targets, labels)
 
 
 def _reason(error: BaseException) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnscan.errors import BatchError, TargetError
-from cnnscan.targets import _class_id
+from cnnscan.targets import class_id_of
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -187,7 +187,7 @@ def resolve_labels(items: list[Item], labels: Sequence[str]) -> list[Item]:
             resolved.append(item)
             continue
         try:
-            class_id = _class_id(item.raw_label, labels)
+            class_id = class_id_of(item.raw_label, labels)
             if not 0 <= class_id < len(labels):
                 raise TargetError(f"label {class_id} is not one of the model's {len(labels)}")
         except TargetError as e:

@@ -1,6 +1,6 @@
 """One forward pass whose backward pass is LRP, without touching the model.
 
-Inside `trace(...)` a TorchFunctionMode (thread-local, like `cnnscan.relu`) sees every
+Inside `trace(...)` a TorchFunctionMode (thread-local, like `cnnscan.engine.relu_rules`) sees every
 functional call the model makes. Each conv / linear / batch-norm call still computes its
 usual output, but hands it on through a custom autograd function whose backward applies the
 layer's rule; the forward values, hence the logits, are exactly the model's. A batch norm

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cnnscan.attribution import resize_maps
+from cnnscan.attribution import minmax_maps, resize_maps
 from cnnscan.errors import LayerError, MethodError
-from cnnscan.methods import MethodResult, register
+from cnnscan.methods.registry import MethodResult, register
 
 if TYPE_CHECKING:
     from cnnscan.scan import Scan
@@ -168,16 +168,9 @@ def layercam(
     names = [_layer_name(scan, name) for name in layers]
     maps = [layer_cam_map(scan, targets, name, _layercam)[0].clamp_min(0) for name in names]
     size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
-    scaled = [torch.tanh(2 * _minmax(m)) for m in maps]
+    scaled = [torch.tanh(2 * minmax_maps(m)) for m in maps]
     fused = torch.stack([resize_maps(m.unsqueeze(2), tuple(size)) for m in scaled]).amax(dim=0)
     return MethodResult(fused, {"layers": names}, layer=",".join(names))
-
-
-def _minmax(maps: torch.Tensor) -> torch.Tensor:
-    """Each (h, w) map of (..., h, w) scaled to [0, 1]; constant maps become 0."""
-    low = maps.amin(dim=(-2, -1), keepdim=True)
-    span = maps.amax(dim=(-2, -1), keepdim=True) - low
-    return torch.where(span > 0, (maps - low) / span.clamp_min(1e-30), 0.0)
 
 
 # -- CAM: the classifier's own weights --------------------------------------------------------
@@ -200,7 +193,7 @@ def cam(scan: Scan, targets: torch.Tensor, *, layer: str | None = None) -> Metho
 
 def _linear_parameters(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight (out, in), bias) of an nn.Linear, or of a module that says it computes one
-    (`linear_parameters()`, e.g. a Keras Dense layer in cnnscan.foreign)."""
+    (`linear_parameters()`, e.g. a Keras Dense layer in cnnscan.models.onnx_keras)."""
     if isinstance(module, nn.Linear):
         return module.weight, module.bias
     get = getattr(module, "linear_parameters", None)
@@ -280,7 +273,7 @@ class _MaskedInputs:
             self.maps[rows], size=size, mode="bilinear", align_corners=self.align_corners
         )
         if self.align_corners:
-            masks = _minmax(masks)
+            masks = minmax_maps(masks)
         return self.inputs[self.image[rows]] * masks
 
 
@@ -306,7 +299,7 @@ def scorecam(
     acts = spatial_activations(scan, layer)
     n, k, h, w = acts.shape
     # Channels that scale to the same mask (all constant ones give zero) run once.
-    scaled = _minmax(acts.float()).flatten(2)  # (N, K, hw)
+    scaled = minmax_maps(acts.float()).flatten(2)  # (N, K, hw)
     distinct, owners, inverse = [], [], []
     offset = 0
     for i in range(n):

@@ -3,26 +3,26 @@ SmoothGrad (wrapping any method), Integrated Gradients and GradientSHAP."""
 
 from __future__ import annotations
 
-import numbers
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cnnscan.errors import MethodError
-from cnnscan.methods import MethodResult, check_options, get_method, register
-from cnnscan.relu import Rule
+from cnnscan.methods.baselines import BASELINES, make_baseline
+from cnnscan.methods.options import check_options, count, generator, is_int, number
+from cnnscan.methods.registry import MethodResult, get_method, register
 
 if TYPE_CHECKING:
+    from cnnscan.engine.relu_rules import ReluRule
     from cnnscan.scan import Scan
 
 
 # name -> (ReLU rule, multiplied by the input): the methods that are one backward each
-_ONE_BACKWARD: dict[str, tuple[Rule, bool]] = {}
+_ONE_BACKWARD: dict[str, tuple[ReluRule, bool]] = {}
 
 
-def _register_gradient(name: str, rule: Rule, times_input: bool, **info: Any) -> None:
+def _register_gradient(name: str, rule: ReluRule, times_input: bool, **info: Any) -> None:
     """One of the four one-backward methods: all share the scan's forward. With `unit=`
     they explain one unit of a layer instead of the target classes (see `unit_gradient`)."""
     _ONE_BACKWARD[name] = (rule, times_input)
@@ -76,7 +76,7 @@ _register_gradient(
 Unit = tuple[str, int] | tuple[str, int, tuple[int, ...]]
 
 
-def unit_gradient(scan: Scan, unit: Unit, rule: Rule, times_input: bool) -> MethodResult:
+def unit_gradient(scan: Scan, unit: Unit, rule: ReluRule, times_input: bool) -> MethodResult:
     """Explain one unit of a layer: `unit=(layer, channel)` keeps only the channel's strongest
     activation in each image (DeconvNet's reconstruction of a unit, Zeiler & Fergus 2014) and
     `(layer, channel, (row, col))` a chosen position; every other activation of the layer is
@@ -140,45 +140,18 @@ def _parse_unit(unit: Any) -> tuple[str, int, tuple[int, ...] | None]:
     )
     if not isinstance(unit, list | tuple) or len(unit) not in (2, 3):
         raise error
-    if not isinstance(unit[0], str) or not _is_int(unit[1]):
+    if not isinstance(unit[0], str) or not is_int(unit[1]):
         raise error
     if len(unit) == 2:
         return unit[0], int(unit[1]), None
-    if not isinstance(unit[2], list | tuple) or not all(_is_int(p) for p in unit[2]):
+    if not isinstance(unit[2], list | tuple) or not all(is_int(p) for p in unit[2]):
         raise error
     return unit[0], int(unit[1]), tuple(int(p) for p in unit[2])
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def generator(seed: int | None) -> torch.Generator:
-    """A CPU generator: seeded results are the same on every device."""
-    gen = torch.Generator()
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed)
-    return gen
 
 
 def _span(inputs: torch.Tensor) -> torch.Tensor:
     """max − min of each input: (N,)."""
     return inputs.amax(dim=(1, 2, 3)) - inputs.amin(dim=(1, 2, 3))
-
-
-def _count(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise MethodError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _number(name: str, value: Any, *, positive: bool = False) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        raise MethodError(f"{name} must be a number {'>' if positive else '>='} 0, got {value!r}")
-    return float(value)
 
 
 class _Accumulator:
@@ -267,8 +240,8 @@ def smoothgrad(
         raise MethodError("smoothgrad cannot wrap itself; pick another base method")
     if mode not in _SMOOTH_MODES:
         raise MethodError(f"mode must be one of {_SMOOTH_MODES}, got {mode!r}")
-    n_samples = _count("n_samples", n_samples)
-    noise_level = _number("noise_level", noise_level)
+    n_samples = count("n_samples", n_samples)
+    noise_level = number("noise_level", noise_level)
     base_options = dict(base_options or {})
     check_options(base_info, base_options)
     inputs = scan.inputs
@@ -303,56 +276,6 @@ def smoothgrad(
     if unit is not None:
         extras["unit_layer"] = layer
     return MethodResult(maps, extras, targets=unit)
-
-
-# -- baselines ---------------------------------------------------------------------------
-BASELINES = ("black", "zero", "mean", "blur", "noise")
-
-
-def make_baseline(
-    scan: Scan, baseline: str | torch.Tensor, gen: torch.Generator | None = None
-) -> torch.Tensor:
-    """A reference input per image of the scan, in model space: "black", "zero" (all-zero
-    tensor, captum's default), "mean" (each image's mean colour), "blur", "noise" (uniform
-    random pixels, the same for every image) or a tensor (3, H, W) / (N, 3, H, W)."""
-    inputs = scan.inputs
-    if isinstance(baseline, torch.Tensor):
-        base = baseline.detach().to(inputs.device, inputs.dtype)
-        try:
-            return base.expand_as(inputs)
-        except RuntimeError as e:
-            raise MethodError(
-                f"baseline of shape {tuple(baseline.shape)} does not match inputs "
-                f"{tuple(inputs.shape)}"
-            ) from e
-    if not isinstance(baseline, str) or baseline not in BASELINES:
-        raise MethodError(
-            f"unknown baseline {baseline!r}; use one of {', '.join(BASELINES)} or a tensor"
-        )
-    normalize = scan.model.preprocessing.normalize
-    if baseline == "black":
-        return normalize(torch.zeros_like(inputs))
-    if baseline == "zero":
-        return torch.zeros_like(inputs)
-    if baseline == "mean":
-        return inputs.mean(dim=(2, 3), keepdim=True).expand_as(inputs)
-    if baseline == "blur":
-        return gaussian_blur(inputs, sigma=max(inputs.shape[-2:]) / 16)
-    gen = gen or generator(0)
-    pixels = torch.rand((1, *inputs.shape[1:]), generator=gen).to(inputs)
-    return normalize(pixels).expand_as(inputs)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N, C, H, W), reflect padding, radius 3σ (within the image)."""
-    radius = max(1, min(int(3 * sigma), min(x.shape[-2:]) - 1))
-    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    channels = x.shape[1]
-    out = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
 
 # -- Integrated Gradients ------------------------------------------------------------------
@@ -452,11 +375,11 @@ def integrated_gradients(
     if not auto:
         if isinstance(n_steps, str):
             raise MethodError(f"n_steps must be a positive int or 'auto', got {n_steps!r}")
-        _count("n_steps", n_steps)
+        count("n_steps", n_steps)
     if rule not in IG_RULES:
         raise MethodError(f"rule must be one of {IG_RULES}, got {rule!r}")
-    tolerance = _number("tolerance", tolerance, positive=True)
-    max_steps = _count("max_steps", max_steps, 2 if rule == "riemann_trapezoid" else 1)
+    tolerance = number("tolerance", tolerance, positive=True)
+    max_steps = count("max_steps", max_steps, 2 if rule == "riemann_trapezoid" else 1)
     steps = min(50, max_steps) if auto else int(n_steps)
     path_points(steps, rule)  # rejects n_steps the rule cannot use before any work
     inputs = scan.inputs
@@ -549,8 +472,8 @@ def gradient_shap(
     """Baselines are drawn uniformly from `baselines`: kinds (see `make_baseline`) or a tensor
     (B, 3, H, W) of reference inputs; `noise_level` adds SmoothGrad-style noise
     (σ = noise_level · (max − min)) to the points, not to the (x − b) factor."""
-    n_samples = _count("n_samples", n_samples)
-    noise_level = _number("noise_level", noise_level)
+    n_samples = count("n_samples", n_samples)
+    noise_level = number("noise_level", noise_level)
     gen = generator(seed)
     inputs = scan.inputs
     n = len(inputs)

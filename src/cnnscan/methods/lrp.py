@@ -14,14 +14,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cnnscan.errors import MethodError
-from cnnscan.execution import check_logits, logits_of, runnable
 from cnnscan.lrp.composites import Composite, Key, Params, RuleLike, RuleMap, named_composite
 from cnnscan.lrp.tracer import trace
-from cnnscan.methods import MethodResult, register
+from cnnscan.methods.registry import MethodResult, register
 from cnnscan.scan import match_format
 
 if TYPE_CHECKING:
-    from cnnscan.preprocessing import Preprocessing
+    from cnnscan.models.preprocessing import Preprocessing
     from cnnscan.scan import Scan
 
 
@@ -82,14 +81,13 @@ def lrp(
     inputs = scan.inputs
     bounds = input_bounds(scan.model.preprocessing, inputs)
     maps = []
-    with runnable(scan.model.module, scan.device) as runner:
+    with scan.runner() as runner:
         names = {name for name, _ in runner.named_modules() if name}
         rule_map = RuleMap(chosen, params, names, bounds)
         x = match_format(inputs, runner).requires_grad_(True)
         sink = torch.zeros_like(x, requires_grad=True)
         with trace(runner, rule_map, x, sink) as record:
-            logits = logits_of(runner(x))
-        check_logits(logits)
+            logits = scan.checked_logits(runner(x))
         for t in range(targets.shape[1]):
             selected = logits.gather(1, targets[:, t : t + 1]).sum()
             grad_x, grad_sink = torch.autograd.grad(

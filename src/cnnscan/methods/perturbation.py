@@ -3,9 +3,9 @@
 Each method changes the input many times and reads the model's scores. One batch of
 perturbed forwards serves every target. Occlusion runs by incremental inference where the
 model traces (each occluded copy is computed only inside the patch's receptive field until
-the first global layer, see `cnnscan.incremental`); the others mask the whole image and run
+the first global layer, see `cnnscan.engine.incremental`); the others mask the whole image and run
 plain forwards in measured batches (`Scan.logits_at`). LIME and KernelSHAP work on
-superpixels (`cnnscan.superpixels`).
+superpixels (`cnnscan.methods.superpixels`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cnnscan.errors import MethodError
-from cnnscan.methods import MethodResult, register
-from cnnscan.methods.gradient import _count, _number, generator, make_baseline
-from cnnscan.superpixels import coalition_masks, segment, segment_means
+from cnnscan.methods.baselines import make_baseline
+from cnnscan.methods.options import count, generator, number
+from cnnscan.methods.registry import MethodResult, register
+from cnnscan.methods.superpixels import coalition_masks, segment, segment_means
 
 if TYPE_CHECKING:
     from cnnscan.scan import Scan
@@ -93,7 +94,7 @@ def _pair(name: str, value: Any) -> tuple[int, int]:
     values = value if isinstance(value, tuple | list) else (value, value)
     if len(values) != 2:
         raise MethodError(f"{name} must be an integer or a pair (height, width), got {value!r}")
-    return _count(name, values[0]), _count(name, values[1])
+    return count(name, values[0]), count(name, values[1])
 
 
 def _starts(size: int, window: int, stride: int) -> torch.Tensor:
@@ -288,9 +289,9 @@ def rise(
     """Masked pixels are set to 0 in model space (the dataset mean colour), as the
     reference implementation multiplies the normalized input by the mask. The masks are
     drawn on the CPU from `seed` and shared by every image and target of the call."""
-    n_masks = _count("n_masks", n_masks)
-    cell = _count("cell", cell)
-    p = _number("p", p, positive=True)
+    n_masks = count("n_masks", n_masks)
+    cell = count("cell", cell)
+    p = number("p", p, positive=True)
     if p > 1:
         raise MethodError(f"p (the probability that a cell is kept) must be in (0, 1], got {p}")
     space = _space(space)
@@ -418,9 +419,9 @@ def lime(
     numpy.random.RandomState(seed).randint(0, 2) (the first one all on), removed superpixels
     filled with their mean colour ("segment_mean", lime's default) or any `fill`, cosine
     distance, kernel width 0.25, Ridge(alpha=1) on the target probabilities."""
-    n_samples = _count("n_samples", n_samples)
-    kernel_width = _number("kernel_width", kernel_width, positive=True)
-    alpha = _number("alpha", alpha)
+    n_samples = count("n_samples", n_samples)
+    kernel_width = number("kernel_width", kernel_width, positive=True)
+    alpha = number("alpha", alpha)
     if distance not in _DISTANCES:
         raise MethodError(f"distance must be one of {_DISTANCES}, got {distance!r}")
     space = _space(space)
@@ -501,7 +502,7 @@ def kernel_shap(
     weighted equally. Σ weights = f(x) − f(baseline) holds exactly in both cases (the
     regression is solved under that constraint); the baseline is the image with every
     superpixel set to `fill` (default: the image's mean colour)."""
-    n_samples = _count("n_samples", n_samples)
+    n_samples = count("n_samples", n_samples)
     space = _space(space)
     labels = segment(scan, segments, segmenter, seed)
     fills = _surrogate_fill(scan, fill, labels)

@@ -17,13 +17,17 @@ cost no forward per map.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from cnnscan.attribution import minmax_maps
 from cnnscan.errors import MetricError
-from cnnscan.methods.gradient import BASELINES, generator, make_baseline
-from cnnscan.metrics.relevance import minmax
+from cnnscan.methods.baselines import BASELINES, make_baseline
+from cnnscan.methods.options import generator
+from cnnscan.metrics.registry import Column, MetricContext, number_text, register_metric
 from cnnscan.scan import Scan
 
 # RISE's choices: deletion replaces pixels by zeros of the model input (the dataset mean
@@ -161,7 +165,7 @@ def confidence_change(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(average drop %, increase in confidence %) per map, each (M,): the map min-max scaled
     to [0, 1] multiplies the model input."""
-    masks = minmax(rel).to(scan.inputs.dtype)
+    masks = minmax_maps(rel).to(scan.inputs.dtype)
     masked = _MaskedInputs(scan.inputs, image, masks)
     out = scan.logits_at(masked).softmax(dim=1)
     o = out.gather(1, target.unsqueeze(1)).squeeze(1)
@@ -180,3 +184,80 @@ class _MaskedInputs:
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         return self.inputs[self.image[rows]] * self.masks[rows].unsqueeze(1)
+
+
+def _curve_metric(kind: str) -> Callable[[MetricContext], dict[str, dict[str, Any]]]:
+    """The deletion or insertion metric: its AUC per map and its curve (for plots)."""
+
+    def metric(ctx: MetricContext) -> dict[str, dict[str, Any]]:
+        curves = causal_curves(
+            ctx.scan,
+            ctx.stacked,
+            ctx.image_ids,
+            ctx.target_ids,
+            kinds=(kind,),
+            steps=ctx.steps,
+            substrates=None if ctx.substrate is None else {kind: ctx.substrate},
+            seed=ctx.seed,
+            progress=ctx.progress,
+        )
+        aucs, probabilities = ctx.split(curves.auc(kind)), ctx.split(curves.probabilities[kind])
+        fractions = curves.fractions.tolist()
+        return {
+            name: {
+                f"{kind}_auc": aucs[name],
+                "curves": {"fraction": fractions, kind: probabilities[name]},
+            }
+            for name in ctx.names
+        }
+
+    return metric
+
+
+register_metric(
+    "deletion_auc",
+    family="faithfulness",
+    description="Area under the target's probability as the most relevant pixels are removed "
+    "first (replaced by the substrate, zeros by default).",
+    higher_is_better=False,
+    reference=True,
+    aliases=("deletion",),
+    title="deletion↓",
+    cost="steps − 1 forwards per map, batched",
+    paper="Petsiuk et al. 2018, arXiv:1806.07421",
+)(_curve_metric("deletion"))
+register_metric(
+    "insertion_auc",
+    family="faithfulness",
+    description="Area under the target's probability as the most relevant pixels are inserted "
+    "first into the substrate (a blurred copy by default).",
+    higher_is_better=True,
+    reference=True,
+    aliases=("insertion",),
+    title="insertion↑",
+    cost="steps − 1 forwards per map, batched",
+    paper="Petsiuk et al. 2018, arXiv:1806.07421",
+)(_curve_metric("insertion"))
+
+
+@register_metric(
+    "average_drop",
+    family="faithfulness",
+    description="Drop of the target's probability (%) when the min-max scaled map masks the "
+    "input, and whether it rose instead (increase in confidence).",
+    higher_is_better=False,
+    reference=True,
+    columns=(
+        Column("average_drop", "drop%↓", lambda v: number_text(v, 1)),
+        Column("increase_in_confidence", "incr%↑", lambda v: number_text(v, 0)),
+    ),
+    cost="1 forward per map, batched",
+    paper="Chattopadhay et al. 2018, arXiv:1710.11063",
+)
+def average_drop(ctx: MetricContext) -> dict[str, dict[str, Any]]:
+    drop, increase = confidence_change(ctx.scan, ctx.stacked, ctx.image_ids, ctx.target_ids)
+    drops, increases = ctx.split(drop), ctx.split(increase)
+    return {
+        name: {"average_drop": drops[name], "increase_in_confidence": increases[name]}
+        for name in ctx.names
+    }

@@ -7,15 +7,17 @@ way (pixel-wise deletion rewards scattered maps: see docs/evaluation.md)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from cnnscan.attribution import Attribution
 from cnnscan.errors import MetricError
-from cnnscan.explain import ModelLike
-from cnnscan.metrics import _RERUN, evaluate_many
+from cnnscan.metrics.evaluation import evaluate_many
+from cnnscan.metrics.registry import get_metric
 from cnnscan.metrics.relevance import random_attribution
+from cnnscan.models import ModelLike
 
 REFERENCE = "random"  # the name of the chance-level row
 
@@ -29,14 +31,11 @@ def select_target(attr: Attribution, target: int = 0) -> Attribution:
         else value
         for key, value in attr.extras.items()
     }
-    return Attribution(
+    return replace(
+        attr,
         maps=attr.maps[:, target : target + 1],
         targets=attr.targets[:, target : target + 1],
-        method=attr.method,
-        inputs=attr.inputs,
-        layer=attr.layer,
         scores=None if attr.scores is None else attr.scores[:, target : target + 1],
-        labels=attr.labels,
         extras=extras,
     )
 
@@ -65,7 +64,7 @@ def leaderboard(
             )
     chosen = {name: select_target(attr, target) for name, attr in attrs.items()}
     scores = evaluate_many(model, image, chosen, metrics, **options) if chosen else {}
-    cheap = [m for m in metrics if m not in _RERUN and m != "completeness"]
+    cheap = [m for m in metrics if get_metric(m).reference]
     if chosen and cheap:
         first = next(iter(chosen.values()))
         seed = options.get("seed", 0)

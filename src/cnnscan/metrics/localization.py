@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cnnscan.errors import ImageError, MetricError
-from cnnscan.preprocessing import Preprocessing
+from cnnscan.metrics.registry import MetricContext, number_text, register_metric
+from cnnscan.models.preprocessing import Preprocessing
 
 
 def _box_values(box: Sequence[float] | str) -> tuple[float, float, float, float]:
@@ -155,3 +156,52 @@ def energy_in_box(rel: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     inside = (positive * region).sum(dim=(-2, -1))
     share = region.double().mean(dim=(-2, -1)).expand_as(total)
     return torch.where(total > 0, inside / total.clamp_min(1e-300), share)
+
+
+def _located(ctx: MetricContext, score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """`score(rel, region)` of every map whose image has a region; NaN for the others."""
+    regions = ctx.regions or [None] * len(ctx.scan.inputs)
+    has = torch.tensor([r is not None for r in regions], device=ctx.stacked.device)
+    values = torch.full((len(ctx.stacked),), math.nan, dtype=torch.float64)
+    rows = has[ctx.image_ids].nonzero().flatten()
+    if len(rows):
+        planes = torch.stack([r if r is not None else torch.zeros(()) for r in regions])
+        area = planes.to(ctx.stacked.device)[ctx.image_ids[rows]]
+        values[rows.cpu()] = score(ctx.stacked[rows], area).cpu().double()
+    return ctx.split(values)
+
+
+@register_metric(
+    "pointing_game",
+    family="localization",
+    description="Whether the map's maximum falls in the object region (grown by `tolerance` "
+    "pixels); with ties, the share of maximal pixels that do.",
+    higher_is_better=True,
+    needs_region=True,
+    reference=True,
+    aliases=("pointing",),
+    title="pointing↑",
+    show=lambda v: number_text(v, 2),
+    cost="free",
+    paper="Zhang et al. 2018, arXiv:1608.00507",
+)
+def pointing_game_metric(ctx: MetricContext) -> dict[str, dict[str, Any]]:
+    hits = _located(ctx, lambda rel, area: pointing_game(rel, area, ctx.tolerance))
+    return {name: {"pointing_game": hits[name]} for name in ctx.names}
+
+
+@register_metric(
+    "energy_in_box",
+    family="localization",
+    description="Share of the positive relevance inside the object region.",
+    higher_is_better=True,
+    needs_region=True,
+    reference=True,
+    aliases=("energy",),
+    title="energy↑",
+    cost="free",
+    paper="Wang et al. 2020 (Score-CAM), arXiv:1910.01279",
+)
+def energy_in_box_metric(ctx: MetricContext) -> dict[str, dict[str, Any]]:
+    energy = _located(ctx, energy_in_box)
+    return {name: {"energy_in_box": energy[name]} for name in ctx.names}

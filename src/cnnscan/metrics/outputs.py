@@ -15,12 +15,12 @@ from typing import Any
 from PIL import Image
 
 from cnnscan import render
-from cnnscan.explain import make_scan, run_method
-from cnnscan.methods import get_method
-from cnnscan.metrics import DEFAULT_METRICS
+from cnnscan.methods import get_method, run_method
 from cnnscan.metrics.leaderboard import leaderboard
 from cnnscan.metrics.plot import DELETION_COLOUR, INSERTION_COLOUR, PALETTE, curves_image
+from cnnscan.metrics.registry import Column, choose_metrics, list_metrics
 from cnnscan.models import Model
+from cnnscan.scan import make_scan
 from cnnscan.targets import Targets
 
 
@@ -61,11 +61,7 @@ def evaluate_methods(
         attrs[info.name] = run_method(scan, info, targets)
         seconds[info.name] = time.perf_counter() - began
     region = options.get("box") is not None or options.get("mask") is not None
-    chosen = (
-        list(metrics)
-        if metrics
-        else [*DEFAULT_METRICS, *(("pointing_game", "energy_in_box") if region else ())]
-    )
+    chosen = [info.name for info in choose_metrics(metrics or None, region)]
     began = time.perf_counter()
     rows = leaderboard(model, picture, attrs, chosen, **options)
     seconds["metrics"] = time.perf_counter() - began
@@ -79,44 +75,28 @@ def evaluate_methods(
     )
 
 
-def _number(value: Any, digits: int = 3) -> str:
-    if isinstance(value, float) and not math.isnan(value):
-        return f"{value:.{digits}f}"
-    return "-" if value is None else str(value)
+SCORE = Column("score", "ins−del↑")  # the leaderboard's ranking: insertion − deletion AUC
 
 
-COLUMNS = [
-    ("deletion_auc", "deletion↓", lambda v: _number(v)),
-    ("insertion_auc", "insertion↑", lambda v: _number(v)),
-    ("score", "ins−del↑", lambda v: _number(v)),
-    ("average_drop", "drop%↓", lambda v: _number(v, 1)),
-    ("increase_in_confidence", "incr%↑", lambda v: _number(v, 0)),
-    ("pointing_game", "pointing↑", lambda v: _number(v, 2)),
-    ("energy_in_box", "energy↑", lambda v: _number(v)),
-    ("max_sensitivity", "max-sens↓", lambda v: _number(v)),
-    ("completeness", "complete err", lambda v: "-" if v is None else f"{v:.2%}"),
-    (
-        "model_randomization",
-        "top-layer rand. ρ",
-        lambda v: f"{_number(v['spearman'][0], 2)} {v['verdict']}",
-    ),
-    (
-        "target_randomization",
-        "random class ρ",
-        lambda v: f"{_number(v['spearman'], 2)} {v['verdict']}",
-    ),
-]
+def columns() -> list[Column]:
+    """The table's columns: every registered metric's, the score right after insertion."""
+    out = []
+    for info in list_metrics():
+        out.extend(info.columns)
+        if info.name == "insertion_auc":
+            out.append(SCORE)
+    return out
 
 
 def table_lines(result: Evaluation) -> list[str]:
     """The ranked table as text lines."""
-    present = [c for c in COLUMNS if any(c[0] in row for row in result.rows)]
-    header = ["rank", "method", *(title for _, title, _ in present)]
+    present = [c for c in columns() if any(c.key in row for row in result.rows)]
+    header = ["rank", "method", *(c.title for c in present)]
     body = []
     for row in result.rows:
         name = f"{row['method']} (chance)" if row["reference"] else row["method"]
         cells = [str(row["rank"]), name]
-        cells += [fmt(row[key]) if key in row else "" for key, _, fmt in present]
+        cells += [c.show(row[c.key]) if c.key in row else "" for c in present]
         body.append(cells)
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     return [

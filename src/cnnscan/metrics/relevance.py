@@ -50,13 +50,6 @@ def check_finite(maps: torch.Tensor, method: str) -> None:
         )
 
 
-def minmax(maps: torch.Tensor) -> torch.Tensor:
-    """Each (H, W) map of (..., H, W) scaled to [0, 1]; a constant map becomes all zeros."""
-    low = maps.amin(dim=(-2, -1), keepdim=True)
-    span = maps.amax(dim=(-2, -1), keepdim=True) - low
-    return torch.where(span > 0, (maps - low) / span.clamp_min(1e-30), torch.zeros_like(maps))
-
-
 def is_constant(maps: torch.Tensor) -> torch.Tensor:
     """True for each (H, W) map of (..., H, W) whose values are all equal."""
     flat = maps.flatten(-2)

@@ -18,9 +18,9 @@ import torch
 
 from cnnscan.attribution import Attribution
 from cnnscan.errors import MetricError
-from cnnscan.explain import run_method
-from cnnscan.methods import get_method
-from cnnscan.methods.gradient import generator
+from cnnscan.methods import get_method, run_method
+from cnnscan.methods.options import generator
+from cnnscan.metrics.registry import MetricContext, register_metric
 from cnnscan.metrics.relevance import relevance
 from cnnscan.metrics.sanity import method_layer
 from cnnscan.scan import Scan
@@ -68,3 +68,29 @@ def max_sensitivity(
         size = originals[name].flatten(2).norm(dim=2)
         worst[name] = torch.where(size > 0, change / size.clamp_min(1e-30), torch.nan).cpu()
     return worst
+
+
+@register_metric(
+    "max_sensitivity",
+    family="robustness",
+    description="Largest relative change of the map when the input moves by uniform noise of "
+    "noise_level × its span (n_samples draws).",
+    higher_is_better=False,
+    reruns_method=True,
+    default=False,
+    title="max-sens↓",
+    cost="the method n_samples times",
+    paper="Yeh et al. 2019, arXiv:1901.09392",
+)
+def max_sensitivity_metric(ctx: MetricContext) -> dict[str, dict[str, Any]]:
+    worst = max_sensitivity(
+        ctx.scan,
+        ctx.attrs,
+        ctx.rel,
+        n_samples=ctx.n_samples,
+        noise_level=ctx.noise_level,
+        options=ctx.method_options,
+        reduce=ctx.reduce,
+        seed=ctx.seed,
+    )
+    return {name: {"max_sensitivity": worst[name]} for name in ctx.names}

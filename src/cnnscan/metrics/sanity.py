@@ -25,16 +25,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnscan.attribution import Attribution
+from cnnscan.attribution import Attribution, minmax_maps
 from cnnscan.errors import MetricError
-from cnnscan.explain import make_scan, run_method
 from cnnscan.layers import LayerRef
-from cnnscan.methods import MethodInfo, get_method
-from cnnscan.methods.gradient import generator
-from cnnscan.metrics.relevance import minmax, relevance
+from cnnscan.methods import MethodInfo, get_method, run_method
+from cnnscan.methods.options import generator
+from cnnscan.metrics.registry import MetricContext, number_text, plain, register_metric
+from cnnscan.metrics.relevance import relevance
 from cnnscan.metrics.similarity import spearman, ssim
 from cnnscan.models import Model
-from cnnscan.scan import Scan
+from cnnscan.scan import Scan, make_scan
 
 # Spearman ρ at or above this after randomizing the top block: "fails model randomization"
 # (the map keeps its pixel ranking almost exactly without the classifier's weights; the
@@ -56,7 +56,9 @@ def compare(original: torch.Tensor, other: torch.Tensor) -> Similarity:
     a, b = original.reshape(n * t, h, w), other.reshape(n * t, h, w)
     return Similarity(
         spearman(a, b).view(n, t).cpu(),
-        ssim(minmax(a), minmax(b), win_size=min(7, h - 1 + h % 2, w - 1 + w % 2)).view(n, t).cpu(),
+        ssim(minmax_maps(a), minmax_maps(b), win_size=min(7, h - 1 + h % 2, w - 1 + w % 2))
+        .view(n, t)
+        .cpu(),
     )
 
 
@@ -215,3 +217,80 @@ def verdict(
         ]
         for row in similarity.tolist()
     ]
+
+
+def _check_text(value: Any) -> str:
+    rho = value["spearman"][0] if isinstance(value["spearman"], list) else value["spearman"]
+    return f"{number_text(rho, 2)} {value['verdict']}"
+
+
+@register_metric(
+    "model_randomization",
+    family="sanity",
+    description="Spearman ρ and SSIM between the map and the method's map on a copy whose top "
+    "block (with cascade=True, every block from the top down) is re-initialized; "
+    "'fails model randomization' when ρ ≥ threshold after the top block.",
+    higher_is_better=None,
+    reruns_method=True,
+    per_row=False,
+    title="top-layer rand. ρ",
+    show=_check_text,
+    cost="the method once more per randomized block",
+    paper="Adebayo et al. 2018, arXiv:1810.03292",
+)
+def model_randomization_metric(ctx: MetricContext) -> dict[str, dict[str, Any]]:
+    blocks, sims = model_randomization(
+        ctx.model,
+        ctx.scan,
+        ctx.attrs,
+        ctx.rel,
+        cascade=ctx.cascade,
+        options=ctx.method_options,
+        reduce=ctx.reduce,
+        seed=ctx.seed,
+    )
+    return {
+        name: {
+            "model_randomization": {
+                "blocks": blocks,
+                "spearman": [plain(s.spearman) for s in sims[name]],
+                "ssim": [plain(s.ssim) for s in sims[name]],
+                "verdict": plain(
+                    verdict(sims[name][0].spearman, "fails model randomization", ctx.threshold)
+                ),
+            }
+        }
+        for name in ctx.names
+    }
+
+
+@register_metric(
+    "target_randomization",
+    family="sanity",
+    description="Spearman ρ and SSIM between the map and the method's map for a random other "
+    "class; 'fails target randomization' when ρ ≥ threshold.",
+    higher_is_better=None,
+    reruns_method=True,
+    per_row=False,
+    title="random class ρ",
+    show=_check_text,
+    cost="the method once more",
+    paper="Adebayo et al. 2018, arXiv:1810.03292",
+)
+def target_randomization_metric(ctx: MetricContext) -> dict[str, dict[str, Any]]:
+    targets, sims = target_randomization(
+        ctx.scan, ctx.attrs, ctx.rel, options=ctx.method_options, reduce=ctx.reduce, seed=ctx.seed
+    )
+    return {
+        name: {
+            "target_randomization": {
+                "targets": plain(targets[name].cpu()),
+                "spearman": plain(sims[name].spearman),
+                "ssim": plain(sims[name].ssim),
+                "verdict": plain(
+                    verdict(sims[name].spearman, "fails target randomization", ctx.threshold)
+                ),
+            }
+        }
+        for name in ctx.names
+    }

@@ -2,8 +2,8 @@
 and inverted representations, built from small swappable pieces (objectives, image
 parameterizations, robustness transforms) in the style of lucid/lucent."""
 
-from cnnscan.synthesis.deepdream import deepdream
-from cnnscan.synthesis.invert import features, invert
+from cnnscan.synthesis.dream import deepdream
+from cnnscan.synthesis.inversion import features, invert
 from cnnscan.synthesis.objectives import (
     Objective,
     Probe,

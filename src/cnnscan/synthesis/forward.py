@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from cnnscan.execution import check_logits, logits_of
+from cnnscan.engine.logits import check_logits, logits_of
 from cnnscan.layers import Capture, LayerRef, capture, get_module
 from cnnscan.synthesis.objectives import Objective, Probe
 

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cnnscan.engine.folding import folded_working_copy
+from cnnscan.engine.working_copy import memory_format_of, runnable
 from cnnscan.errors import MethodError, ModelError
-from cnnscan.execution import memory_format_of, runnable
-from cnnscan.fold import folded_working_copy
-from cnnscan.methods.gradient import _count, _number, generator
-from cnnscan.models import Model, load_model
+from cnnscan.methods.options import count, generator, number
+from cnnscan.models import Model, ModelLike, as_model
 from cnnscan.synthesis.forward import probe
 from cnnscan.synthesis.objectives import (
     Objective,
@@ -35,9 +35,7 @@ from cnnscan.synthesis.objectives import (
 from cnnscan.synthesis.param import image_param
 from cnnscan.synthesis.result import Synthesis
 from cnnscan.synthesis.transforms import Transform, resolve
-from cnnscan.targets import _class_id
-
-ModelLike = Model | nn.Module | str | None
+from cnnscan.targets import class_id_of
 
 
 def synthesize(
@@ -67,12 +65,12 @@ def synthesize(
     objective)` runs after every step (progress in a GUI); an exception raised in it stops
     the run and propagates.
     """
-    model = model if isinstance(model, Model) else load_model(model)
+    model = as_model(model)
     objective = as_objective(objective)
-    steps = _count("steps", steps)
-    batch = _count("batch", batch)
+    steps = count("steps", steps)
+    batch = count("batch", batch)
     height, width = size_pair(size)
-    lr = _number("lr", lr, positive=True)
+    lr = number("lr", lr, positive=True)
     transform = resolve(transforms)
     device = torch.device(device) if device is not None else model.device
     settings = {
@@ -155,12 +153,12 @@ def class_image(
     a class name) minus an L2 and a total-variation penalty. `param="pixel",
     transforms="none"` is the paper's setting; the default Fourier parameterization with
     robustness transforms trades the noise for the class's textures and parts, in 64 steps."""
-    model = model if isinstance(model, Model) else load_model(model)
-    k = _class_id(class_id, model.labels)
+    model = as_model(model)
+    k = class_id_of(class_id, model.labels)
     objective = (
         class_logit(k)
-        - _number("l2_weight", l2_weight) * l2()
-        - _number("tv_weight", tv_weight) * total_variation()
+        - number("l2_weight", l2_weight) * l2()
+        - number("tv_weight", tv_weight) * total_variation()
     )
     result = synthesize(
         model,

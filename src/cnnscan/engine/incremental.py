@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules import module as _module_globals
 
-from cnnscan.execution import check_logits, logits_of
-from cnnscan.fold import CONV_ARGS, CONV_DEFAULTS
+from cnnscan.engine.folding import CONV_ARGS, CONV_DEFAULTS
+from cnnscan.engine.logits import check_logits, logits_of
+from cnnscan.engine.tracing import symbolic_trace
 from cnnscan.layers import ACTIVATION_MODULES
-from cnnscan.tracing import symbolic_trace
 
-# A box covering at least this share of a map is computed as the full map (measured on the
-# default model: thresholds from 0.4 to 1.0 are within noise; half keeps big patches cheap).
+# A box covering at least this share of a map is computed as the full map (half keeps big
+# patches cheap; docs/measurements.md has the numbers).
 FULL_FRACTION = 0.5
 
 
@@ -74,8 +74,8 @@ class Boxed:
         """Each copy's values on rows top[b]:top[b]+height, columns left[b]:left[b]+width
         (B, C, height, width); positions outside the map read `fill` (a conv's padding).
 
-        Built by two block copies per copy (the clean surroundings, then its box): measured
-        2-4× faster on CPU than gathering the same windows with index tensors."""
+        Built by two block copies per copy (the clean surroundings, then its box), which is
+        faster on CPU than gathering the same windows with index tensors."""
         _, channels, full_h, full_w = self.clean.shape
         tops, lefts = top.tolist(), left.tolist()
         inside = min(tops) >= 0 and min(lefts) >= 0

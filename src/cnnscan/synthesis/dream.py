@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cnnscan.engine.folding import folded_working_copy
+from cnnscan.engine.working_copy import memory_format_of, runnable
 from cnnscan.errors import MethodError
-from cnnscan.execution import memory_format_of, runnable
-from cnnscan.fold import folded_working_copy
 from cnnscan.layers import LayerRef
-from cnnscan.methods.gradient import _count, _number, generator
-from cnnscan.models import Model, load_model
+from cnnscan.methods.options import count, generator, number
+from cnnscan.models import Model, as_model
 from cnnscan.synthesis.forward import probe
 from cnnscan.synthesis.objectives import Objective, as_objective, layer_norm
 from cnnscan.synthesis.result import Synthesis
@@ -51,15 +51,15 @@ def deepdream(
     steps per octave; each step moves pixels (in [0, 1]) by `step_size` on average.
     `size`: the output size (default: the model's input size). `callback(steps done,
     objective)` runs after every step; an exception raised in it stops the run."""
-    model = model if isinstance(model, Model) else load_model(model)
+    model = as_model(model)
     if (layer is None) == (objective is None):
         raise MethodError("deepdream needs a layer (see `cnnscan layers`) or an objective")
     objective = layer_norm(layer) if objective is None else as_objective(objective)
-    octaves = _count("octaves", octaves)
-    steps = _count("steps", steps)
-    octave_scale = _number("octave_scale", octave_scale, positive=True)
-    step_size = _number("step_size", step_size, positive=True)
-    jitter = _count("jitter", jitter, minimum=0)
+    octaves = count("octaves", octaves)
+    steps = count("steps", steps)
+    octave_scale = number("octave_scale", octave_scale, positive=True)
+    step_size = number("step_size", step_size, positive=True)
+    jitter = count("jitter", jitter, minimum=0)
     if octave_scale <= 1 and octaves > 1:
         raise MethodError(f"octave_scale must be > 1 with several octaves, got {octave_scale}")
     device = torch.device(device) if device is not None else model.device

@@ -22,14 +22,14 @@ import torch
 from torch import nn
 
 from cnnscan.errors import ModelError
-from cnnscan.preprocessing import Preprocessing
+from cnnscan.models.model import wrap_module
+from cnnscan.models.preprocessing import Preprocessing
 
 
 # -- ONNX ----------------------------------------------------------------------------------------
 def load_onnx(path: Path) -> Any:
     """An ONNX classifier converted to a torch.fx module, with its input size as preprocessing
     (mean/std are not stored in ONNX files: ImageNet's unless `preprocessing=` is given)."""
-    from cnnscan.models import _wrap
 
     try:
         import onnx
@@ -52,7 +52,7 @@ def load_onnx(path: Path) -> Any:
             f"onnx2torch cannot convert {path} ({_first_line(e)}); opset 17 exports convert "
             "best: torch.onnx.export(..., dynamo=False, opset_version=17)"
         ) from e
-    return _wrap(module.eval(), path.stem, Preprocessing(size=_onnx_size(proto)))
+    return wrap_module(module.eval(), path.stem, Preprocessing(size=_onnx_size(proto)))
 
 
 def _onnx_size(proto: Any) -> tuple[int, int]:
@@ -111,13 +111,12 @@ def load_keras(path: Path, *, trust_pickle: bool = False) -> Any:
 def wrap_keras(model: nn.Module, name: str | None = None) -> Any:
     """A Keras model as a `Model`: NCHW input, layers as named submodules, input size from
     the model (mean/std are not stored in Keras models: ImageNet's unless given)."""
-    from cnnscan.models import _wrap
 
     _keras()
     module = KerasModule(model)
     shape = tuple(getattr(model, "input_shape", None) or ())
     size = shape[1:3] if len(shape) == 4 and all(isinstance(d, int) for d in shape[1:3]) else None
-    return _wrap(module, name or model.name, Preprocessing(size=size or (224, 224)))
+    return wrap_module(module, name or model.name, Preprocessing(size=size or (224, 224)))
 
 
 class _KerasLayer(nn.Module):

@@ -107,7 +107,7 @@ def _dims(value: Any, ndim: int) -> list[int] | None:
 
 
 # -- rules: (args, kwargs, inputs with geometry, outputs) -> geometry per output --------------
-Rule = Callable[[tuple, dict, list[tuple[torch.Tensor, Geometry]], list[torch.Tensor]], list]
+OpRule = Callable[[tuple, dict, list[tuple[torch.Tensor, Geometry]], list[torch.Tensor]], list]
 
 
 def _union(inputs: list[tuple[torch.Tensor, Geometry]], out: torch.Tensor) -> Geometry:
@@ -513,7 +513,7 @@ _ALIASES = {
     "rpow": "pow",
     "ipow": "pow",
 }
-_RULES: dict[str, Rule] = {name: _elementwise for name in _ELEMENTWISE}
+_RULES: dict[str, OpRule] = {name: _elementwise for name in _ELEMENTWISE}
 _RULES.update(
     conv2d=_conv2d,
     max_pool2d=_pool(1, 2, 3, 4),

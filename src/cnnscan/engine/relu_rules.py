@@ -18,21 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-Rule = Literal["standard", "guided", "deconv"]
-RULES: tuple[Rule, ...] = ("standard", "guided", "deconv")
+ReluRule = Literal["standard", "guided", "deconv"]
+RELU_RULES: tuple[ReluRule, ...] = ("standard", "guided", "deconv")
 
 
 @dataclass
 class RuleSwitch:
     """The backward rule every intercepted ReLU applies when gradients flow through it."""
 
-    rule: Rule = "standard"
+    rule: ReluRule = "standard"
 
     @contextmanager
-    def use(self, rule: Rule) -> Iterator[None]:
+    def use(self, rule: ReluRule) -> Iterator[None]:
         """Apply `rule` for the backward passes run inside the block."""
-        if rule not in RULES:
-            raise ValueError(f"unknown ReLU rule {rule!r}; use one of {RULES}")
+        if rule not in RELU_RULES:
+            raise ValueError(f"unknown ReLU rule {rule!r}; use one of {RELU_RULES}")
         previous, self.rule = self.rule, rule
         try:
             yield

@@ -22,7 +22,10 @@ import torch
 from torch import nn
 
 from cnnscan.errors import ModelError
-from cnnscan.preprocessing import Preprocessing
+from cnnscan.models.bundled import DEFAULT_MODEL
+from cnnscan.models.model import wrap_module
+from cnnscan.models.preprocessing import Preprocessing
+from cnnscan.models.weights import load_weights
 
 TIMM_PREFIX = "timm:"
 TORCHVISION_PREFIX = "torchvision:"
@@ -89,7 +92,6 @@ def list_models(pattern: str = "*") -> list[str]:
     """Names `load_model` accepts that match the shell-style `pattern` (case-insensitive):
     the bundled default, torchvision's classifiers, timm's architectures (if installed; as
     `timm:NAME` where torchvision has the same name) and the Keras-applications names."""
-    from cnnscan.models import DEFAULT_MODEL
 
     torchvision = torchvision_names()
     taken = set(torchvision)
@@ -161,8 +163,6 @@ def _keras_application(name: str, weights: str | Path | None) -> Any:
 def _torchvision(name: str, weights: str | Path | None) -> Any:
     import torchvision
 
-    from cnnscan.models import _wrap, load_weights
-
     if name not in torchvision_names():
         raise ModelError(_unknown(name))
     default_weights = torchvision.models.get_model_weights(name).DEFAULT
@@ -187,7 +187,7 @@ def _torchvision(name: str, weights: str | Path | None) -> Any:
         mean=tuple(transform.mean),
         std=tuple(transform.std),
     )
-    model = _wrap(module, name, preprocessing)
+    model = wrap_module(module, name, preprocessing)
     categories = default_weights.meta.get("categories")
     if categories and len(categories) == model.num_classes:
         model = replace(model, labels=tuple(categories))
@@ -196,7 +196,6 @@ def _torchvision(name: str, weights: str | Path | None) -> Any:
 
 # -- timm ----------------------------------------------------------------------------------------
 def _timm(name: str, weights: str | Path | None) -> Any:
-    from cnnscan.models import _wrap, load_weights
 
     if not timm_available():
         raise ModelError(f"{name!r} is a timm model; install timm: pip install 'cnnscan[timm]'")
@@ -212,7 +211,7 @@ def _timm(name: str, weights: str | Path | None) -> Any:
             load_weights(module, weights)
     module.eval()
     config = timm.data.resolve_model_data_config(module)
-    model = _wrap(module, name, timm_preprocessing(config))
+    model = wrap_module(module, name, timm_preprocessing(config))
     labels = _timm_labels(module, model.num_classes)
     return replace(model, labels=labels) if labels else model
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from cnnscan.execution import memory_format_of, runnable
+from cnnscan.engine.working_copy import memory_format_of, runnable
 from cnnscan.layers import LayerRef
-from cnnscan.methods.gradient import _number
-from cnnscan.models import Model, load_model
+from cnnscan.methods.options import number
+from cnnscan.models import Model, as_model
 from cnnscan.synthesis.forward import probe
 from cnnscan.synthesis.objectives import alpha_norm, feature_match, layer_norm, total_variation
 from cnnscan.synthesis.result import Synthesis
@@ -44,14 +44,14 @@ def invert(
     """An image, optimized from noise, whose features at `layer` match those of `image`
     (at the model's input size). No robustness transforms: features are compared
     position by position."""
-    model = model if isinstance(model, Model) else load_model(model)
+    model = as_model(model)
     device = torch.device(device) if device is not None else model.device
     photo = photo_pixels(model, image, None, device)
     target = features(model, photo, layer, device)
     objective = (
         feature_match(layer, target)
-        - _number("alpha_weight", alpha_weight) * alpha_norm(alpha)
-        - _number("tv_weight", tv_weight) * total_variation(beta)
+        - number("alpha_weight", alpha_weight) * alpha_norm(alpha)
+        - number("tv_weight", tv_weight) * total_variation(beta)
     )
     result = synthesize(
         model,

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from cnnscan.engine.logits import logits_of
+from cnnscan.engine.tracing import Tracer
 from cnnscan.errors import LayerError
-from cnnscan.execution import logits_of
 from cnnscan.layers import LayerRef, get_module
-from cnnscan.tracing import Tracer
 
 
 @dataclass

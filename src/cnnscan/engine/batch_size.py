@@ -1,11 +1,10 @@
 """Batch sizes chosen by measurement, within a memory budget.
 
-On a CPU a bigger batch is not always faster per image (measured here: the default model
-runs forward+backward fastest at batch 4-8, slower at 16). `adaptive_batches` therefore
-times the real work: it hands out chunks of 1, 2, 4, ... items until the time per item is
-more than 5 % worse than the best seen (a plateau, as between 1 and 2 here, does not stop
-the search), then settles on the best size and remembers it for the same kind of work.
-Nothing is computed twice to measure.
+On a CPU a bigger batch is not always faster per image (docs/measurements.md), so
+`adaptive_batches` times the real work: it hands out chunks of 1, 2, 4, ... items until the
+time per item is more than 5 % worse than the best seen (a plateau, as between batch 1 and 2
+on the default model, does not stop the search), then settles on the best size and
+remembers it for the same kind of work. Nothing is computed twice to measure.
 """
 
 from __future__ import annotations

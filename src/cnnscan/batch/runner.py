@@ -21,7 +21,7 @@ from cnnscan.batch.inputs import Item, discover, resolve_labels
 from cnnscan.batch.store import Part, Results, Store
 from cnnscan.batch.summary import write_summary
 from cnnscan.errors import BatchError
-from cnnscan.models import Model, load_model
+from cnnscan.models import Model, as_model
 
 PartPlan = list[tuple[int, list[Item]]]
 
@@ -72,7 +72,7 @@ def run(
     if not methods:
         raise BatchError("no methods given; e.g. methods=['gradcam'] (see cnnscan.list_methods())")
     found = discover(source, path_column=path_column, label_column=label_column)
-    model = model if isinstance(model, Model) else load_model(model)
+    model = as_model(model)
     settings = Settings(
         methods=tuple([methods] if isinstance(methods, str) else methods),
         options={k: dict(v) for k, v in (options or {}).items()},
@@ -157,8 +157,8 @@ def explain_in_threads(
 
 @contextmanager
 def _threads_per_worker(workers: int) -> Iterator[None]:
-    """Share torch's intra-op threads among the workers for the run (measured here: two
-    single-threaded workers beat one two-threaded forward on a 2-core CPU)."""
+    """Share torch's intra-op threads among the workers for the run (workers with one
+    thread each beat one multi-threaded forward: docs/measurements.md)."""
     total = torch.get_num_threads()
     torch.set_num_threads(max(1, total // workers))
     try:

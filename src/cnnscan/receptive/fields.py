@@ -7,7 +7,7 @@ counts, as in the usual receptive-field arithmetic). Convolutions and pooling wi
 stride that interval; element-wise ops, concatenations and residual adds take the union of
 their inputs'; reductions, flattening into a linear layer and normalizations over positions
 (squeeze-excitation gates, instance norm) make every unit see the whole span (step 0). The
-rules live in `cnnscan.geometry`; an operation without one marks its result "unknown" instead
+rules live in `cnnscan.receptive.rules`; an operation without one marks its result "unknown" instead
 of guessing. A module called several times gets one result per call (`name@k`), as in the
 layer table.
 """
@@ -21,9 +21,10 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from cnnscan.execution import runnable
-from cnnscan.geometry import Geo, Geometry, Span, Unknown, op_name, propagate, tensors
+from cnnscan.engine.working_copy import runnable
 from cnnscan.layers import LayerRow, capture
+from cnnscan.models import as_model
+from cnnscan.receptive.rules import Geo, Geometry, Span, Unknown, op_name, propagate, tensors
 
 
 @dataclass(frozen=True)
@@ -158,15 +159,12 @@ def layer_geometry(
     """The layer table (every module call: name, type, output shape, parameters) with each
     call's receptive field, from one forward of `image` without gradients (default: a blank
     input of the model's size). A model built on PyTorch's "meta" device runs shape-only."""
-    from cnnscan.explain import as_inputs
-    from cnnscan.models import Model, load_model
-
-    model = model if isinstance(model, Model) else load_model(model)
+    model = as_model(model)
     device = torch.device(device) if device is not None else model.device
     if image is None:
         x = torch.zeros((1, 3, *model.preprocessing.size), device=device)
     else:
-        x = as_inputs(model, image, device)[:1]
+        x = model.inputs(image, device)[:1]
     with runnable(model.module, device) as runner:
         return trace_receptive_fields(runner, x)
 

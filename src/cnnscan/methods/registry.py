@@ -1,0 +1,132 @@
+"""The method registry: each method is one function registered by name with its metadata,
+and `run_method`, which calls one on a scan and wraps the result in an `Attribution`.
+
+A method is called as `fn(scan, targets, **options)` and returns a `MethodResult`; it reads
+what it needs from the scan (logits, gradients, activations) and runs new forwards only when
+it must perturb the input. Wrappers such as SmoothGrad call any method on derived scans.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from cnnscan.attribution import Attribution
+from cnnscan.errors import MethodError
+from cnnscan.methods.options import check_options
+
+if TYPE_CHECKING:
+    from cnnscan.scan import Scan
+    from cnnscan.targets import Targets
+
+
+@dataclass
+class MethodResult:
+    """What a method computed: maps (N, T, C, h, w), the layer it used, anything else.
+
+    A method that explains something other than the requested classes (a layer unit) says
+    what in `targets` (N, T) and `scores` (N, T).
+    """
+
+    maps: torch.Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+    layer: str | None = None
+    targets: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """A registered method and what callers need to know about it."""
+
+    name: str
+    family: str
+    description: str
+    fn: Callable[..., MethodResult]
+    space: Literal["input", "layer"] = "input"
+    signed: bool = True
+    relu_rules: bool = False  # its shared forward must use switchable ReLUs
+    view: str = "heatmap"  # how reports show it by default (see cnnscan.render.VIEWS)
+    cost: str = ""
+    paper: str = ""
+    in_default_scan: bool = True  # False: too slow for `cnnscan scan` unless --full/--methods
+
+    def options(self) -> dict[str, Any]:
+        """Keyword options and their defaults."""
+        params = inspect.signature(self.fn).parameters.values()
+        return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+_REGISTRY: dict[str, MethodInfo] = {}
+
+
+def register(name: str, **info: Any) -> Callable[[Callable[..., MethodResult]], Callable]:
+    """Decorator: add a method function to the registry under `name`."""
+
+    def decorate(fn: Callable[..., MethodResult]) -> Callable[..., MethodResult]:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is registered twice")
+        _REGISTRY[name] = MethodInfo(name=name, fn=fn, **info)
+        return fn
+
+    return decorate
+
+
+def get_method(name: str) -> MethodInfo:
+    """The method called `name`, or a MethodError with close matches."""
+    key = name.strip().lower().replace("-", "_")
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    close = difflib.get_close_matches(key, list(_REGISTRY), n=4, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise MethodError(f"unknown method {name!r}.{hint} Available: {', '.join(_REGISTRY)}")
+
+
+FAMILIES = ("gradient", "cam", "lrp", "perturbation")
+
+
+def list_methods(family: str | None = None) -> list[MethodInfo]:
+    """Every registered method (name, family, one-line description, ...), in family order
+    (`FAMILIES`, then any other), each family in registration order."""
+    chosen = [m for m in _REGISTRY.values() if family is None or m.family == family]
+    rank = {name: i for i, name in enumerate(FAMILIES)}
+    return sorted(chosen, key=lambda m: rank.get(m.family, len(FAMILIES)))
+
+
+def run_method(
+    scan: Scan,
+    info: MethodInfo,
+    targets: Targets,
+    layer: str | list[str] | None = None,
+    options: dict[str, Any] | None = None,
+) -> Attribution:
+    """Run one registered method on a scan and wrap its result."""
+    options = dict(options or {})
+    if layer is not None:
+        if "layer" not in info.options():
+            raise MethodError(f"{info.name} works in input space and takes no layer")
+        options["layer"] = layer
+    check_options(info, options)
+    if info.relu_rules and not scan.relu_rules:
+        scan = scan.derive(scan.inputs, relu_rules=True)
+    target_ids = scan.targets(targets)
+    result = info.fn(scan, target_ids, **options)
+    scores = scan.scores(target_ids) if result.targets is None else result.scores
+    return Attribution(
+        maps=result.maps,
+        targets=target_ids if result.targets is None else result.targets,
+        method=info.name,
+        inputs=scan.inputs,
+        layer=result.layer,
+        scores=scores,
+        labels=scan.model.labels,
+        extras=result.extras,
+        preprocessing=scan.model.preprocessing,
+        space=info.space,
+        default_view=info.view,
+    )
