@@ -16,7 +16,8 @@ import torch
 import torchvision
 
 import cnnscan
-from cnnscan import ModelError, load_model, zoo
+from cnnscan import ModelError, load_model
+from cnnscan.models import zoo
 
 timm = pytest.importorskip("timm")
 
