@@ -77,7 +77,7 @@ def test_nav_lists_every_page_with_method_families_in_registry_order(tmp_path):
         "methods/zeta.md",
     ]
     assert {"index.md", "extra-notes.md", "api.md", "gallery.md", "trust.md", "cli.md"} <= set(nav)
-    assert nav[-2:] == ["api.md", "cli.md"]  # the reference comes last
+    assert nav[-3:] == ["api.md", "cli.md", "architecture.md"]  # the reference comes last
     assert len(nav) == len(set(nav))
 
 

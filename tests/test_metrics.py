@@ -404,7 +404,7 @@ def test_bad_options_are_clear_errors():
     model, x, order = four_pixels()
     attr = custom_attr(order, x, 0)
     with pytest.raises(MetricError, match="unknown metric"):
-        cnnscan.evaluate(model, None, attr, ["deletion"])
+        cnnscan.evaluate(model, None, attr, ["deletions"])
     with pytest.raises(MetricError, match="need a region"):
         cnnscan.evaluate(model, None, attr, ["pointing_game"])
     with pytest.raises(MetricError, match="steps must be an integer from 1 to 4"):
@@ -657,7 +657,7 @@ def test_cli_evaluate_prints_the_ranking_and_writes_scores_and_curves(tmp_path):
     [
         (["--box", "1,2,3"], "a box is four numbers"),
         (["--box", "5000,5000,6000,6000"], "outside the picture"),
-        (["--metrics", "deletion,insertion_auc"], "unknown metric"),
+        (["--metrics", "deletions,insertion_auc"], "unknown metric"),
         (["--methods", "gradcamm"], "unknown method"),
     ],
 )
