@@ -386,7 +386,8 @@ def test_html_report_of_the_run(tiny_workspace):
     for name in ("gradcam", "gradient", "class 4", "class 1", "conv2", "What the network learned"):
         assert name in html
     assert "http://" not in html and "https://" not in html.split("</style>")[0]
-    assert html.count("data:image/png;base64,") >= 1 + len(columns) * len(targets)
+    pictures = html.count("data:image/png;base64,") + html.count("data:image/webp;base64,")
+    assert pictures >= 1 + 2 * len(columns) * len(targets)  # each map alone and over the photo
 
 
 def test_html_report_carries_the_leaderboard_computed_in_the_page(tiny_workspace):
@@ -406,7 +407,7 @@ def test_html_report_carries_the_leaderboard_computed_in_the_page(tiny_workspace
     assert evaluation.leaderboard_rows(ws, columns, cells, targets[0], steps=5) is rows  # cached
     options = evaluation.report_options(5, sanity=False)
     html = exports.report_html(ws, columns, targets, cells, (rows, options)).decode("utf-8")
-    assert "Leaderboard: which explanation to trust (4 class 4)" in html
+    assert "Leaderboard: which map to trust (4 class 4)" in html
     assert "the sanity check was not ticked" in html
     assert "gradcam @ conv3" in html.split("Leaderboard")[1]
 

@@ -127,7 +127,7 @@ def test_advice_names_the_best_map_that_passes_every_check():
     assert [r["method"] for r in rows][:2] == ["integrated_gradients", "gradcam"]
     sentence = advice(rows)
     assert sentence.startswith("Look at gradcam (the same score as xgradcam): it passes")
-    assert "0.260" in sentence and "a random map: 0.070" in sentence
+    assert "0.260" in sentence and "chance at its resolution, random: 0.070" in sentence
     assert "lrp" not in sentence and "integrated_gradients" not in sentence
 
 

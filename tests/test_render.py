@@ -47,35 +47,36 @@ def test_clip_value_of_a_zero_map_is_zero():
 
 
 def test_signed_view_is_captums_normalization():
-    """captum's `visualize_image_attr(..., sign="all")` sums the channels and clips at the
-    2 % outlier threshold: the same values, in [-1, 1]."""
+    """captum's `visualize_image_attr(..., sign="all", outlier_perc=p)` sums the channels
+    and clips at the outlier threshold: the same values, in [-1, 1]."""
     values = heavy_tailed((3, 48, 40)).astype(np.float32)
-    expected = _normalize_attr(values.sum(axis=0), "all", outlier_perc=2)
+    expected = _normalize_attr(values.sum(axis=0), "all", outlier_perc=render.OUTLIER_PERC)
     shown = render.view(torch.from_numpy(values), "signed").numpy()
     np.testing.assert_allclose(shown, expected, rtol=1e-5, atol=1e-6)
     low, high = render.view_scale(torch.from_numpy(values), "signed")
-    assert -low == high == pytest.approx(numpy_clip_value(values.sum(axis=0), 2), rel=1e-6)
+    top = numpy_clip_value(values.sum(axis=0), render.OUTLIER_PERC)
+    assert -low == high == pytest.approx(top, rel=1e-6)
 
 
 def test_magnitude_and_rgb_views_clip_at_their_own_threshold():
     values = torch.from_numpy(heavy_tailed((3, 96, 96), seed=3).astype(np.float32))
     magnitude = values.abs().sum(dim=0).numpy()
-    top = numpy_clip_value(magnitude, 2)
+    top = numpy_clip_value(magnitude, render.OUTLIER_PERC)
     np.testing.assert_allclose(
         render.view(values, "grayscale").numpy(), np.clip(magnitude / top, 0, 1), rtol=1e-5
     )
     assert render.view_scale(values, "heatmap") == (0.0, pytest.approx(top, rel=1e-6))
     part = np.maximum(values.numpy(), 0)
-    positive = numpy_clip_value(part, 2)
+    positive = numpy_clip_value(part, render.OUTLIER_PERC)
     np.testing.assert_allclose(
         render.view(values, "positive").numpy(), np.clip(part / positive, 0, 1), rtol=1e-5
     )
     colour = render.view(values, "colour").numpy()
-    both = numpy_clip_value(values.numpy(), 2)
+    both = numpy_clip_value(values.numpy(), render.OUTLIER_PERC)
     np.testing.assert_allclose(colour, 0.5 + 0.5 * np.clip(values.numpy() / both, -1, 1), rtol=1e-5)
     # The outlier no longer decides the scale: it is clipped, the rest keeps its contrast.
     assert top < magnitude.max() / 5
-    assert magnitude[magnitude > top].sum() <= 0.02 * magnitude.sum() + top
+    assert magnitude[magnitude > top].sum() <= render.OUTLIER_PERC / 100 * magnitude.sum() + top
     minmax_median = np.median(magnitude / magnitude.max())
     assert np.median(render.view(values, "grayscale").numpy()) > 5 * minmax_median
 

@@ -225,7 +225,9 @@ def advice(rows: Sequence[Mapping[str, Any]]) -> str:
     same = [r["method"] for r in good[1:] if r["score"] == best["score"]]
     name = best["method"] + (f" (the same score as {', '.join(same)})" if same else "")
     chance = next((r for r in rows if r["method"] == best.get("chance")), None)
-    against = f"; a random map: {chance['score']:.3f}" if chance else ""
+    against = (
+        f"; chance at its resolution, {chance['method']}: {chance['score']:.3f}" if chance else ""
+    )
     numbers = f"insertion − deletion AUC {best['score']:.3f}{against}"
     if sanity:
         return (
