@@ -372,12 +372,8 @@ def _board(result: ScanResult) -> dict[str, Any]:
         cells = []
         for c in columns:
             value = row.get(c.column.key)
-            warn = (isinstance(value, dict) and value.get("verdict") not in (None, "passes")) or (
-                c.column.key == "completeness" and any("completeness" in w for w in row["warnings"])
-            )
-            cells.append(
-                {"text": c.column.show(value) if c.column.key in row else "—", "warn": warn}
-            )
+            text = c.column.show(value) if c.column.key in row else "—"
+            cells.append({"text": text, "warn": _alarming(c.column.key, value)})
         cascade = (row.get("model_randomization") or {}).get
         shown.append(
             {
@@ -400,6 +396,17 @@ def _board(result: ScanResult) -> dict[str, Any]:
         "rows": shown,
         "options": result.leaderboard_options,
     }
+
+
+def _alarming(key: str, value: Any) -> bool:
+    """A leaderboard cell shown as a warning: a check that did not pass, a completeness
+    error above the tolerance."""
+    from cnnscan.metrics.completeness import COMPLETENESS_TOLERANCE
+    from cnnscan.metrics.leaderboard import PASSES
+
+    if isinstance(value, dict):
+        return value.get("verdict") not in (None, PASSES)
+    return key == "completeness" and isinstance(value, float) and value > COMPLETENESS_TOLERANCE
 
 
 @functools.cache
