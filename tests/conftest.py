@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import cnnscan
@@ -19,28 +21,63 @@ def chelsea():
     return cnnscan.load_image("sample:chelsea")
 
 
-@pytest.fixture(scope="session")
-def quick_report(tmp_path_factory):
-    """`cnnscan scan` of the cat photo with two fast methods and the top 2 classes, run
-    in-process once: (exit code, output folder, stdout, stderr)."""
+def run_scan_command(out: Path, *args: str) -> tuple[int, Path, str, str]:
+    """`cnnscan scan ARGS --out OUT` run in-process: (exit code, OUT, stdout, stderr)."""
     import contextlib
     import io
 
     from cnnscan.cli import main
 
-    out = tmp_path_factory.mktemp("quick-report")
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = main(
-            [
-                "scan",
-                "sample:chelsea",
-                "--methods",
-                "gradient,guided_backprop",
-                "--top-k",
-                "2",
-                "--out",
-                str(out),
-            ]
-        )
+        code = main(["scan", *args, "--out", str(out)])
     return code, out, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="session")
+def quick_report(tmp_path_factory):
+    """`cnnscan scan` of the cat photo with two fast methods and the top 2 classes, run
+    in-process once: (exit code, output folder, stdout, stderr)."""
+    out = tmp_path_factory.mktemp("quick-report")
+    return run_scan_command(
+        out, "sample:chelsea", "--methods", "gradient,guided_backprop", "--top-k", "2"
+    )
+
+
+@pytest.fixture(scope="session")
+def default_report(tmp_path_factory):
+    """`cnnscan scan` with every default (the default methods, top 5, class image and
+    leaderboard of the cat photo), run in-process once: (exit code, output folder, stdout,
+    stderr). Minutes on a CPU: for slow tests only."""
+    return run_scan_command(tmp_path_factory.mktemp("default-report"))
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's headless Chromium driven by Playwright (never `playwright install`)."""
+    if not CHROMIUM.exists():
+        pytest.fail(
+            "the browser tests need Debian's chromium: apt-get update && "
+            "DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver"
+        )
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=180_000)  # the app's first page also loads the model
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS
+        )
+        yield chromium
+        chromium.close()

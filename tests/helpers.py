@@ -320,7 +320,9 @@ def efficientnet_lite_canonizers(model: nn.Module) -> list:
 
 # -- reading what the library wrote ------------------------------------------------------------
 class Tables(HTMLParser):
-    """Tables as rows of cells; each cell has its text, its images and its tag (td/th)."""
+    """Tables as rows of cells; each cell has its text, its images and its tag (td/th).
+    Also every <figure> with its class, text, images and the id of the nearest enclosing
+    element that has one (`panel`)."""
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
@@ -329,11 +331,26 @@ class Tables(HTMLParser):
         self._cell: dict | None = None
         self.images: list[dict] = []
         self.open_tags: list[str] = []
+        self.figures: list[dict] = []
+        self._figure: dict | None = None
+        self._ids: list[str | None] = []
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if tag not in ("img", "br", "meta", "input", "link", "hr"):
             self.open_tags.append(tag)
+            self._ids.append(attrs.get("id"))
+        if tag == "figure":
+            panel = next((i for i in reversed(self._ids[:-1]) if i), None)
+            self._figure = {
+                "class": attrs.get("class", ""),
+                "text": "",
+                "images": [],
+                "panel": panel,
+            }
+            self.figures.append(self._figure)
+        if tag == "img" and self._figure is not None:
+            self._figure["images"].append(attrs)
         if tag == "table":
             table = {"class": attrs.get("class", ""), "rows": []}
             self.tables.append(table)
@@ -351,6 +368,9 @@ class Tables(HTMLParser):
     def handle_endtag(self, tag):
         if self.open_tags and self.open_tags[-1] == tag:
             self.open_tags.pop()
+            self._ids.pop()
+        if tag == "figure":
+            self._figure = None
         if tag == "table" and self._stack:
             self._stack.pop()
         elif tag in ("td", "th"):
@@ -359,6 +379,8 @@ class Tables(HTMLParser):
     def handle_data(self, data):
         if self._cell is not None:
             self._cell["text"] += data
+        if self._figure is not None:
+            self._figure["text"] += data
 
 
 def parse(html: str) -> Tables:
@@ -369,9 +391,10 @@ def parse(html: str) -> Tables:
 
 
 def decode(src: str) -> np.ndarray:
-    prefix = "data:image/png;base64,"
-    assert src.startswith(prefix), src[:40]
-    with Image.open(io.BytesIO(base64.b64decode(src[len(prefix) :]))) as picture:
+    """The RGB pixels of a data: URI picture (PNG or WebP)."""
+    head, _, data = src.partition(",")
+    assert head in ("data:image/png;base64", "data:image/webp;base64"), src[:40]
+    with Image.open(io.BytesIO(base64.b64decode(data))) as picture:
         return np.asarray(picture.convert("RGB"))
 
 

@@ -1,6 +1,6 @@
 """The web app in a real browser: `cnnscan app`'s server on a free loopback port, driven by
-Playwright through Debian's headless Chromium (`apt-get install chromium chromium-driver`;
-never `playwright install`). One server and one browser for the module."""
+Playwright through Debian's headless Chromium (the `browser` fixture of conftest.py). One
+server for the module."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,16 +21,6 @@ from cnnscan.app import launch
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 UPLOAD_LIMIT_MB = 1
 UPLOADER = "[data-testid='stFileUploader'] input[type='file']"
 
@@ -84,24 +73,6 @@ def _read_until(process: subprocess.Popen, prefix: str, timeout: float) -> str:
         )
     threading.Thread(target=process.stdout.read, daemon=True).start()  # keep the pipe drained
     return found[0]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.fail(
-            "the browser test needs Debian's chromium: apt-get update && "
-            "DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver"
-        )
-    from playwright.sync_api import expect, sync_playwright
-
-    expect.set_options(timeout=180_000)  # the first page also loads the model
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=FLAGS
-        )
-        yield chromium
-        chromium.close()
 
 
 def open_page(browser, url):

@@ -308,33 +308,6 @@ def test_feature_maps_are_the_layers_activations(tiny_workspace, tiny_model):
 
 
 # -- pictures -------------------------------------------------------------------------------------
-def test_view_scale_gives_the_ends_of_the_colour_scale():
-    torch.manual_seed(0)
-    cam = torch.randn(1, 9, 11)
-    low, high = render.view_scale(cam, "heatmap")
-    torch.testing.assert_close(render.view(cam, "heatmap"), (cam[0] - low) / (high - low))
-    grads = torch.randn(3, 9, 11)
-    low, high = render.view_scale(grads, "heatmap")
-    magnitude = grads.abs().sum(dim=0)
-    assert low == 0 and high == pytest.approx(float(np.percentile(magnitude.numpy(), 99)))
-    torch.testing.assert_close(render.view(grads, "heatmap"), (magnitude / high).clamp(0, 1))
-    low, high = render.view_scale(grads, "signed")
-    assert -low == high == pytest.approx(float(grads.sum(dim=0).abs().max()))
-    assert render.view_scale(grads, "colour") is None
-    with pytest.raises(ValueError, match="unknown view"):
-        render.view_scale(grads, "sepia")
-
-
-def test_colorbar_runs_from_the_low_to_the_high_end_of_the_map():
-    bar = render.colorbar(50, "jet", height=4)
-    assert bar.shape == (4, 50, 3)
-    np.testing.assert_array_equal(bar[0, 0], render.to_rgb(torch.zeros(1, 1), "jet")[0, 0])
-    np.testing.assert_array_equal(bar[3, -1], render.to_rgb(torch.ones(1, 1), "jet")[0, 0])
-    signed = render.colorbar(51, "coolwarm", signed=True)
-    middle = render.to_rgb(torch.tensor([[-1.0, 0.0]]), "coolwarm")[0, 1]  # 0 on a signed scale
-    np.testing.assert_array_equal(signed[0, 25], middle)
-
-
 def test_cell_pictures_are_the_library_views_with_a_colour_bar(tiny_workspace):
     ws = tiny_workspace
     (cell,) = ws.explain(core.Column("gradcam", "conv2"), [2])
@@ -352,7 +325,7 @@ def test_cell_pictures_are_the_library_views_with_a_colour_bar(tiny_workspace):
     )
     raw = pictures.cell_picture(cell, "raw", ws.view)
     np.testing.assert_array_equal(
-        raw[: size[0]], render.to_rgb(cell.view(0, 0, "signed"), "coolwarm")
+        raw[: size[0]], render.to_rgb(cell.view(0, 0, "signed"), render.DIVERGING)
     )
     assert not np.array_equal(overlay, heat)
     with pytest.raises(ValueError, match="unknown view"):
@@ -413,7 +386,8 @@ def test_html_report_of_the_run(tiny_workspace):
     for name in ("gradcam", "gradient", "class 4", "class 1", "conv2", "What the network learned"):
         assert name in html
     assert "http://" not in html and "https://" not in html.split("</style>")[0]
-    assert html.count("data:image/png;base64,") >= 1 + len(columns) * len(targets)
+    pictures = html.count("data:image/png;base64,") + html.count("data:image/webp;base64,")
+    assert pictures >= 1 + 2 * len(columns) * len(targets)  # each map alone and over the photo
 
 
 def test_html_report_carries_the_leaderboard_computed_in_the_page(tiny_workspace):
@@ -433,7 +407,7 @@ def test_html_report_carries_the_leaderboard_computed_in_the_page(tiny_workspace
     assert evaluation.leaderboard_rows(ws, columns, cells, targets[0], steps=5) is rows  # cached
     options = evaluation.report_options(5, sanity=False)
     html = exports.report_html(ws, columns, targets, cells, (rows, options)).decode("utf-8")
-    assert "Leaderboard: which explanation to trust (4 class 4)" in html
+    assert "Leaderboard: which map to trust (4 class 4)" in html
     assert "the sanity check was not ticked" in html
     assert "gradcam @ conv3" in html.split("Leaderboard")[1]
 

@@ -392,7 +392,7 @@ def test_leaderboard_table_and_curves_from_rows():
             "deletion_auc": 0.1,
             "insertion_auc": 0.7,
             "score": 0.6,
-            "model_randomization": {"verdict": "passes"},
+            "model_randomization": {"verdict": "passes", "spearman": [0.31], "ssim": [0.2]},
             "completeness": None,
             "curves": {
                 "fraction": [0, 0.5, 1],
@@ -418,19 +418,26 @@ def test_leaderboard_table_and_curves_from_rows():
         {
             "rank": 1,
             "method": "gradcam",
-            "insertion − deletion": 0.6,
-            "deletion AUC ↓": 0.1,
-            "insertion AUC ↑": 0.7,
-            "sanity check": "passes",
+            "deletion↓": 0.1,
+            "insertion↑": 0.7,
+            "ins−del↑": 0.6,
+            "top-layer rand. ρ": "0.31 passes",
+            "complete err↓": None,
         },
         {
             "rank": 2,
             "method": "random (chance)",
-            "insertion − deletion": 0.1,
-            "deletion AUC ↓": 0.3,
-            "insertion AUC ↑": 0.4,
+            "deletion↓": 0.3,
+            "insertion↑": 0.4,
+            "ins−del↑": 0.1,
+            "top-layer rand. ρ": None,
+            "complete err↓": None,
         },
     ]
+    rows[0].update(trusted=False, warnings=["completeness error 20.00% (above 5%)"])
+    assert evaluation.table(rows)[0]["method"] == "gradcam ✗⚠"
+    assert evaluation.table(rows)[0]["warnings"] == "completeness error 20.00% (above 5%)"
+    assert "**deletion↓**: lower is better." in evaluation.legend(rows)
     assert evaluation.curves(rows, "deletion") == {
         "fraction": [0, 0.5, 1],
         "gradcam": [0.8, 0.2, 0.0],
@@ -459,9 +466,9 @@ def test_evaluation_ranks_the_grids_methods_like_the_library(default_model, chel
     )
     assert [m.removesuffix(" (chance)") for m in table["method"]] == [r["method"] for r in expected]
     np.testing.assert_allclose(
-        table["deletion AUC ↓"], [r["deletion_auc"] for r in expected], rtol=1e-4, atol=1e-6
+        table["deletion↓"], [r["deletion_auc"] for r in expected], rtol=1e-4, atol=1e-6
     )
     np.testing.assert_allclose(
-        table["insertion AUC ↑"], [r["insertion_auc"] for r in expected], rtol=1e-4, atol=1e-6
+        table["insertion↑"], [r["insertion_auc"] for r in expected], rtol=1e-4, atol=1e-6
     )
     assert len(at.get("vega_lite_chart")) == 2  # deletion and insertion curves

@@ -650,6 +650,8 @@ def test_cli_evaluate_prints_the_ranking_and_writes_scores_and_curves(tmp_path):
         assert Image.open(tmp_path / "curves" / f"{stem}.png").size == (480, 320)
     for kind in ("deletion", "insertion"):
         assert (tmp_path / "curves" / f"{kind}.png").exists()
+    assert "Look at " in out  # the sentence naming the map to look at
+    assert "deletion↓: lower is better." in out and "insertion↑: higher is better." in out
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ def shows(ex: Explorer, model, picture, method, target, layer=None) -> None:
     want = expected_overlay(model, picture, method, target, layer).astype(int)
     assert got.shape == want.shape and np.abs(got - want).max() <= 1
     attr = cnnscan.explain(model, picture, method, [target], layer=layer)
-    raw = panel(render.to_rgb(render.view(attr.maps[0, 0], "signed"), "coolwarm"))
+    raw = panel(render.to_rgb(render.view(attr.maps[0, 0], "signed"), render.DIVERGING))
     assert np.array_equal(png_pixels(ex.raw.value), raw)
 
 

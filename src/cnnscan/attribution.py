@@ -69,8 +69,12 @@ class Attribution:
 
     def view(self, image: int = 0, target: int = 0, kind: str = "heatmap") -> torch.Tensor:
         """One map at input resolution as display values (see `cnnscan.render.view`)."""
-        full = self.upsample()[image, target]
-        return render.view(full, kind)
+        return render.view(self.full_map(image, target), kind)
+
+    def full_map(self, image: int = 0, target: int = 0) -> torch.Tensor:
+        """One raw map (C, H, W) at the input's resolution (bilinear, as `upsample`)."""
+        one = self.maps[image : image + 1, target : target + 1]
+        return resize_maps(one, self.input_size)[0, 0]
 
     def image(
         self,
@@ -87,8 +91,8 @@ class Attribution:
         if background is not None and values.ndim == 2 and kind != "signed":
             return render.overlay(background, values, alpha=alpha, cmap=cmap or "jet")
         if kind == "signed":  # [-1, 1] -> [0, 1] here: a map without negatives stays centred
-            return render.to_rgb((values + 1) / 2, cmap or "coolwarm")
-        return render.to_rgb(values, cmap or "inferno")
+            return render.to_rgb((values + 1) / 2, cmap or render.DIVERGING)
+        return render.to_rgb(values, cmap or render.SEQUENTIAL)
 
     def label(self, image: int = 0, target: int = 0) -> str:
         if "unit_layer" in self.extras:  # a layer unit, not a class (see `unit=`)

@@ -153,6 +153,12 @@ def _parser() -> argparse.ArgumentParser:
         default=CLASS_IMAGE_STEPS,
         help=f"steps of the synthesized top-1 class image (default {CLASS_IMAGE_STEPS}; 0: skip)",
     )
+    scan.add_argument(
+        "--all-maps",
+        action="store_true",
+        help="also write maps/METHOD/ with a PNG and a raw NPY per map and class (~30 MB for "
+        "the default scan; maps.npz always holds the top-1 class's raw maps)",
+    )
     scan.add_argument("--open", action="store_true", help="open the report in a browser")
 
     explain = command("explain", "One method, one image, chosen targets.")
@@ -407,7 +413,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
             evaluate="none" if args.no_leaderboard else "full" if args.full else "default",
             max_memory=args.max_memory,
         )
-    path = write_report(result, args.out)
+    path = write_report(result, args.out, all_maps=args.all_maps)
     for p in result.predictions:
         print(f"{p['rank']}. {p['class_id']:4d} {p['label']:<30} {p['probability']:.4f}")
     total = sum(result.seconds.values())

@@ -1,10 +1,11 @@
 """The full scan of one image: every method for the top-k classes, written as a
-self-contained HTML report (images embedded) plus PNG/NPY/JSON files."""
+self-contained HTML report (pictures embedded, one screen wide) plus the raw maps and JSON
+files. How each map is drawn: `cnnscan.report_pictures`."""
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -20,21 +21,21 @@ import torch
 import cnnscan
 from cnnscan import render
 from cnnscan.attribution import Attribution
-from cnnscan.display import map_picture
 from cnnscan.errors import TargetError
 from cnnscan.layers import LayerRow
 from cnnscan.learned import conv_layers, depth_layers, filters, top_channels
 from cnnscan.methods import get_method, list_methods, run_method
 from cnnscan.models import Model, ModelLike, as_model
 from cnnscan.receptive import ReceptiveField, receptive_fields
+from cnnscan.report_pictures import LAYER_CMAP, data_uri, map_cells, map_notes, view_cells
 from cnnscan.scan import Scan, make_scan
 from cnnscan.synthesis import class_image
 
-CELL_PX = 160
 LEARNED_CHANNELS = 16  # feature maps shown per layer in the report
 LEARNED_TILE_PX = 64  # their size in pixels
 CLASS_IMAGE_STEPS = 48  # the top-1 class image: a preview, a second or two on a CPU
 CLASS_IMAGE_PX = 128
+CLASS_IMAGE_SHOWN_PX = 224  # the class image is shown at least this large (whole multiples)
 
 
 @dataclass
@@ -45,6 +46,8 @@ class Learned:
     filters: np.ndarray | None = None  # first convolution's filters, min-max per filter
     feature_maps: list[tuple[str, tuple[int, ...], np.ndarray]] = field(default_factory=list)
     class_image: np.ndarray | None = None  # synthesized for the top-1 class (`class_image`)
+    class_image_steps: int = 0
+    class_image_probability: float | None = None  # the model's probability of that class
 
 
 @dataclass
@@ -121,6 +124,9 @@ def run_scan(
             model, top1, steps=class_image_steps, size=CLASS_IMAGE_PX, device=device
         )
         learned.class_image = synthesized.image
+        learned.class_image_steps = len(synthesized.history)
+        pixels = model.preprocessing.normalize(synthesized.pixels[:1].to(scan.device))
+        learned.class_image_probability = float(scan.logits_at(pixels).softmax(1)[0, top1])
         seconds["class image"] = time.perf_counter() - began
     began = time.perf_counter()
     receptive = receptive_fields(model, scan.inputs[:1])
@@ -216,36 +222,20 @@ def _leaderboard(model, picture, scan, attributions, mode: str, timings: dict[st
     return rows, {**options, **settings}
 
 
-def _b64(rgb: np.ndarray) -> str:
-    return base64.b64encode(render.png_bytes(rgb)).decode("ascii")
-
-
-def _notes(attr: Attribution) -> list[dict[str, Any]]:
-    notes = []
-    relative = attr.extras.get("completeness_error_relative")
-    if isinstance(relative, torch.Tensor):
-        worst = float(relative.max())
-        notes.append(
-            {
-                "text": f"completeness error ≤ {worst:.2%} of |f(x) − f(x′)| "
-                f"({attr.extras.get('n_steps')} steps, baseline {attr.extras.get('baseline')})",
-                "warn": worst > 0.05,
-            }
-        )
-    if "warning" in attr.extras:
-        notes.append({"text": attr.extras["warning"], "warn": True})
-    return notes
-
-
-def write_report(result: ScanResult, out: str | Path) -> Path:
-    """Write report.html, predictions.json, timings.json and per-method PNG/NPY files."""
+def write_report(result: ScanResult, out: str | Path, *, all_maps: bool = False) -> Path:
+    """Write report.html (one page, pictures embedded), predictions.json, timings.json,
+    leaderboard.json, maps.npz (every method's raw map of the first class) with maps.json
+    (each method's summary) and learned/ (PNGs). `all_maps=True` also writes maps/METHOD/
+    with a PNG and an NPY per map and class (`Attribution.save`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "predictions.json").write_text(json.dumps(result.predictions, indent=2))
     (out / "timings.json").write_text(json.dumps(result.seconds, indent=2))
     infos = [get_method(name) for name in result.attributions]
-    for info in infos:
-        result.attributions[info.name].save(out / "maps" / info.name, kind=info.view)
+    write_maps(result, out)
+    if all_maps:
+        for info in infos:
+            result.attributions[info.name].save(out / "maps" / info.name, kind=info.view)
     methods = [
         {
             "name": info.name,
@@ -253,36 +243,22 @@ def write_report(result: ScanResult, out: str | Path) -> Path:
             "description": info.description,
             "cost": info.cost,
             "paper": info.paper,
-            "view": info.view,
             "seconds": result.seconds.get(info.name, 0.0),
-            "notes": _notes(result.attributions[info.name]),
+            "notes": map_notes(result.attributions[info.name]),
         }
         for info in infos
     ]
-    learned = _write_learned(result.learned, out / "learned")
-    grid = []
-    for t, prediction in enumerate(result.predictions):
-        cells = []
-        for info in infos:
-            attr = result.attributions[info.name]
-            caption = ""
-            relative = attr.extras.get("completeness_error_relative")
-            if isinstance(relative, torch.Tensor):
-                caption = f"completeness err {float(relative[0, t]):.1%}"
-            cells.append(
-                {
-                    "png": _b64(map_picture(attr, 0, t, result.view)),
-                    "alt": f"{info.name} for {prediction['label']}",
-                    "caption": caption,
-                }
-            )
-        grid.append(
-            {
-                "label": f"{prediction['class_id']} {prediction['label']}",
-                "probability": prediction["probability"],
-                "cells": cells,
-            }
-        )
+    descriptions = {info.name: info.description for info in infos}
+    labels = [prediction["label"] for prediction in result.predictions]
+    cells = [map_cells(attr, result.view, labels) for attr in result.attributions.values()]
+    classes = [
+        {
+            "label": f"{prediction['class_id']} {prediction['label']}",
+            "probability": prediction["probability"],
+            "cells": [column[t] for column in cells],
+        }
+        for t, prediction in enumerate(result.predictions)
+    ]
     if result.leaderboard:
         from cnnscan.metrics.outputs import json_ready
 
@@ -297,21 +273,47 @@ def write_report(result: ScanResult, out: str | Path) -> Path:
         device=str(result.model.device),
         generated=dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         version=cnnscan.__version__,
-        input_png=_b64(result.view),
+        input_uri=data_uri(result.view),
         predictions=result.predictions,
         methods=methods,
-        grid=grid,
-        views=_top1_views(result),
+        descriptions=descriptions,
+        classes=classes,
+        views=[
+            cell
+            for name in VIEW_METHODS
+            if name in result.attributions
+            for cell in view_cells(result.attributions[name])
+        ],
         timings=list(result.seconds.items()),
+        total_seconds=sum(result.seconds.values()),
         layers=result.layers,
         receptive=result.receptive,
-        learned=learned,
-        cell_px=CELL_PX,
-        leaderboard=_leaderboard_rows(result),
-        leaderboard_options=result.leaderboard_options,
+        learned=_write_learned(result.learned, out / "learned"),
+        board=_board(result),
+        colour_bars={name: render.css_gradient(name) for name in BAR_CMAPS},
+        outlier_perc=render.OUTLIER_PERC,
     )
     path = out / "report.html"
     path.write_text(html, encoding="utf-8")
+    return path
+
+
+VIEW_METHODS = ("gradient", "guided_backprop", "deconvnet")  # the top-1 views section
+BAR_CMAPS = (LAYER_CMAP, render.SEQUENTIAL, render.DIVERGING, "gray")
+
+
+def write_maps(result: ScanResult, out: Path) -> Path:
+    """maps.npz: each method's raw signed map (C, h, w) of the first class, float32, under
+    the key "METHOD_classID"; and maps.json: each method's summary (layer, targets, scores,
+    completeness errors)."""
+    path = out / "maps.npz"
+    first = {
+        f"{name}_class{int(attr.targets[0, 0])}": attr.maps[0, 0].detach().float().cpu().numpy()
+        for name, attr in result.attributions.items()
+    }
+    np.savez_compressed(path, **first)
+    summaries = {name: attr.summary() for name, attr in result.attributions.items()}
+    (out / "maps.json").write_text(json.dumps(summaries, indent=1))
     return path
 
 
@@ -325,7 +327,7 @@ def _write_learned(learned: Learned, out: Path) -> dict[str, Any]:
         )
         figures.append(
             {
-                "png": _b64(learned.filters),
+                "uri": data_uri(learned.filters, lossless=True),
                 "alt": f"filters of {learned.filters_layer}",
                 "caption": f"filters of {learned.filters_layer} (first convolution), "
                 "min-max per filter",
@@ -336,7 +338,7 @@ def _write_learned(learned: Learned, out: Path) -> dict[str, Any]:
         (out / f"features_{name}.png").write_bytes(render.png_bytes(picture))
         figures.append(
             {
-                "png": _b64(picture),
+                "uri": data_uri(picture, lossless=True),
                 "alt": f"feature maps of {layer}",
                 "caption": f"{layer} ({'×'.join(map(str, shape))}): the "
                 f"{min(LEARNED_CHANNELS, shape[0])} channels of highest mean activation, "
@@ -346,58 +348,68 @@ def _write_learned(learned: Learned, out: Path) -> dict[str, Any]:
     class_image = None
     if learned.class_image is not None:
         (out / "class_image.png").write_bytes(render.png_bytes(learned.class_image))
-        class_image = _b64(learned.class_image)
+        size = max(learned.class_image.shape[:2])
+        class_image = {
+            "uri": data_uri(learned.class_image, lossless=True),
+            "px": size * max(1, -(-CLASS_IMAGE_SHOWN_PX // size)),  # whole multiples
+            "size": "×".join(map(str, learned.class_image.shape[:2])),
+            "steps": learned.class_image_steps,
+            "probability": learned.class_image_probability,
+        }
     return {"figures": figures, "class_image": class_image}
 
 
-def _leaderboard_rows(result: ScanResult) -> list[dict[str, Any]]:
-    """The leaderboard as the template shows it: numbers, small curve PNGs, verdicts."""
+def _board(result: ScanResult) -> dict[str, Any]:
+    """The leaderboard as the template shows it: the advice, the columns with what they
+    measure, and per row its cells, marks, warnings and a small curves picture."""
+    from cnnscan.metrics.leaderboard import advice, board_columns, marks
     from cnnscan.metrics.outputs import method_curves
 
-    rows = []
-    for row in result.leaderboard:
-        model_check = row.get("model_randomization") or {}
-        target_check = row.get("target_randomization") or {}
-        rows.append(
+    rows = result.leaderboard
+    columns = board_columns(rows)
+    shown = []
+    for row in rows:
+        cells = []
+        for c in columns:
+            value = row.get(c.column.key)
+            text = c.column.show(value) if c.column.key in row else "—"
+            cells.append({"text": text, "warn": _alarming(c.column.key, value)})
+        cascade = (row.get("model_randomization") or {}).get
+        shown.append(
             {
                 "rank": row["rank"],
                 "method": row["method"],
                 "reference": row["reference"],
-                "deletion": row.get("deletion_auc"),
-                "insertion": row.get("insertion_auc"),
-                "score": row.get("score"),
-                "curves": _b64(method_curves(row, size=(120, 80))) if "curves" in row else "",
-                "verdict": model_check.get("verdict", ""),
-                "model_rho": (model_check.get("spearman") or [None])[0],
-                "model_ssim": (model_check.get("ssim") or [None])[0],
-                "cascade": list(
-                    zip(
-                        model_check.get("blocks", []),
-                        model_check.get("spearman", []),
-                        model_check.get("ssim", []),
-                        strict=True,
-                    )
-                ),
-                "target_verdict": target_check.get("verdict", ""),
-                "target_rho": target_check.get("spearman"),
-                "completeness": row.get("completeness"),
+                "trusted": row.get("trusted", True),
+                "marks": marks(row),
+                "warnings": row.get("warnings", []),
+                "cells": cells,
+                "curves": data_uri(method_curves(row, size=(120, 80)), lossless=True)
+                if "curves" in row
+                else "",
+                "cascade": list(zip(cascade("blocks", []), cascade("spearman", []), strict=True)),
             }
         )
-    return rows
+    return {
+        "advice": advice(rows),
+        "columns": columns,
+        "rows": shown,
+        "options": result.leaderboard_options,
+    }
 
 
-def _top1_views(result: ScanResult) -> list[dict[str, str]]:
-    """The classic saliency views (colour, grayscale, ±) of the gradient-like methods."""
-    views = []
-    for name in ("gradient", "guided_backprop", "deconvnet"):
-        attr = result.attributions.get(name)
-        if attr is None:
-            continue
-        for kind in ("colour", "grayscale", "positive", "negative"):
-            views.append({"title": f"{name} · {kind}", "png": _b64(attr.image(0, 0, kind))})
-    return views
+def _alarming(key: str, value: Any) -> bool:
+    """A leaderboard cell shown as a warning: a check that did not pass, a completeness
+    error above the tolerance."""
+    from cnnscan.metrics.completeness import COMPLETENESS_TOLERANCE
+    from cnnscan.metrics.leaderboard import PASSES
+
+    if isinstance(value, dict):
+        return value.get("verdict") not in (None, PASSES)
+    return key == "completeness" and isinstance(value, float) and value > COMPLETENESS_TOLERANCE
 
 
+@functools.cache
 def _template() -> jinja2.Template:
     text = resources.files("cnnscan").joinpath("templates/report.html.j2").read_text("utf-8")
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)

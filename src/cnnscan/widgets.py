@@ -227,7 +227,9 @@ class Explorer(widgets.VBox):
         self.attribution = attr
         back = background(attr, 0)
         self.overlay.value = _png(attr.image(0, 0, "heatmap", background=back))
-        self.raw.value = _png(render.to_rgb(render.view(attr.maps[0, 0], "signed"), "coolwarm"))
+        self.raw.value = _png(
+            render.to_rgb(render.view(attr.maps[0, 0], "signed"), render.DIVERGING)
+        )
         where = f" at <code>{html.escape(attr.layer)}</code>" if attr.layer else ""
         paper = f" — {html.escape(info.paper)}" if info.paper else ""
         self.status.value = (

@@ -1,33 +1,25 @@
 """The "Which method should I trust?" page, computed when the site is built: the scan's
 leaderboard (`cnnscan.metrics.leaderboard`) of every method's map of the gallery photos,
-ranked by insertion − deletion AUC, with the model-randomization sanity check, plus the
-slow methods by deletion and insertion; the summary sentences are derived from these numbers."""
+ranked by its rule (maps that fail the model-randomization sanity check last, each group by
+insertion − deletion AUC), plus the slow methods by deletion and insertion; the summary
+sentences are derived from these numbers."""
 
 from __future__ import annotations
 
-import math
 import time
 from statistics import mean
 from typing import Any
 
 import gallery
 
-from cnnscan.metrics.leaderboard import leaderboard
-from cnnscan.metrics.outputs import columns, method_curves
+from cnnscan.metrics.leaderboard import advice, board_columns, leaderboard, marks, rank_rows
+from cnnscan.metrics.outputs import method_curves
 from cnnscan.metrics.plot import PALETTE, curves_image
 from cnnscan.metrics.sanity import THRESHOLD
 from cnnscan.render import png_bytes
 
 METRICS = ("deletion_auc", "insertion_auc", "model_randomization", "completeness")
 CHEAP = ("deletion_auc", "insertion_auc")  # for the slow methods: no re-runs
-
-
-def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows ordered and numbered as `leaderboard` does: best insertion − deletion first."""
-    rows = sorted(rows, key=lambda r: (-r.get("score", -math.inf), r.get("deletion_auc", 0.0)))
-    for position, row in enumerate(rows, 1):
-        row["rank"] = position
-    return rows
 
 
 def boards(run: Any, log: Any = print) -> dict[str, list[dict[str, Any]]]:
@@ -49,7 +41,7 @@ def boards(run: Any, log: Any = print) -> dict[str, list[dict[str, Any]]]:
         if slow:
             extra = leaderboard(run.model, photo.picture, slow, CHEAP, **common)
             rows += [dict(row, slow=True) for row in extra if not row["reference"]]
-        out[photo.name] = rank(rows)
+        out[photo.name] = rank_rows(rows)
         run.seconds[f"trust: {photo.name}"] = time.perf_counter() - began
         log(f"trust: {photo.name} {time.perf_counter() - began:.1f} s")
     return out
@@ -65,7 +57,7 @@ def _verdict(row: dict[str, Any]) -> str:
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
     """A markdown table with the columns `cnnscan evaluate` prints."""
-    present = [c for c in columns() if any(c.key in row for row in rows)]
+    present = [c.column for c in board_columns(rows)]
     lines = [
         "| rank | method | " + " | ".join(c.title for c in present) + " |",
         "|---" * (len(present) + 2) + "|",
@@ -76,6 +68,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             name = f"*{row['method']} (chance)*"
         elif row.get("slow"):
             name += " (slow; deletion/insertion only)"
+        name += f" {marks(row)}" if marks(row) else ""
         cells = [c.show(row[c.key]) if c.key in row else "" for c in present]
         lines.append(f"| {row['rank']} | {name} | " + " | ".join(cells) + " |")
     return lines
@@ -87,11 +80,10 @@ def summary(run: Any, results: dict[str, list[dict[str, Any]]]) -> list[str]:
     ranks = {name: [] for name in methods}
     fails, below = set(), set()
     for rows in results.values():
-        chance = min(r["rank"] for r in rows if r["reference"])
         for row in rows:
             if row["method"] in ranks:
                 ranks[row["method"]].append(row["rank"])
-                if row["rank"] > chance:
+                if row.get("above_chance") is False:
                     below.add(row["method"])
                 if _verdict(row) not in ("", "passes"):
                     fails.add(row["method"])
@@ -158,14 +150,18 @@ def files(run: Any, log: Any = print) -> dict[str, str | bytes]:
         "- **Deletion AUC** (lower is better): remove pixels from the most to the least "
         "relevant; a faithful map makes the class probability drop fast.",
         "- **Insertion AUC** (higher is better): insert pixels into a blurred copy in the same "
-        "order; the probability should rise fast. Methods are ranked by insertion − deletion.",
+        "order; the probability should rise fast.",
         f"- **Model randomization** (Adebayo et al. 2018): the method is re-run with the top "
         f"block's weights randomized; a Spearman ρ ≥ {THRESHOLD} with the original map means "
         "the map does not depend on what the classifier learned.",
         "- **Completeness**: for methods whose maps should add up to the explained logit "
         "change (Integrated Gradients, LRP), how far they are from it.",
         "- ***random (chance)*** rows: a uniform-random map (per pixel, and at the coarsest "
-        "layer resolution), ranked among the methods: a method below them is not explaining.",
+        "layer resolution), ranked among the methods: a method below the one at its own "
+        "resolution is not explaining (⚠).",
+        "- **The ranking**: a map that fails the sanity check (✗) comes after every map that "
+        "passes; within each group, by insertion − deletion AUC; a completeness error above "
+        "5 % is a warning (⚠).",
         "",
         "## What these numbers say",
         "",
@@ -185,6 +181,7 @@ def files(run: Any, log: Any = print) -> dict[str, str | bytes]:
             f"{run.settings.trust_steps} deletion/insertion steps (`cnnscan evaluate`: 50); "
             "the gallery's options (counts lowered) for the methods' re-runs.",
             "",
+            *([f"**{advice(rows)}**", ""] if advice(rows) else []),
             *table(rows),
             "",
         ]

@@ -62,24 +62,39 @@ def report_options(steps: int, sanity: bool) -> dict[str, Any]:
 
 
 def table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The leaderboard as table rows: rank, method, score (insertion − deletion), the AUCs,
-    the sanity verdict and the completeness error where the rows have them."""
+    """The leaderboard as table rows: rank, method (chance rows and the marks ✗ / ⚠ of
+    `cnnscan.metrics.leaderboard.marks`), one column per metric column the rows have, titled
+    as the metric registry titles it (numbers stay numbers, a check reads as its verdict),
+    and the rows' warnings."""
+    from cnnscan.metrics.leaderboard import board_columns, marks
+
+    columns = board_columns(rows)
     shown = []
     for row in rows:
+        mark = marks(row)
         line = {
             "rank": row["rank"],
-            "method": row["method"] + (" (chance)" if row.get("reference") else ""),
-            "insertion − deletion": row.get("score"),
-            "deletion AUC ↓": row.get("deletion_auc"),
-            "insertion AUC ↑": row.get("insertion_auc"),
+            "method": row["method"]
+            + (" (chance)" if row.get("reference") else "")
+            + (f" {mark}" if mark else ""),
         }
-        check = row.get("model_randomization")
-        if isinstance(check, Mapping):
-            line["sanity check"] = check.get("verdict")
-        if row.get("completeness") is not None:
-            line["completeness error"] = row["completeness"]
+        for c in columns:
+            value = row.get(c.column.key)
+            number = value is None or isinstance(value, int | float)
+            line[c.column.title] = value if number else c.column.show(value)
+        if row.get("warnings"):
+            line["warnings"] = "; ".join(row["warnings"])
         shown.append(line)
     return shown
+
+
+def legend(rows: Sequence[Mapping[str, Any]]) -> str:
+    """What each column of `table` measures and which way is better, as Markdown."""
+    from cnnscan.metrics.leaderboard import board_columns
+
+    return "\n".join(
+        f"- **{c.column.title}**: {c.better}. {c.description}" for c in board_columns(rows)
+    )
 
 
 def curves(rows: Sequence[Mapping[str, Any]], kind: str) -> dict[str, Any]:

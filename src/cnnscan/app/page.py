@@ -500,6 +500,7 @@ def synthesis(ws: core.Workspace) -> None:
 # -- evaluation -----------------------------------------------------------------------------------
 def evaluation_view(ws: core.Workspace, run: tuple | None) -> None:
     from cnnscan.app import evaluation
+    from cnnscan.metrics.leaderboard import advice
 
     if run is None:
         st.info("Compute explanations first: the grid's methods are evaluated here.")
@@ -520,7 +521,8 @@ def evaluation_view(ws: core.Workspace, run: tuple | None) -> None:
     st.caption(
         "Deletion: the class probability as the most relevant pixels are removed first (lower "
         "area is better); insertion: as they are added to a blurred picture (higher is "
-        "better). Random maps give the chance level."
+        "better). Random maps give the chance level. With the sanity check, a map that fails "
+        "it is ranked below every map that passes."
     )
     asked = (target, steps, sanity, tuple(columns))
     if st.button("Evaluate", type="primary", key="eval_run"):
@@ -544,7 +546,12 @@ def evaluation_view(ws: core.Workspace, run: tuple | None) -> None:
         st.error(str(e))
         return
     bar.empty()
+    sentence = advice(rows)
+    if sentence:
+        st.info(sentence)
     st.dataframe(evaluation.table(rows), hide_index=True)
+    with st.expander("What the columns mean"):
+        st.markdown(evaluation.legend(rows))
     for kind, slot in zip(("deletion", "insertion"), st.columns(2), strict=True):
         data = evaluation.curves(rows, kind)
         if data:

@@ -10,7 +10,7 @@ from cnnscan import render
 from cnnscan.attribution import Attribution
 
 CELL_VIEWS = ("overlay", "heatmap", "raw")
-SIGNED_CMAP = "coolwarm"
+SIGNED_CMAP = render.DIVERGING
 _BAR_PX, _LABEL_PX, _GAP_PX = 10, 13, 3
 
 

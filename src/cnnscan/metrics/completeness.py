@@ -15,6 +15,9 @@ from cnnscan.metrics.registry import MetricContext, register_metric
 # Where methods report the error: these extras first, then any other `*_error_relative`
 # extra of shape (N, T).
 COMPLETENESS_KEYS = ("completeness_error_relative", "conservation_error_relative")
+# Above this relative error a map is shown with a warning: it does not add up to the score
+# change it explains (Integrated Gradients' usual check is a few percent).
+COMPLETENESS_TOLERANCE = 0.05
 
 
 def completeness_error(attr: Attribution) -> torch.Tensor | None:
@@ -33,7 +36,7 @@ def completeness_error(attr: Attribution) -> torch.Tensor | None:
     description="The relative error the method reports between the sum of its map and the "
     "score change it explains (None when it makes no such promise).",
     higher_is_better=False,
-    title="complete err",
+    title="complete err↓",
     show=lambda v: "-" if v is None else f"{v:.2%}",
     cost="free",
     paper="Sundararajan et al. 2017, arXiv:1703.01365; Bach et al. 2015",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,9 +17,9 @@ from PIL import Image
 
 from cnnscan import render
 from cnnscan.methods import get_method, run_method
-from cnnscan.metrics.leaderboard import leaderboard
+from cnnscan.metrics.leaderboard import advice, board_columns, leaderboard, marks
 from cnnscan.metrics.plot import DELETION_COLOUR, INSERTION_COLOUR, PALETTE, curves_image
-from cnnscan.metrics.registry import Column, choose_metrics, list_metrics
+from cnnscan.metrics.registry import choose_metrics
 from cnnscan.models import Model
 from cnnscan.scan import make_scan
 from cnnscan.targets import Targets
@@ -75,26 +76,15 @@ def evaluate_methods(
     )
 
 
-SCORE = Column("score", "ins−del↑")  # the leaderboard's ranking: insertion − deletion AUC
-
-
-def columns() -> list[Column]:
-    """The table's columns: every registered metric's, the score right after insertion."""
-    out = []
-    for info in list_metrics():
-        out.extend(info.columns)
-        if info.name == "insertion_auc":
-            out.append(SCORE)
-    return out
-
-
 def table_lines(result: Evaluation) -> list[str]:
-    """The ranked table as text lines."""
-    present = [c for c in columns() if any(c.key in row for row in result.rows)]
+    """The ranked table as text lines: failing maps marked ✗, chance rows "(chance)", a
+    row with a warning ⚠."""
+    present = [c.column for c in board_columns(result.rows)]
     header = ["rank", "method", *(c.title for c in present)]
     body = []
     for row in result.rows:
-        name = f"{row['method']} (chance)" if row["reference"] else row["method"]
+        name = row["method"] + (" (chance)" if row["reference"] else "")
+        name += f" {marks(row)}" if marks(row) else ""
         cells = [str(row["rank"]), name]
         cells += [c.show(row[c.key]) if c.key in row else "" for c in present]
         body.append(cells)
@@ -105,9 +95,29 @@ def table_lines(result: Evaluation) -> list[str]:
     ]
 
 
+def legend_lines(result: Evaluation, width: int = 100) -> list[str]:
+    """What each column of the table measures and which way is better, then what ✗ means
+    and every row's warnings, wrapped at `width` characters."""
+    lines = []
+    for c in board_columns(result.rows):
+        text = f"{c.column.title}: {c.better}. {c.description}"
+        lines += textwrap.wrap(text, width, subsequent_indent="    ")
+    if any(not row.get("trusted", True) for row in result.rows):
+        lines.append("✗: fails a sanity check; ranked below every map that passes.")
+    for row in result.rows:
+        for warning in row.get("warnings", ()):
+            lines += textwrap.wrap(f"⚠ {row['method']}: {warning}", width, subsequent_indent="    ")
+    return lines
+
+
 def print_table(result: Evaluation) -> None:
-    print(f"class {result.class_id} {result.label}: methods ranked by insertion − deletion AUC")
+    print(f"class {result.class_id} {result.label}: by insertion − deletion AUC, failing maps last")
+    sentence = advice(result.rows)
+    if sentence:
+        print(textwrap.fill(sentence, 100))
     for line in table_lines(result):
+        print(line)
+    for line in legend_lines(result):
         print(line)
 
 
