@@ -11,14 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
+from cnnscan.choices import CLASS_IMAGE_STEPS, DEFAULT_IMAGE, FILTER_MODES, SCALES, VIEWS
 from cnnscan.errors import CnnscanError
-from cnnscan.render import FILTER_MODES, SCALES, VIEWS
-from cnnscan.report import CLASS_IMAGE_STEPS
-from cnnscan.targets import parse_targets
-
-DEFAULT_IMAGE = "sample:chelsea"
 
 EXAMPLES = {
     "scan": """examples:
@@ -379,6 +373,8 @@ def _parse_value(text: str) -> Any:
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from cnnscan.images import load_image
     from cnnscan.methods import get_method
     from cnnscan.report import default_methods, run_scan, write_report
@@ -420,6 +416,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from cnnscan.api import explain
     from cnnscan.methods import get_method
+    from cnnscan.targets import parse_targets
 
     options = {}
     for item in args.option:
@@ -613,6 +610,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cnnscan.metrics.localization import region
     from cnnscan.metrics.outputs import evaluate_methods, print_table, write_evaluation
     from cnnscan.report import default_methods
+    from cnnscan.targets import parse_targets
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     methods = [get_method(name).name for name in names] if names else default_methods()
@@ -661,6 +659,7 @@ def _cmd_app(args: argparse.Namespace) -> int:
 
 def _cmd_batch(args: argparse.Namespace) -> int:
     from cnnscan.batch import run
+    from cnnscan.targets import parse_targets
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     options: dict[str, dict[str, Any]] = {}

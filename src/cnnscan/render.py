@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-VIEWS = ("heatmap", "grayscale", "colour", "positive", "negative", "signed")
+from cnnscan.choices import FILTER_MODES, SCALES, VIEWS
+
 _EPS = 1e-12
 
 # Colour maps as anchor colours interpolated to 256 entries (close to matplotlib's).
@@ -128,8 +129,6 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 
 
 # -- grids of small pictures: filters and feature maps ---------------------------------------------
-FILTER_MODES = ("auto", "rgb", "channels", "mean")
-SCALES = ("shared", "per-map")
 
 
 def _minmax_each(x: torch.Tensor) -> torch.Tensor:

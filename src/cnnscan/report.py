@@ -20,6 +20,7 @@ import torch
 import cnnscan
 from cnnscan import render
 from cnnscan.attribution import Attribution
+from cnnscan.choices import CLASS_IMAGE_STEPS
 from cnnscan.display import map_picture
 from cnnscan.errors import TargetError
 from cnnscan.layers import LayerRow
@@ -33,7 +34,6 @@ from cnnscan.synthesis import class_image
 CELL_PX = 160
 LEARNED_CHANNELS = 16  # feature maps shown per layer in the report
 LEARNED_TILE_PX = 64  # their size in pixels
-CLASS_IMAGE_STEPS = 48  # the top-1 class image: a preview, a second or two on a CPU
 CLASS_IMAGE_PX = 128
 
 
