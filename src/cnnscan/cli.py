@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import time
 import warnings
 import webbrowser
 from collections.abc import Sequence
@@ -13,6 +15,8 @@ from typing import Any
 
 from cnnscan.choices import CLASS_IMAGE_STEPS, DEFAULT_IMAGE, FILTER_MODES, SCALES, VIEWS
 from cnnscan.errors import CnnscanError
+
+_STARTED = time.perf_counter()  # about when the command started (nothing heavy loads first)
 
 EXAMPLES = {
     "scan": """examples:
@@ -148,6 +152,9 @@ def _parser() -> argparse.ArgumentParser:
         help=f"steps of the synthesized top-1 class image (default {CLASS_IMAGE_STEPS}; 0: skip)",
     )
     scan.add_argument("--open", action="store_true", help="open the report in a browser")
+    scan.add_argument(
+        "--quiet", action="store_true", help="no progress lines and no picture in the terminal"
+    )
 
     explain = command("explain", "One method, one image, chosen targets.")
     explain.add_argument("image", help="image path or sample:NAME")
@@ -373,8 +380,6 @@ def _parse_value(text: str) -> Any:
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from cnnscan.images import load_image
     from cnnscan.methods import get_method
     from cnnscan.report import default_methods, run_scan, write_report
@@ -384,33 +389,65 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     picture = load_image(args.image)  # bad images fail before the model loads
     model = _load(args)
     name = args.image if args.image.startswith("sample:") else Path(args.image).name
-    with tqdm(total=len(methods), desc="scan", unit="method", file=sys.stderr, delay=1.0) as bar:
-        bar.set_postfix_str(methods[0], refresh=False)
-
-        def progress(method: str) -> None:  # called as each method finishes: show the next
-            done = methods.index(method) + 1
-            bar.set_postfix_str(methods[done] if done < len(methods) else "done", refresh=False)
-            bar.update(1)
-
-        result = run_scan(
-            model,
-            picture,
-            methods=methods,
-            top_k=args.top_k,
-            image_name=name,
-            progress=progress,
-            class_image_steps=args.class_image_steps,
-            evaluate="none" if args.no_leaderboard else "full" if args.full else "default",
-            max_memory=args.max_memory,
-        )
+    result = run_scan(
+        model,
+        picture,
+        methods=methods,
+        top_k=args.top_k,
+        image_name=name,
+        observer=_ScanPrinter(Path(args.out), quiet=args.quiet),
+        class_image_steps=args.class_image_steps,
+        evaluate="none" if args.no_leaderboard else "full" if args.full else "default",
+        max_memory=args.max_memory,
+    )
     path = write_report(result, args.out)
-    for p in result.predictions:
-        print(f"{p['rank']}. {p['class_id']:4d} {p['label']:<30} {p['probability']:.4f}")
-    total = sum(result.seconds.values())
-    print(f"scanned in {total:.1f} s; report: {path.resolve()}")
+    print(f"scanned in {time.perf_counter() - _STARTED:.1f} s; report: {path.resolve()}")
     if args.open:
         webbrowser.open(path.resolve().as_uri())
     return 0
+
+
+class _ScanPrinter:
+    """The scan as it goes: the top-k at once, the first map (a PNG, and a picture in a
+    colour terminal), then one progress line per stage with its ETA on stderr."""
+
+    def __init__(self, out: Path, quiet: bool):
+        self.out, self.quiet = out, quiet
+
+    def predictions(self, rows: list[dict[str, Any]]) -> None:
+        for p in rows:
+            print(f"{p['rank']}. {p['class_id']:4d} {p['label']:<30} {p['probability']:.4f}")
+        sys.stdout.flush()
+
+    def first_map(self, attr: Any, view: Any) -> None:
+        from cnnscan import render
+        from cnnscan.display import map_picture
+
+        picture = map_picture(attr, 0, 0, view)
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / f"{attr.method}-top1.png"
+        path.write_bytes(render.png_bytes(picture))
+        print(
+            f"{attr.method} of {attr.label(0, 0)}: {path} ({time.perf_counter() - _STARTED:.1f} s)"
+        )
+        if not self.quiet and sys.stdout.isatty():
+            print(render.terminal_picture(picture))
+        sys.stdout.flush()
+
+    @contextlib.contextmanager
+    def stage(self, name: str, total: int, unit: str):
+        from tqdm import tqdm
+
+        with tqdm(
+            total=total, desc=name, unit=unit, file=sys.stderr, disable=self.quiet, leave=True
+        ) as bar:
+
+            def advance(done: int) -> None:
+                bar.update(done - bar.n)
+
+            yield advance
+            if bar.total and bar.n < bar.total:  # an estimate: close the line at 100 %
+                bar.total = bar.n
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:

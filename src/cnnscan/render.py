@@ -128,6 +128,21 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def terminal_picture(rgb: np.ndarray, columns: int = 48) -> str:
+    """A picture for a colour terminal: two pixel rows per text row ("▀" with a 24-bit
+    foreground for the upper pixel and background for the lower), `columns` wide."""
+    height = max(2, round(rgb.shape[0] * columns / rgb.shape[1] / 2) * 2)
+    small = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((columns, height)))
+    lines = []
+    for top, bottom in zip(small[0::2], small[1::2], strict=True):
+        cells = (
+            f"\x1b[38;2;{a[0]};{a[1]};{a[2]}m\x1b[48;2;{b[0]};{b[1]};{b[2]}m▀"
+            for a, b in zip(top, bottom, strict=True)
+        )
+        lines.append("".join(cells) + "\x1b[0m")
+    return "\n".join(lines)
+
+
 # -- grids of small pictures: filters and feature maps ---------------------------------------------
 
 
