@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 import warnings
@@ -17,6 +18,11 @@ from cnnscan.choices import CLASS_IMAGE_STEPS, DEFAULT_IMAGE, FILTER_MODES, SCAL
 from cnnscan.errors import CnnscanError
 
 _STARTED = time.perf_counter()  # about when the command started (nothing heavy loads first)
+
+# Before torch loads: OpenMP threads that spin while they wait for work make every forward
+# crawl when other jobs share the cores; waiting passively keeps a scan graceful under load
+# (docs/measurements.md). A value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 EXAMPLES = {
     "scan": """examples:
