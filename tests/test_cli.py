@@ -451,3 +451,24 @@ def test_installed_script(tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.startswith("cnnscan: error")
+
+
+def test_help_imports_no_torch_nor_the_heavy_extras():
+    """`cnnscan --help` answers without loading torch, pyarrow, scikit-image or Streamlit."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "import cnnscan.cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    for argv in (['--help'], ['scan', '--help'], ['batch', '--help']):\n"
+        "        try:\n"
+        "            cnnscan.cli.main(argv)\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "heavy = ('torch', 'pyarrow', 'skimage', 'streamlit', 'ray', 'keras', 'matplotlib')\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

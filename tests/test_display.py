@@ -187,3 +187,14 @@ def test_summary_lists_per_target_values_and_names_maps_by_shape():
     assert error == ig.extras["completeness_error"].tolist()  # (2, 2): one per image and target
     cam = cnnscan.explain(net, x, "gradcam", targets=[1, 3])
     assert cam.summary()["extras"]["raw"] == f"tensor {tuple(cam.extras['raw'].shape)}"
+
+
+def test_terminal_picture_draws_two_pixel_rows_per_text_row():
+    rgb = np.array(
+        [[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [10, 20, 30]]], dtype=np.uint8
+    )  # 2×2: red green / blue dark
+    text = render.terminal_picture(rgb, columns=2)
+    assert text.count("\n") == 0 and text.count("▀") == 2
+    assert text.startswith("\x1b[38;2;255;0;0m\x1b[48;2;0;0;255m▀")
+    assert "\x1b[38;2;0;255;0m\x1b[48;2;10;20;30m▀" in text and text.endswith("\x1b[0m")
+    assert render.terminal_picture(np.zeros((100, 50, 3), np.uint8), 10).count("\n") == 9

@@ -214,6 +214,34 @@ def test_only_interior_points_cost_forwards():
     assert sum(calls[1:]) == 2 * 9 + 2  # interior points + two substrates
 
 
+def test_maps_that_order_pixels_alike_share_their_forwards():
+    """Three maps of one image: a map, the same map scaled (its order is the same) for
+    another class, and a different map. The curves equal those computed one map at a time,
+    and the shared order costs no forwards of its own."""
+    calls = []
+
+    class Counting(SmallConvNet):
+        def forward(self, x):
+            calls.append(len(x))
+            return super().forward(x)
+
+    net = Counting().eval()
+    model = cnnscan.load_model(net)
+    x = torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    first, other = torch.rand(1, 1, 12, 12, generator=gen), torch.rand(1, 1, 12, 12, generator=gen)
+    maps = torch.stack([first, 3 * first, other], dim=1)  # (1, 3, 1, 12, 12)
+    together = Attribution(maps, torch.tensor([[1, 2, 1]]), "custom", x)
+    scores = cnnscan.evaluate(model, None, together, ["deletion_auc", "insertion_auc"], steps=10)
+    assert sum(calls[1:]) == 2 * (2 * 9 + 1)  # two distinct orders per kind, one substrate
+    for t in range(3):
+        alone = custom_attr(maps[:, t : t + 1], x, [1, 2, 1][t])
+        single = cnnscan.evaluate(model, None, alone, ["deletion_auc", "insertion_auc"], steps=10)
+        for kind in ("deletion", "insertion"):
+            assert scores["curves"][kind][0][t] == pytest.approx(single["curves"][kind], abs=1e-6)
+            assert scores[f"{kind}_auc"][0][t] == pytest.approx(single[f"{kind}_auc"], abs=1e-6)
+
+
 @pytest.mark.slow
 def test_gradcam_beats_random_maps_on_the_cat(default_model, chelsea):
     """Grad-CAM (7×7, upsampled) deletes the cat faster than uniform-random maps of its own

@@ -4,6 +4,7 @@ scale, labels escaped, everything embedded; the raw maps in maps.npz."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -210,3 +211,42 @@ def test_quick_cli_report_has_a_cell_per_class_and_method(quick_report):
     assert sorted(found) == ["panel0", "panel1"]
     assert all(len(cells) == 2 for cells in found.values())
     assert len(prediction_table(parse(html))) == 2
+
+
+def test_the_scan_tells_the_top_k_then_gradcam_then_each_stage():
+    """An observer hears the top-k before any method runs, Grad-CAM of the top-1 as the
+    first map (whatever the order asked), and each stage with its total, advanced to it."""
+    from cnnscan.report import ScanObserver
+
+    events = []
+
+    class Recorder(ScanObserver):
+        def predictions(self, rows):
+            events.append(("predictions", [row["class_id"] for row in rows]))
+
+        def first_map(self, attr, view):
+            events.append(("first_map", attr.method, int(attr.targets[0, 0]), view.shape))
+
+        @contextlib.contextmanager
+        def stage(self, name, total, unit):
+            done = []
+            yield done.append
+            events.append(("stage", name, total, unit, done[-1] if done else 0))
+
+    model = cnnscan.load_model(SmallConvNet())
+    x = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    result = run_scan(
+        model,
+        x,
+        methods=["gradient", "gradcam"],
+        top_k=2,
+        class_image_steps=3,
+        observer=Recorder(),
+    )
+    assert events[0] == ("predictions", [p["class_id"] for p in result.predictions])
+    assert events[1][:3] == ("first_map", "gradcam", result.predictions[0]["class_id"])
+    stages = {e[1]: e[2:] for e in events if e[0] == "stage"}
+    assert stages["methods"] == (2, "method", 2)
+    assert stages["class image"] == (3, "step", 3)
+    assert stages["leaderboard"][1] == "forward" and stages["leaderboard"][2] > 0
+    assert list(result.attributions) == ["gradient", "gradcam"]  # the report keeps its order

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import time
 import warnings
 import webbrowser
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
+from cnnscan.choices import CLASS_IMAGE_STEPS, DEFAULT_IMAGE, FILTER_MODES, SCALES, VIEWS
 from cnnscan.errors import CnnscanError
-from cnnscan.render import FILTER_MODES, SCALES, VIEWS
-from cnnscan.report import CLASS_IMAGE_STEPS
-from cnnscan.targets import parse_targets
 
-DEFAULT_IMAGE = "sample:chelsea"
+_STARTED = time.perf_counter()  # about when the command started (nothing heavy loads first)
+
+# Before torch loads: OpenMP threads that spin while they wait for work make every forward
+# crawl when other jobs share the cores; waiting passively keeps a scan graceful under load
+# (docs/measurements.md). A value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 EXAMPLES = {
     "scan": """examples:
@@ -160,6 +164,9 @@ def _parser() -> argparse.ArgumentParser:
         "the default scan; maps.npz always holds the top-1 class's raw maps)",
     )
     scan.add_argument("--open", action="store_true", help="open the report in a browser")
+    scan.add_argument(
+        "--quiet", action="store_true", help="no progress lines and no picture in the terminal"
+    )
 
     explain = command("explain", "One method, one image, chosen targets.")
     explain.add_argument("image", help="image path or sample:NAME")
@@ -394,38 +401,71 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     picture = load_image(args.image)  # bad images fail before the model loads
     model = _load(args)
     name = args.image if args.image.startswith("sample:") else Path(args.image).name
-    with tqdm(total=len(methods), desc="scan", unit="method", file=sys.stderr, delay=1.0) as bar:
-        bar.set_postfix_str(methods[0], refresh=False)
-
-        def progress(method: str) -> None:  # called as each method finishes: show the next
-            done = methods.index(method) + 1
-            bar.set_postfix_str(methods[done] if done < len(methods) else "done", refresh=False)
-            bar.update(1)
-
-        result = run_scan(
-            model,
-            picture,
-            methods=methods,
-            top_k=args.top_k,
-            image_name=name,
-            progress=progress,
-            class_image_steps=args.class_image_steps,
-            evaluate="none" if args.no_leaderboard else "full" if args.full else "default",
-            max_memory=args.max_memory,
-        )
+    result = run_scan(
+        model,
+        picture,
+        methods=methods,
+        top_k=args.top_k,
+        image_name=name,
+        observer=_ScanPrinter(Path(args.out), quiet=args.quiet),
+        class_image_steps=args.class_image_steps,
+        evaluate="none" if args.no_leaderboard else "full" if args.full else "default",
+        max_memory=args.max_memory,
+    )
     path = write_report(result, args.out, all_maps=args.all_maps)
-    for p in result.predictions:
-        print(f"{p['rank']}. {p['class_id']:4d} {p['label']:<30} {p['probability']:.4f}")
-    total = sum(result.seconds.values())
-    print(f"scanned in {total:.1f} s; report: {path.resolve()}")
+    print(f"scanned in {time.perf_counter() - _STARTED:.1f} s; report: {path.resolve()}")
     if args.open:
         webbrowser.open(path.resolve().as_uri())
     return 0
 
 
+class _ScanPrinter:
+    """The scan as it goes: the top-k at once, the first map (a PNG, and a picture in a
+    colour terminal), then one progress line per stage with its ETA on stderr."""
+
+    def __init__(self, out: Path, quiet: bool):
+        self.out, self.quiet = out, quiet
+
+    def predictions(self, rows: list[dict[str, Any]]) -> None:
+        for p in rows:
+            print(f"{p['rank']}. {p['class_id']:4d} {p['label']:<30} {p['probability']:.4f}")
+        sys.stdout.flush()
+
+    def first_map(self, attr: Any, view: Any) -> None:
+        from cnnscan import render
+        from cnnscan.display import map_picture
+
+        picture = map_picture(attr, 0, 0, view)
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / f"{attr.method}-top1.png"
+        path.write_bytes(render.png_bytes(picture))
+        print(
+            f"{attr.method} of {attr.label(0, 0)}: {path} ({time.perf_counter() - _STARTED:.1f} s)"
+        )
+        if not self.quiet and sys.stdout.isatty():
+            print(render.terminal_picture(picture))
+        sys.stdout.flush()
+
+    @contextlib.contextmanager
+    def stage(self, name: str, total: int, unit: str):
+        from tqdm import tqdm
+
+        with tqdm(
+            total=total, desc=name, unit=unit, file=sys.stderr, disable=self.quiet, leave=True
+        ) as bar:
+
+            def advance(done: int) -> None:
+                bar.update(done - bar.n)
+
+            yield advance
+            if bar.total and bar.n < bar.total:  # an estimate: close the line at 100 %
+                bar.total = bar.n
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     from cnnscan.api import explain
     from cnnscan.methods import get_method
+    from cnnscan.targets import parse_targets
 
     options = {}
     for item in args.option:
@@ -619,6 +659,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cnnscan.metrics.localization import region
     from cnnscan.metrics.outputs import evaluate_methods, print_table, write_evaluation
     from cnnscan.report import default_methods
+    from cnnscan.targets import parse_targets
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     methods = [get_method(name).name for name in names] if names else default_methods()
@@ -667,6 +708,7 @@ def _cmd_app(args: argparse.Namespace) -> int:
 
 def _cmd_batch(args: argparse.Namespace) -> int:
     from cnnscan.batch import run
+    from cnnscan.targets import parse_targets
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     options: dict[str, dict[str, Any]] = {}

@@ -21,11 +21,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-VIEWS = ("heatmap", "grayscale", "colour", "positive", "negative", "signed")
+from cnnscan.choices import FILTER_MODES, SCALES, VIEWS
+
 # captum's `outlier_perc`, above its default of 2: at 2 % a sparse map (guided backprop on a
 # photo with plain sky) stays white but for a few dots (luminance std 7-9 of 255, measured);
 # at 10 % it reads, and 0.3-2 % of the pixels of the default scan's maps saturate.
 OUTLIER_PERC = 10.0
+
 _EPS = 1e-12
 
 # Colour maps as anchor colours interpolated to `LUT_SIZE` entries (close to matplotlib's).
@@ -243,9 +245,22 @@ def webp_bytes(rgb: np.ndarray, quality: int = 80) -> bytes:
     return buffer.getvalue()
 
 
+def terminal_picture(rgb: np.ndarray, columns: int = 48) -> str:
+    """A picture for a colour terminal: two pixel rows per text row ("▀" with a 24-bit
+    foreground for the upper pixel and background for the lower), `columns` wide."""
+    height = max(2, round(rgb.shape[0] * columns / rgb.shape[1] / 2) * 2)
+    small = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((columns, height)))
+    lines = []
+    for top, bottom in zip(small[0::2], small[1::2], strict=True):
+        cells = (
+            f"\x1b[38;2;{a[0]};{a[1]};{a[2]}m\x1b[48;2;{b[0]};{b[1]};{b[2]}m▀"
+            for a, b in zip(top, bottom, strict=True)
+        )
+        lines.append("".join(cells) + "\x1b[0m")
+    return "\n".join(lines)
+
+
 # -- grids of small pictures: filters and feature maps ---------------------------------------------
-FILTER_MODES = ("auto", "rgb", "channels", "mean")
-SCALES = ("shared", "per-map")
 
 
 def _minmax_each(x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ import datetime as dt
 import functools
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,10 +22,11 @@ import torch
 import cnnscan
 from cnnscan import render
 from cnnscan.attribution import Attribution
+from cnnscan.choices import CLASS_IMAGE_STEPS
 from cnnscan.errors import TargetError
 from cnnscan.layers import LayerRow
 from cnnscan.learned import conv_layers, depth_layers, filters, top_channels
-from cnnscan.methods import get_method, list_methods, run_method
+from cnnscan.methods import MethodInfo, get_method, list_methods, run_method
 from cnnscan.models import Model, ModelLike, as_model
 from cnnscan.receptive import ReceptiveField, receptive_fields
 from cnnscan.report_pictures import LAYER_CMAP, data_uri, map_cells, map_notes, view_cells
@@ -33,7 +35,6 @@ from cnnscan.synthesis import class_image
 
 LEARNED_CHANNELS = 16  # feature maps shown per layer in the report
 LEARNED_TILE_PX = 64  # their size in pixels
-CLASS_IMAGE_STEPS = 48  # the top-1 class image: a preview, a second or two on a CPU
 CLASS_IMAGE_PX = 128
 CLASS_IMAGE_SHOWN_PX = 224  # the class image is shown at least this large (whole multiples)
 
@@ -73,6 +74,26 @@ def default_methods(full: bool = False) -> list[str]:
     return [m.name for m in list_methods() if full or getattr(m, "in_default_scan", True)]
 
 
+class ScanObserver:
+    """What a scan tells while it runs (the command line prints it; the default says
+    nothing): the top-k as soon as the forward is done, the first map of the top-1 class,
+    and each stage with its amount of work, advanced with `stage(...)(done)`."""
+
+    def predictions(self, rows: list[dict[str, Any]]) -> None:
+        """The top-k table, right after the shared forward."""
+
+    def first_map(self, attr: Attribution, view: np.ndarray) -> None:
+        """The first method's map for the top-1 class (Grad-CAM when it is scanned)."""
+
+    @contextmanager
+    def stage(self, name: str, total: int, unit: str) -> Iterator[Callable[[int], object]]:
+        """A stage of `total` units; the block advances it by calling the yielded function."""
+        yield lambda done: None
+
+
+FIRST_METHOD = "gradcam"  # computed first, so a user sees a map within seconds
+
+
 def run_scan(
     model: ModelLike,
     image: Any,
@@ -81,36 +102,42 @@ def run_scan(
     top_k: int = 5,
     image_name: str = "image",
     device: torch.device | str | None = None,
-    progress: Callable[[str], None] | None = None,
+    observer: ScanObserver | None = None,
     class_image_steps: int = CLASS_IMAGE_STEPS,
     evaluate: str = "default",
     max_memory: int | float | str | None = None,
 ) -> ScanResult:
-    """One shared forward, then every method for the top-k classes, each timed;
-    `progress(name)` is called as each method finishes. `class_image_steps=0` skips the
-    synthesized image of the top-1 class. `evaluate` ranks the methods' maps of the top-1
-    class in a leaderboard: "default" (the cheap checks, `LEADERBOARD`), "full" (also the
-    full cascade and the random-class check) or "none". `max_memory` caps the working
+    """One shared forward, then every method for the top-k classes, each timed; `observer`
+    hears the predictions, the first map and every stage as it goes. `class_image_steps=0`
+    skips the synthesized image of the top-1 class. `evaluate` ranks the methods' maps of the
+    top-1 class in a leaderboard: "default" (the cheap checks, `LEADERBOARD`), "full" (also
+    the full cascade and the random-class check) or "none". `max_memory` caps the working
     memory of a batch (see `cnnscan.explain`)."""
     started = time.perf_counter()
+    observer = observer or ScanObserver()
+    if top_k < 1:
+        raise TargetError(f"top_k must be at least 1, got {top_k}")
     model = as_model(model)
     infos = [get_method(name) for name in (methods or default_methods())]
+    infos.sort(key=lambda info: info.name != FIRST_METHOD)  # stable: the rest keep their order
     picture = cnnscan.load_image(image)
     scan = make_scan(
         model, model.preprocessing(picture), infos, device=device, max_memory=max_memory
     )
     seconds = {"load + forward": time.perf_counter() - started}
-    if top_k < 1:
-        raise TargetError(f"top_k must be at least 1, got {top_k}")
     top_k = min(top_k, scan.logits.shape[1])  # a 3-class model has no top-5
     targets = scan.targets(f"top{top_k}")
+    view = np.asarray(model.preprocessing.view(picture))
+    observer.predictions(scan.predictions(top_k)[0])
     attributions = {}
-    for info in infos:
-        began = time.perf_counter()
-        attributions[info.name] = run_method(scan, info, targets)
-        seconds[info.name] = time.perf_counter() - began
-        if progress:
-            progress(info.name)
+    with observer.stage("methods", len(infos), "method") as advance:
+        for done, info in enumerate(infos, 1):
+            began = time.perf_counter()
+            attributions[info.name] = run_method(scan, info, targets)
+            seconds[info.name] = time.perf_counter() - began
+            if done == 1:
+                observer.first_map(attributions[info.name], view)
+            advance(done)
     began = time.perf_counter()
     layers = scan.layer_table()
     seconds["layer table"] = time.perf_counter() - began
@@ -120,9 +147,15 @@ def run_scan(
     if class_image_steps > 0:
         began = time.perf_counter()
         top1 = int(targets[0, 0])
-        synthesized = class_image(
-            model, top1, steps=class_image_steps, size=CLASS_IMAGE_PX, device=device
-        )
+        with observer.stage("class image", class_image_steps, "step") as advance:
+            synthesized = class_image(
+                model,
+                top1,
+                steps=class_image_steps,
+                size=CLASS_IMAGE_PX,
+                device=device,
+                callback=lambda step, _: advance(step),
+            )
         learned.class_image = synthesized.image
         learned.class_image_steps = len(synthesized.history)
         pixels = model.preprocessing.normalize(synthesized.pixels[:1].to(scan.device))
@@ -134,14 +167,16 @@ def run_scan(
     board, board_options = [], {}
     if evaluate != "none":
         parts: dict[str, float] = {}
-        board, board_options = _leaderboard(model, picture, scan, attributions, evaluate, parts)
+        board, board_options = _leaderboard(
+            model, picture, scan, attributions, evaluate, parts, observer
+        )
         seconds.update({f"leaderboard: {name}": value for name, value in parts.items()})
     return ScanResult(
         model=model,
         image_name=image_name,
-        view=np.asarray(model.preprocessing.view(picture)),
+        view=view,
         predictions=scan.predictions(top_k)[0],
-        attributions=attributions,
+        attributions={info.name: attributions[info.name] for info in _registry_order(infos)},
         seconds=seconds,
         layers=layers,
         learned=learned,
@@ -149,6 +184,12 @@ def run_scan(
         leaderboard=board,
         leaderboard_options=board_options,
     )
+
+
+def _registry_order(infos: Sequence[MethodInfo]) -> list[MethodInfo]:
+    """The methods as the registry lists them (the report's column order)."""
+    rank = {info.name: i for i, info in enumerate(list_methods())}
+    return sorted(infos, key=lambda info: rank.get(info.name, len(rank)))
 
 
 def learned_pictures(scan: Scan, rows: Sequence[LayerRow]) -> Learned:
@@ -189,10 +230,10 @@ LEADERBOARD = {
 }
 
 
-def _leaderboard(model, picture, scan, attributions, mode: str, timings: dict[str, float]):
+def _leaderboard(
+    model, picture, scan, attributions, mode: str, timings: dict[str, float], observer
+):
     """The top-1 class's leaderboard rows and the options that produced them."""
-    from tqdm import tqdm
-
     from cnnscan.errors import MetricError
     from cnnscan.metrics.leaderboard import leaderboard
     from cnnscan.metrics.sanity import THRESHOLD, private_copy
@@ -207,14 +248,23 @@ def _leaderboard(model, picture, scan, attributions, mode: str, timings: dict[st
     except MetricError as e:
         metrics.remove("model_randomization")
         note = str(e)
-    with tqdm(desc="leaderboard", unit="forward", disable=None, leave=False) as bar:
+    curves = sum(m in ("deletion_auc", "insertion_auc") for m in metrics)
+    estimate = curves * (settings["steps"] - 1) * (len(attributions) + 2)  # + random maps
+    with observer.stage("leaderboard", estimate, "forward") as advance:
+        done = 0
+
+        def progress(n: int) -> None:
+            nonlocal done
+            done += n
+            advance(done)
+
         rows = leaderboard(
             model,
             picture,
             attributions,
             metrics,
             scan=scan,
-            progress=bar.update,
+            progress=progress,
             timings=timings,
             **settings,
         )

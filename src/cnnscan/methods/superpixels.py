@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from skimage.segmentation import quickshift, slic
 
 from cnnscan.errors import MethodError
 
@@ -29,6 +28,8 @@ def superpixels(
     SLIC with about `n_segments` superpixels (compactness 10, as scikit-image's default), or
     quickshift with LIME's settings (kernel_size 4, max_dist 200, ratio 0.2), which picks
     the number of segments itself."""
+    from skimage.segmentation import quickshift, slic  # scikit-image loads in about a second
+
     if method == "slic":
         labels = slic(pixels, n_segments=n_segments, compactness=10.0, start_label=0)
     elif method == "quickshift":

@@ -121,7 +121,10 @@ def causal_curves(
     progress=None,
 ) -> Curves:
     """Deletion and/or insertion curves for M relevance maps `rel` (M, H, W) of images
-    `image` (M,) of the scan for classes `target` (M,), in one batched pass."""
+    `image` (M,) of the scan for classes `target` (M,), in one batched pass. Maps that order
+    an image's pixels the same way (e.g. CAM and Grad-CAM on a global-average-pooled head, or
+    one map explaining several classes) share their perturbed forwards: a forward gives every
+    class's probability."""
     m, h, w = rel.shape
     pixels = h * w
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= pixels:
@@ -130,33 +133,36 @@ def causal_curves(
     n = len(scan.inputs)
     bank = torch.cat([substrate_inputs(scan, chosen[kind]) for kind in kinds])
     counts = pixel_counts(steps, pixels).to(rel.device)
-    ranks = deletion_order(rel, seed)
+    orders = torch.cat([image.view(-1, 1), deletion_order(rel, seed).flatten(1)], dim=1)
+    distinct, which = torch.unique(orders, dim=0, return_inverse=True)  # (U, 1 + H·W), (M,)
+    u = len(distinct)
     k = len(kinds)
-    curve_image = image.repeat(k)
-    curve_target = target.repeat(k)
+    curve_image = distinct[:, 0].repeat(k)
     insert = torch.tensor([kind == "insertion" for kind in kinds], device=rel.device)
     points = _CurveInputs(
         scan.inputs,
         bank,
         curve_image,
-        curve_image + n * torch.arange(k, device=rel.device).repeat_interleave(m),
-        ranks.repeat(k, 1, 1),
-        insert.repeat_interleave(m),
+        curve_image + n * torch.arange(k, device=rel.device).repeat_interleave(u),
+        distinct[:, 1:].view(u, h, w).repeat(k, 1, 1),
+        insert.repeat_interleave(u),
         counts[1:-1],
     )
-    middle = scan.inputs.new_zeros((k * m, 0))
-    if len(points):
-        probs = scan.logits_at(points, progress).softmax(dim=1)
-        rows = torch.arange(k * m, device=rel.device).repeat_interleave(steps - 1)
-        middle = probs[torch.arange(len(probs), device=rel.device), curve_target[rows]]
-        middle = middle.view(k * m, steps - 1)
+    interior = steps - 1
+    probs = scan.logits_at(points, progress).softmax(dim=1) if len(points) else None
     p_input = scan.logits.detach().softmax(dim=1)[image, target].unsqueeze(1)
     p_substrate = scan.logits_at(bank).softmax(dim=1)  # (k·N, classes)
     curves = {}
     for i, kind in enumerate(kinds):
+        middle = p_input.new_zeros((m, 0))
+        if probs is not None:
+            rows = ((i * u + which) * interior).view(-1, 1) + torch.arange(
+                interior, device=rel.device
+            )
+            middle = probs[rows, target.view(-1, 1)]
         p_other = p_substrate[image + i * n, target].unsqueeze(1)
         start, end = (p_other, p_input) if kind == "insertion" else (p_input, p_other)
-        curves[kind] = torch.cat([start, middle[i * m : (i + 1) * m], end], dim=1).cpu()
+        curves[kind] = torch.cat([start, middle, end], dim=1).cpu()
     return Curves(counts.double().cpu() / pixels, curves)
 
 

@@ -1,0 +1,9 @@
+"""What a user can choose by name (map views, filter modes, colour scales) and the scan's
+defaults, in a module that imports nothing heavy: the command line builds its help from
+here without importing torch, and the library reads the same names."""
+
+VIEWS = ("heatmap", "grayscale", "colour", "positive", "negative", "signed")
+FILTER_MODES = ("auto", "rgb", "channels", "mean")
+SCALES = ("shared", "per-map")
+DEFAULT_IMAGE = "sample:chelsea"
+CLASS_IMAGE_STEPS = 48  # the top-1 class image of a scan: a preview, a second or two on a CPU
