@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 import cnnscan
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Exported inference graphs go to a folder of the test session, not the user's cache."""
+    before = os.environ.get("CNNSCAN_CACHE")
+    os.environ["CNNSCAN_CACHE"] = str(tmp_path_factory.mktemp("cnnscan-cache"))
+    yield
+    if before is None:
+        os.environ.pop("CNNSCAN_CACHE", None)
+    else:
+        os.environ["CNNSCAN_CACHE"] = before
 
 
 @pytest.fixture(scope="session")

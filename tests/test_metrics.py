@@ -194,9 +194,11 @@ def test_true_relevance_of_a_linear_model_beats_random_maps():
         assert scores["truth"]["insertion_auc"] > scores[name]["insertion_auc"]
 
 
-def test_only_interior_points_cost_forwards():
+def test_only_interior_points_cost_forwards(monkeypatch):
     """2 × (steps − 1) perturbed inputs per map; the end points are the input (from the
-    scan) and the substrate (once per image)."""
+    scan) and the substrate (once per image). (Counted in torch: ONNX Runtime's forwards do
+    not call the module.)"""
+    monkeypatch.setenv("CNNSCAN_ENGINE", "torch")
     calls = []
 
     class Counting(SmallConvNet):
@@ -214,10 +216,11 @@ def test_only_interior_points_cost_forwards():
     assert sum(calls[1:]) == 2 * 9 + 2  # interior points + two substrates
 
 
-def test_maps_that_order_pixels_alike_share_their_forwards():
+def test_maps_that_order_pixels_alike_share_their_forwards(monkeypatch):
     """Three maps of one image: a map, the same map scaled (its order is the same) for
     another class, and a different map. The curves equal those computed one map at a time,
-    and the shared order costs no forwards of its own."""
+    and the shared order costs no forwards of its own (counted in torch)."""
+    monkeypatch.setenv("CNNSCAN_ENGINE", "torch")
     calls = []
 
     class Counting(SmallConvNet):

@@ -9,6 +9,7 @@ work at measured sizes.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
@@ -20,6 +21,7 @@ from cnnscan.engine.batch_size import adaptive_batches, max_batch_for, memory_bu
 from cnnscan.engine.folding import folded_working_copy
 from cnnscan.engine.head import Head, head_of
 from cnnscan.engine.incremental import PatchedForward, patched_forward
+from cnnscan.engine.inference import Forward, engine_for
 from cnnscan.engine.logits import check_logits, logits_of
 from cnnscan.engine.relu_rules import ReluRule, RuleSwitch, switchable_relus
 from cnnscan.engine.working_copy import memory_format_of, runnable
@@ -228,18 +230,49 @@ class Scan:
         self, inputs: Indexable, progress: Callable[[int], object] | None = None
     ) -> torch.Tensor:
         """Logits (M, classes) at other inputs (a tensor, or built lazily chunk by chunk),
-        without gradients, in measured batches, BatchNorm folded into the layer before it;
-        `progress(n)` after each chunk of n."""
+        without gradients, in measured batches, by the fastest engine that gives torch's
+        numbers (`inference_engine`); `progress(n)` after each chunk of n."""
         out = []
-        key = ("logits_at", tuple(inputs[0:1].shape[1:]))
-        with self._folded_runner() as runner, torch.no_grad():
+        shape = tuple(inputs[0:1].shape[1:])
+        with self.inference_engine(shape) as (name, forward):
+            key = ("logits_at", shape, name)
             for chunk in self.batches(len(inputs), key, per_item=self.bytes_per_item // 4):
-                logits = logits_of(runner(match_format(inputs[chunk], runner)))
+                logits = forward(inputs[chunk])
                 check_logits(logits)
-                out.append(logits)
+                out.append(logits.to(self.device))
                 if progress is not None:
                     progress(len(logits))
         return torch.cat(out)
+
+    @contextmanager
+    def inference_engine(self, shape: tuple[int, ...]) -> Iterator[tuple[str, Forward]]:
+        """(name, forward) for passes without gradients at inputs of `shape`: ONNX Runtime
+        when it gives this scan's logits on its own input within float32 rounding
+        (`cnnscan.engine.inference`), else the BatchNorm-folded torch copy."""
+        if shape == tuple(self.inputs.shape[1:]):
+            with self.runner() as runner:  # a borrowed user module is never exported
+                copied = runner is not self.model.module
+                example, reference = self.inputs[:1], self.logits[:1]
+                engine = (
+                    engine_for(self.model.module, runner, example, reference) if copied else None
+                )
+            if engine is not None:
+                yield "onnxruntime", engine
+                return
+        with self._folded_runner() as runner, torch.no_grad():
+            yield "torch", lambda x: logits_of(runner(match_format(x, runner)))
+
+    def prepare_inference(self) -> threading.Thread:
+        """Build the inference engine for this scan's input shape in the background (an
+        export takes seconds the first time a model is seen); `logits_at` waits for it."""
+
+        def build() -> None:
+            with self.inference_engine(tuple(self.inputs.shape[1:])):
+                pass
+
+        thread = threading.Thread(target=build, name="cnnscan-engine", daemon=True)
+        thread.start()
+        return thread
 
     # -- layers ------------------------------------------------------------------------
     def layer_table(self) -> list[LayerRow]:
