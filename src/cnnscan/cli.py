@@ -370,6 +370,17 @@ def _load(args: argparse.Namespace):
     )
 
 
+def _names(text: str | None, flag: str) -> list[str] | None:
+    """The comma-separated names of `flag` (None if not given); a flag given without a name
+    (e.g. --methods ",") is an error, not the defaults."""
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise CnnscanError(f"{flag} {text!r} names nothing; give comma-separated names")
+    return names
+
+
 def _parse_value(text: str) -> Any:
     """Option values: JSON where it parses (numbers, booleans, lists), else the string."""
     try:
@@ -380,11 +391,11 @@ def _parse_value(text: str) -> Any:
 
 def _cmd_scan(args: argparse.Namespace) -> int:
     from cnnscan.images import load_image
-    from cnnscan.methods import get_method
+    from cnnscan.methods import get_methods
     from cnnscan.report import default_methods, run_scan, write_report
 
-    names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    methods = [get_method(name).name for name in names] if names else default_methods(args.full)
+    names = _names(args.methods, "--methods")
+    methods = [m.name for m in get_methods(names)] if names else default_methods(args.full)
     picture = load_image(args.image)  # bad images fail before the model loads
     model = _load(args)
     name = args.image if args.image.startswith("sample:") else Path(args.image).name
@@ -608,15 +619,15 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cnnscan.images import load_image
-    from cnnscan.methods import get_method
+    from cnnscan.methods import get_methods
     from cnnscan.metrics import get_metric
     from cnnscan.metrics.localization import region
     from cnnscan.metrics.outputs import evaluate_methods, print_table, write_evaluation
     from cnnscan.report import default_methods
 
-    names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    methods = [get_method(name).name for name in names] if names else default_methods()
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    names = _names(args.methods, "--methods")
+    methods = [m.name for m in get_methods(names)] if names else default_methods()
+    metrics = _names(args.metrics, "--metrics")
     chosen = [get_metric(name) for name in metrics or ()]  # unknown names fail here
     needs = [info.name for info in chosen if info.needs_region]
     if needs and args.box is None and args.mask is None:
@@ -627,11 +638,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         prep = model.preprocessing
         region(prep.size, box=args.box, mask=args.mask, picture=picture, preprocessing=prep)
     target = parse_targets(args.target)
+    if isinstance(target, list) and len(target) > 1:
+        raise CnnscanError(f"--target takes one class (or topK), got {args.target!r}")
     result = evaluate_methods(
         model,
         picture,
         methods,
-        target=target[0] if isinstance(target, list) and len(target) == 1 else target,
+        target=target[0] if isinstance(target, list) else target,
         metrics=metrics,
         steps=args.steps,
         substrate=args.substrate,
@@ -662,7 +675,7 @@ def _cmd_app(args: argparse.Namespace) -> int:
 def _cmd_batch(args: argparse.Namespace) -> int:
     from cnnscan.batch import run
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = _names(args.methods, "--methods")
     options: dict[str, dict[str, Any]] = {}
     for item in args.option:
         key, sep, value = item.partition("=")
@@ -673,7 +686,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             )
         options.setdefault(method or methods[0], {})[name] = _parse_value(value)
     targets = args.targets if args.targets.strip() == "label" else parse_targets(args.targets)
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else ()
+    metrics = _names(args.metrics, "--metrics") or ()
     results = run(
         args.input,
         methods,

@@ -24,7 +24,7 @@ from cnnscan.display import map_picture
 from cnnscan.errors import TargetError
 from cnnscan.layers import LayerRow
 from cnnscan.learned import conv_layers, depth_layers, filters, top_channels
-from cnnscan.methods import get_method, list_methods, run_method
+from cnnscan.methods import get_method, get_methods, list_methods, run_method
 from cnnscan.models import Model, ModelLike, as_model
 from cnnscan.receptive import ReceptiveField, receptive_fields
 from cnnscan.scan import Scan, make_scan
@@ -91,7 +91,7 @@ def run_scan(
     memory of a batch (see `cnnscan.explain`)."""
     started = time.perf_counter()
     model = as_model(model)
-    infos = [get_method(name) for name in (methods or default_methods())]
+    infos = get_methods(default_methods() if methods is None else methods)
     picture = cnnscan.load_image(image)
     scan = make_scan(
         model, model.preprocessing(picture), infos, device=device, max_memory=max_memory

@@ -24,7 +24,7 @@ from cnnscan.batch.store import Part
 from cnnscan.errors import BatchError, CnnscanError, ImageError
 from cnnscan.images import load_image
 from cnnscan.layers import LayerRef, get_module
-from cnnscan.methods import check_options, get_method, run_method
+from cnnscan.methods import check_options, get_methods, run_method
 from cnnscan.models import Model
 from cnnscan.scan import Scan, make_scan
 from cnnscan.targets import class_ids, top_k
@@ -61,9 +61,7 @@ class Explainer:
     def __init__(self, model: Model, settings: Settings):
         self.model, self.settings = model, settings
         self.device = torch.device(settings.device) if settings.device else model.device
-        self.infos = [get_method(name) for name in settings.methods]
-        if len({info.name for info in self.infos}) != len(self.infos):
-            raise BatchError(f"methods {list(settings.methods)} name a method twice")
+        self.infos = get_methods(settings.methods)
         unknown = set(settings.options) - {info.name for info in self.infos}
         if unknown:
             raise BatchError(f"options given for methods not requested: {sorted(unknown)}")

@@ -3,7 +3,7 @@ SmoothGrad (wrapping any method), Integrated Gradients and GradientSHAP."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -361,7 +361,7 @@ def integrated_gradients(
     scan: Scan,
     targets: torch.Tensor,
     *,
-    n_steps: int | str = 50,
+    n_steps: int | Literal["auto"] = 50,
     baseline: str | torch.Tensor = "black",
     rule: str = "gausslegendre",
     tolerance: float = 0.01,

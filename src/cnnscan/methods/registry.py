@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -85,6 +85,23 @@ def get_method(name: str) -> MethodInfo:
     close = difflib.get_close_matches(key, list(_REGISTRY), n=4, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise MethodError(f"unknown method {name!r}.{hint} Available: {', '.join(_REGISTRY)}")
+
+
+def get_methods(names: Sequence[str]) -> list[MethodInfo]:
+    """The methods called `names`, in order: the one rule for a list of methods at every
+    entry point (library, command line, batch runs). An empty list or a method named twice
+    (in any spelling) is a MethodError, not silently fixed."""
+    if isinstance(names, str):
+        names = [names]
+    infos = [get_method(name) for name in names]
+    if not infos:
+        raise MethodError("no methods given; e.g. ['gradcam', 'gradient'] (see list_methods())")
+    seen: set[str] = set()
+    for name, info in zip(names, infos, strict=True):
+        if info.name in seen:
+            raise MethodError(f"method {info.name} is named twice ({name!r}); name each once")
+        seen.add(info.name)
+    return infos
 
 
 FAMILIES = ("gradient", "cam", "lrp", "perturbation")
