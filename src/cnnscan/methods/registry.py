@@ -18,6 +18,7 @@ import torch
 
 from cnnscan.attribution import Attribution
 from cnnscan.errors import MethodError
+from cnnscan.methods.finite import check_finite, nonfinite_error
 from cnnscan.methods.options import check_options
 
 if TYPE_CHECKING:
@@ -132,7 +133,11 @@ def run_method(
     if info.relu_rules and not scan.relu_rules:
         scan = scan.derive(scan.inputs, relu_rules=True)
     target_ids = scan.targets(targets)
-    result = info.fn(scan, target_ids, **options)
+    try:
+        result = info.fn(scan, target_ids, **options)
+    except torch.linalg.LinAlgError as e:  # e.g. Eigen-CAM's SVD of activations with NaN
+        raise nonfinite_error(scan, info, f"its linear algebra failed ({e})") from e
+    check_finite(scan, info, result)
     scores = scan.scores(target_ids) if result.targets is None else result.scores
     return Attribution(
         maps=result.maps,
