@@ -130,7 +130,10 @@ def _parser() -> argparse.ArgumentParser:
     memory_option(scan)
     scan.add_argument("--out", default="cnnscan-report", help="output folder")
     scan.add_argument(
-        "--top-k", type=_positive_int, default=5, help="classes to explain (default 5)"
+        "--top-k",
+        type=_positive_int,
+        default=None,
+        help="classes to explain (default 5; at most the model's classes)",
     )
     scan.add_argument(
         "--methods",
@@ -327,7 +330,12 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument(
         "--metrics", default=None, help="comma-separated, e.g. deletion,insertion,pointing_game"
     )
-    batch.add_argument("--top-k", type=_positive_int, default=5, help="predictions kept (5)")
+    batch.add_argument(
+        "--top-k",
+        type=_positive_int,
+        default=None,
+        help="predictions kept (default 5; at most the model's classes)",
+    )
     batch.add_argument("--engine", choices=("local", "ray"), default="local")
     batch.add_argument("--address", default=None, help="Ray cluster address (--engine ray)")
     batch.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward")

@@ -21,7 +21,6 @@ import cnnscan
 from cnnscan import render
 from cnnscan.attribution import Attribution
 from cnnscan.display import map_picture
-from cnnscan.errors import TargetError
 from cnnscan.layers import LayerRow
 from cnnscan.learned import conv_layers, depth_layers, filters, top_channels
 from cnnscan.methods import get_method, get_methods, list_methods, run_method
@@ -29,6 +28,7 @@ from cnnscan.models import Model, ModelLike, as_model
 from cnnscan.receptive import ReceptiveField, receptive_fields
 from cnnscan.scan import Scan, make_scan
 from cnnscan.synthesis import class_image
+from cnnscan.targets import checked_top_k
 
 CELL_PX = 160
 LEARNED_CHANNELS = 16  # feature maps shown per layer in the report
@@ -75,7 +75,7 @@ def run_scan(
     image: Any,
     *,
     methods: Sequence[str] | None = None,
-    top_k: int = 5,
+    top_k: int | None = None,
     image_name: str = "image",
     device: torch.device | str | None = None,
     progress: Callable[[str], None] | None = None,
@@ -83,7 +83,8 @@ def run_scan(
     evaluate: str = "default",
     max_memory: int | float | str | None = None,
 ) -> ScanResult:
-    """One shared forward, then every method for the top-k classes, each timed;
+    """One shared forward, then every method for the `top_k` most probable classes (default
+    5, at most the model's classes; more is a TargetError), each timed;
     `progress(name)` is called as each method finishes. `class_image_steps=0` skips the
     synthesized image of the top-1 class. `evaluate` ranks the methods' maps of the top-1
     class in a leaderboard: "default" (the cheap checks, `LEADERBOARD`), "full" (also the
@@ -91,15 +92,13 @@ def run_scan(
     memory of a batch (see `cnnscan.explain`)."""
     started = time.perf_counter()
     model = as_model(model)
+    top_k = checked_top_k(top_k, model.num_classes)
     infos = get_methods(default_methods() if methods is None else methods)
     picture = cnnscan.load_image(image)
     scan = make_scan(
         model, model.preprocessing(picture), infos, device=device, max_memory=max_memory
     )
     seconds = {"load + forward": time.perf_counter() - started}
-    if top_k < 1:
-        raise TargetError(f"top_k must be at least 1, got {top_k}")
-    top_k = min(top_k, scan.logits.shape[1])  # a 3-class model has no top-5
     targets = scan.targets(f"top{top_k}")
     attributions = {}
     for info in infos:

@@ -25,6 +25,19 @@ def top_k(targets: object) -> int | None:
     return None
 
 
+def checked_top_k(k: int | None, n_classes: int, default: int = 5) -> int:
+    """How many of the most probable classes to show or explain: `k` (1 to the number of
+    classes; more is an error, not silently the number of classes), or None for `default`
+    (at most every class: a 3-class model has no top 5)."""
+    if k is None:
+        return min(default, n_classes)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n_classes:
+        raise TargetError(
+            f"top_k must be a whole number from 1 to {n_classes} (the model's classes), got {k!r}"
+        )
+    return int(k)
+
+
 def parse_targets(text: str) -> str | list[int | str]:
     """Targets as typed on a command line: "top3" as it is, else comma-separated class ids
     and names ("285,tiger cat" -> [285, "tiger cat"])."""

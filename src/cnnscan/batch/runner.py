@@ -22,6 +22,7 @@ from cnnscan.batch.store import Part, Results, Store
 from cnnscan.batch.summary import write_summary
 from cnnscan.errors import BatchError
 from cnnscan.models import Model, as_model
+from cnnscan.targets import checked_top_k
 
 PartPlan = list[tuple[int, list[Item]]]
 
@@ -38,7 +39,7 @@ def run(
     resolution: Resolution = "layer",
     dtype: Literal["float32", "float16"] = "float32",
     metrics: Sequence[str] | str = (),
-    top_k: int = 5,
+    top_k: int | None = None,
     engine: Literal["local", "ray"] = "local",
     address: str | None = None,
     batch_size: int = 8,
@@ -57,6 +58,7 @@ def run(
     "topK", "label" (the table's label) or class ids / names shared by all images.
     `resolution`: store maps at the method's own ("layer") or the input's resolution.
     `metrics`: evaluation metrics per row (e.g. "deletion", "insertion", "pointing_game").
+    `top_k`: predictions kept per image (default 5; at most the model's classes).
     `workers` explainers run in parallel: threads sharing torch's threads in-process, or
     with `engine="ray"` Ray Data actors running the same per-part function (a local Ray, or
     the cluster at `address`). Running again with the same `out` resumes:
@@ -65,7 +67,7 @@ def run(
     """
     if engine not in ("local", "ray"):
         raise BatchError(f"engine must be 'local' or 'ray', got {engine!r}")
-    counts = {"batch_size": batch_size, "workers": workers, "part_size": part_size, "top_k": top_k}
+    counts = {"batch_size": batch_size, "workers": workers, "part_size": part_size}
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise BatchError(f"{name} must be a positive whole number, got {value!r}")
@@ -73,6 +75,7 @@ def run(
         raise BatchError("no methods given; e.g. methods=['gradcam'] (see cnnscan.list_methods())")
     found = discover(source, path_column=path_column, label_column=label_column)
     model = as_model(model)
+    top_k = checked_top_k(top_k, model.num_classes)
     settings = Settings(
         methods=tuple([methods] if isinstance(methods, str) else methods),
         options={k: dict(v) for k, v in (options or {}).items()},

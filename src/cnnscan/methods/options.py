@@ -124,6 +124,22 @@ def number(name: str, value: Any, *, positive: bool = False) -> float:
     return float(value)
 
 
+def within_budget(option: str, value: Any, nbytes: float, budget: int) -> None:
+    """Refuse an option value whose working set (`nbytes`: what the method must hold at once
+    for it, e.g. every random mask and their scores) is over the memory budget (bytes; a
+    scan's `memory_budget`), naming the option and the budget, before anything is allocated."""
+    if nbytes > budget:
+        raise MethodError(
+            f"{option}={value!r} needs {_size(nbytes)} of working memory, more than the budget "
+            f"of {_size(budget)} (max_memory=, --max-memory or CNNSCAN_MEMORY_MB); lower "
+            f"{option} or raise the budget"
+        )
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MB"
+
+
 def generator(seed: int | None) -> torch.Generator:
     """A CPU generator for a `seed` option (None: fresh entropy): seeded results are the same
     on every device."""
