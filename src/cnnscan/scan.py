@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from cnnscan.methods.registry import MethodInfo
 
 
+class Rehearsed(Exception):
+    """Raised at the first batched pass of a scan in rehearsal (see `Scan.rehearsal`)."""
+
+
 class Indexable(Protocol):
     """A batch of inputs that may be built lazily, chunk by chunk."""
 
@@ -83,6 +87,7 @@ class Scan:
         self._heads: dict[LayerRef, Head] = {}
         self._layer_rows: list[LayerRow] | None = None
         self._protected: set[str] = set()  # recorded as copies: a later in-place op hit them
+        self._rehearsing = False
         self._forward()
 
     # -- the shared forward -------------------------------------------------------------
@@ -213,12 +218,27 @@ class Scan:
             batch_size=self.batch_size,
         )
         derived.memory_budget = self.memory_budget
+        derived._rehearsing = self._rehearsing
         if tuple(inputs.shape[1:]) == tuple(self.inputs.shape[1:]):
             derived._layer_rows = self._layer_rows
         return derived
 
+    @contextmanager
+    def rehearsal(self) -> Iterator[None]:
+        """Inside the block the first batched pass at other inputs (`batches`, under every
+        `logits_at` and `iter_gradients`) raises `Rehearsed` instead of running: a method
+        runs its checks (options, layer, targets, memory budget) and the cheap work before
+        them, so settings can be tried on one image before a long run."""
+        self._rehearsing = True
+        try:
+            yield
+        finally:
+            self._rehearsing = False
+
     def batches(self, total: int, key: tuple, per_item: int | None = None) -> Iterator[slice]:
         """Slices of range(total) at a measured batch size within the memory budget."""
+        if self._rehearsing:
+            raise Rehearsed(key[0] if key else "a batched pass")
         per_item = per_item if per_item is not None else self.bytes_per_item
         limit = max_batch_for(per_item, budget=self.memory_budget)
         full_key = (id(self.model.module), self.device.type, *key)

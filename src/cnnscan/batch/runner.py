@@ -90,6 +90,7 @@ def run(
     )
     explainer = Explainer(model, settings)  # checks methods, options, layers, targets
     items = resolve_labels(found, model.labels)
+    explainer.rehearse(items)  # the settings on one image, before anything is written
     store = Store(out, explainer.metric_columns)
     try:
         done = store.open(_recorded(model, settings, explainer.metric_columns, source))

@@ -12,6 +12,7 @@ from cnnscan.methods.registry import (
     get_methods,
     list_methods,
     register,
+    rehearse,
     run_method,
 )
 
@@ -24,5 +25,6 @@ __all__ = [
     "get_methods",
     "list_methods",
     "register",
+    "rehearse",
     "run_method",
 ]

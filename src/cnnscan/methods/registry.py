@@ -8,6 +8,7 @@ it must perturb the input. Wrappers such as SmoothGrad call any method on derive
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from cnnscan.attribution import Attribution
 from cnnscan.errors import MethodError
 from cnnscan.methods.finite import check_finite, nonfinite_error
 from cnnscan.methods.options import check_options
+from cnnscan.scan import Rehearsed
 
 if TYPE_CHECKING:
     from cnnscan.scan import Scan
@@ -152,3 +154,17 @@ def run_method(
         space=info.space,
         default_view=info.view,
     )
+
+
+def rehearse(
+    scan: Scan,
+    info: MethodInfo,
+    targets: Targets,
+    layer: str | list[str] | None = None,
+    options: dict[str, Any] | None = None,
+) -> None:
+    """`run_method` up to the method's first batched pass at other inputs (see
+    `Scan.rehearsal`): whatever it would raise about its options, layer, targets or memory
+    budget is raised now, at the cost of its cheap part only."""
+    with scan.rehearsal(), contextlib.suppress(Rehearsed):
+        run_method(scan, info, targets, layer, options)
