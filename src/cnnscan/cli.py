@@ -342,8 +342,9 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument(
         "--workers",
         type=_positive_int,
-        default=2,
-        help="explainers in parallel: threads (local) or Ray actors (ray); default 2",
+        default=None,
+        help="explainers in parallel, one thread each: threads (local) or Ray actors (ray); "
+        "default: torch's thread count (the cores); results do not depend on it",
     )
     batch.add_argument(
         "--part-size", type=_positive_int, default=64, help="images per output file (64)"

@@ -137,7 +137,9 @@ def within_budget(option: str, value: Any, nbytes: float, budget: int) -> None:
 
 
 def _size(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.1f} GB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MB"
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:.1f} GB"
+    return f"{nbytes / 2**20:.0f} MB" if nbytes >= 2**20 else f"{nbytes / 2**10:.0f} KB"
 
 
 def generator(seed: int | None) -> torch.Generator:

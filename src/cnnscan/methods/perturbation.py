@@ -4,7 +4,7 @@ Each method changes the input many times and reads the model's scores. One batch
 perturbed forwards serves every target. Occlusion runs by incremental inference where the
 model traces (each occluded copy is computed only inside the patch's receptive field until
 the first global layer, see `cnnscan.engine.incremental`); the others mask the whole image and run
-plain forwards in measured batches (`Scan.logits_at`). LIME and KernelSHAP work on
+plain forwards in batches of a fixed size (`Scan.logits_at`). LIME and KernelSHAP work on
 superpixels (`cnnscan.methods.superpixels`).
 """
 
@@ -224,7 +224,7 @@ def occlusion(
 
 
 def _patched_logits(scan: Scan, forward, copies: _Occluded, bar: tqdm) -> torch.Tensor:
-    """Logits of every occluded copy by incremental inference, in measured batches of
+    """Logits of every occluded copy by incremental inference, in batches of a fixed size of
     groups of `_GROUP` windows (a call has a fixed cost of walking the graph: measured
     batch sizes start at a group, not at one window)."""
     out = []
