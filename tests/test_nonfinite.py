@@ -45,6 +45,11 @@ def test_a_nan_the_logits_ignore_is_named_not_drawn(method):
     assert_unchanged(before, net)
 
 
+def test_the_message_says_how_much_of_the_map_is_not_finite():
+    with pytest.raises(ModelError, match=r"gradcam: its map is NaN/Inf \(100%\)"):
+        cnnscan.explain(IgnoredNan(), X, "gradcam", targets=[0])
+
+
 def test_methods_that_never_read_the_nan_still_explain():
     attr = cnnscan.explain(IgnoredNan(), X, "gradient", targets=[0])
     assert torch.isfinite(attr.maps).all()

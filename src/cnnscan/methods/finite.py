@@ -25,8 +25,9 @@ def check_finite(scan: Scan, info: MethodInfo, result: MethodResult) -> None:
     """Raise if the result's maps or scores hold NaN or ±Inf (see `nonfinite_error`)."""
     for what, values in (("map", result.maps), ("scores", result.scores)):
         if values is not None and not bool(torch.isfinite(values).all()):
-            share = float((~torch.isfinite(values)).float().mean())
-            raise nonfinite_error(scan, info, f"its {what} is {share:.0%} NaN/Inf")
+            bad, total = int((~torch.isfinite(values)).sum()), values.numel()
+            share = f"{bad / total:.0%}" if bad >= total / 100 else f"{bad} of {total} values"
+            raise nonfinite_error(scan, info, f"its {what} is NaN/Inf ({share})")
 
 
 def nonfinite_error(scan: Scan, info: MethodInfo, symptom: str) -> MethodError | ModelError:
