@@ -30,12 +30,14 @@ from cnnscan.methods.lrp import input_bounds
 from cnnscan.models.preprocessing import Preprocessing
 
 LOW, HIGH = input_bounds(Preprocessing(), torch.zeros(1, 3, 1, 1))
-ZENNIT = {
-    "epsilon_plus": lambda canon: EpsilonPlus(canonizers=canon),
-    "epsilon_gamma_box": lambda canon: EpsilonGammaBox(low=LOW, high=HIGH, canonizers=canon),
-    "epsilon_alpha2_beta1": lambda canon: EpsilonAlpha2Beta1(canonizers=canon),
-    "epsilon_plus_flat": lambda canon: EpsilonPlusFlat(canonizers=canon),
-    "epsilon_alpha2_beta1_flat": lambda canon: EpsilonAlpha2Beta1Flat(canonizers=canon),
+ZENNIT = {  # options: zennit's composite keywords, e.g. zero_params="bias"
+    "epsilon_plus": lambda canon, **o: EpsilonPlus(canonizers=canon, **o),
+    "epsilon_gamma_box": lambda canon, **o: EpsilonGammaBox(
+        low=LOW, high=HIGH, canonizers=canon, **o
+    ),
+    "epsilon_alpha2_beta1": lambda canon, **o: EpsilonAlpha2Beta1(canonizers=canon, **o),
+    "epsilon_plus_flat": lambda canon, **o: EpsilonPlusFlat(canonizers=canon, **o),
+    "epsilon_alpha2_beta1_flat": lambda canon, **o: EpsilonAlpha2Beta1Flat(canonizers=canon, **o),
 }
 EPSILON_ONLY = Composite({nn.Conv2d: "epsilon", nn.Linear: "epsilon"}, name="epsilon")
 
@@ -85,11 +87,14 @@ def small_input() -> torch.Tensor:
     return torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
-def compare_with_zennit(net, x, composite, canonizers, targets=(3, 7)) -> tuple[float, float]:
-    """(smallest Pearson r, largest |difference| relative to max |relevance|) over targets.
-    zennit's canonizers put the module back as it was."""
-    ours = cnnscan.explain(net, x, "lrp", targets=[list(targets)], composite=composite).maps
-    theirs = zennit_lrp(net, x, list(targets), ZENNIT[composite](canonizers))
+def compare_with_zennit(
+    net, x, composite, canonizers, targets=(3, 7), **options
+) -> tuple[float, float]:
+    """(smallest Pearson r, largest |difference| relative to max |relevance|) over targets;
+    `options` go to both (e.g. zero_params). zennit's canonizers put the module back."""
+    chosen = [list(targets)]
+    ours = cnnscan.explain(net, x, "lrp", targets=chosen, composite=composite, **options).maps
+    theirs = zennit_lrp(net, x, list(targets), ZENNIT[composite](canonizers, **options))
     r = min(pearson(ours[0, t], theirs[0, t]) for t in range(len(targets)))
     diff = max(
         float((ours[0, t] - theirs[0, t]).abs().max() / theirs[0, t].abs().max())
@@ -98,8 +103,8 @@ def compare_with_zennit(net, x, composite, canonizers, targets=(3, 7)) -> tuple[
     return r, diff
 
 
-def assert_matches_zennit(net, x, composite, canonizers):
-    r, diff = compare_with_zennit(net, x, composite, canonizers)
+def assert_matches_zennit(net, x, composite, canonizers, **options):
+    r, diff = compare_with_zennit(net, x, composite, canonizers, **options)
     assert r > 0.99999 and diff < 1e-3, (composite, r, diff)
 
 
@@ -108,6 +113,12 @@ def assert_matches_zennit(net, x, composite, canonizers):
 def test_vgg11_matches_zennit(composite, small_input):
     # measured: r = 1.000000, max |diff| ≤ 2e-7 of a max |relevance| of 3e-4 (float32 noise)
     assert_matches_zennit(torchvision_net("vgg11"), small_input, composite, [])
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"])
+def test_zero_params_bias_matches_zennit(composite, small_input):
+    # measured: r = 1.000000, max |diff| ≤ 3e-6 of max |relevance|
+    assert_matches_zennit(torchvision_net("vgg11"), small_input, composite, [], zero_params="bias")
 
 
 # zennit's BatchNorm merge leaves x/√(1 + ε) in each BatchNorm; ours merges exactly. With the
@@ -276,6 +287,25 @@ def test_resnet18_conserves_without_biases(small_input):
     plus = cnnscan.explain(net, small_input, "lrp", targets="top3", composite="epsilon_plus")
     # z⁺ keeps relevance positive through the convs and conserves it as well here
     assert float(plus.extras["conservation_error_relative"].max()) < 0.01
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_alpha2_beta1"])
+def test_zero_params_bias_keeps_the_relevance_that_biases_absorb(composite, small_input):
+    net = torchvision_net("resnet18")  # BatchNorm shifts and a classifier bias
+    kept = cnnscan.explain(net, small_input, "lrp", targets="top3", composite=composite)
+    assert float(kept.extras["conservation_error_relative"].min()) > 0.1  # measured 0.26-0.40
+    zeroed = cnnscan.explain(
+        net, small_input, "lrp", targets="top3", composite=composite, zero_params="bias"
+    )
+    assert zeroed.extras["zero_params"] == "bias"
+    assert float(zeroed.extras["conservation_error_relative"].max()) < 1e-4  # measured 2e-6
+
+
+def test_zero_params_takes_bias_only():
+    with pytest.raises(MethodError, match="zero_params must be 'bias' or None"):
+        cnnscan.explain(
+            Residual().eval(), torch.randn(1, 3, 8, 8), "lrp", targets=[0], zero_params="weight"
+        )
 
 
 # -- the declarative map ---------------------------------------------------------------------

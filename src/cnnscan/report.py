@@ -231,6 +231,18 @@ def _notes(attr: Attribution) -> list[dict[str, Any]]:
                 "warn": worst > 0.05,
             }
         )
+    totals = attr.extras.get("relevance_sum")  # LRP
+    if isinstance(totals, torch.Tensor) and attr.scores is not None:
+        share = float(totals[0, 0] / attr.scores[0, 0])
+        biases = "left out" if attr.extras.get("zero_params") == "bias" else "included"
+        composite = attr.extras.get("composite")
+        notes.append(
+            {
+                "text": f"relevance sums to {share:.1%} of the target logit ({composite}, "
+                f"biases {biases}): the rest is absorbed by the rules, not an error in the map",
+                "warn": False,
+            }
+        )
     if "warning" in attr.extras:
         notes.append({"text": attr.extras["warning"], "warn": True})
     return notes

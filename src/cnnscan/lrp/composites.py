@@ -58,11 +58,13 @@ COMPOSITES = (
 
 @dataclass(frozen=True)
 class Params:
-    """The numbers that rules given by name take (method options)."""
+    """The numbers that rules given by name take (method options), and whether every rule
+    leaves the layers' biases out of its normalization (zennit's `zero_params="bias"`)."""
 
     epsilon: float = 1e-6
     gamma: float = 0.25
     stabilizer: float = 1e-6
+    zero_bias: bool = False
 
 
 def make_rule(rule: RuleLike, params: Params | None = None) -> Rule:
@@ -169,6 +171,7 @@ class RuleMap:
             self.first = self._bounded(make_rule(composite.first, params), bounds)
         self.first_types = _types(composite.first_types)
         self.first_used = False
+        self.zero_bias = params.zero_bias
 
     @staticmethod
     def _bounded(rule: Rule, bounds: tuple[torch.Tensor, torch.Tensor]) -> Rule:

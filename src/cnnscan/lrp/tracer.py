@@ -138,10 +138,14 @@ class LayerCall:
 
 class _Plan:
     """A layer's rule, prepared on the first backward that reaches it; `value` is the
-    layer's output, held only until the autograd function has returned it."""
+    layer's output, held only until the autograd function has returned it. With
+    `zero_bias` the rule sees the layer without its bias (its normalizer leaves the bias
+    out, so the layer passes on all the relevance it receives) but with its real output."""
 
-    def __init__(self, rule: Rule, layer: LayerCall, value: torch.Tensor | None):
-        self.rule, self.layer, self.value = rule, layer, value
+    def __init__(
+        self, rule: Rule, layer: LayerCall, value: torch.Tensor | None, zero_bias: bool = False
+    ):
+        self.rule, self.layer, self.value, self.zero_bias = rule, layer, value, zero_bias
         self._run: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, c: torch.Tensor) -> torch.Tensor:
@@ -151,7 +155,11 @@ class _Plan:
                     f"the input of layer {self.layer.name!r} was modified in place after the "
                     "layer read it; LRP needs that input. Use an out-of-place op there."
                 )
-            self._run = self.rule.prepare(self.layer)
+            layer = self.layer
+            if self.zero_bias and layer.bias is not None:
+                y = layer.output()
+                layer = replace(layer, bias=None, y=y, versions=(layer.x._version, y._version))
+            self._run = self.rule.prepare(layer)
         return self._run(c)
 
 
@@ -334,7 +342,7 @@ class _Tracer(TorchFunctionMode):
                 f"the pass rule needs a layer whose output has its input's shape; "
                 f"{layer.name!r} maps {tuple(layer.x.shape)} to {tuple(value.shape)}"
             )
-        plan = _Plan(rule, layer, value)
+        plan = _Plan(rule, layer, value, self.rules.zero_bias)
         out = _Relevance.apply(plan, source)
         # an alias (same storage and version counter) without out's grad_fn: no cycle
         # out -> grad_fn -> plan -> out that would keep the graph alive after use
