@@ -20,7 +20,10 @@ from zennit.composites import (
     EpsilonGammaBox,
     EpsilonPlus,
     EpsilonPlusFlat,
+    MixedComposite,
+    NameMapComposite,
 )
+from zennit.rules import Epsilon as ZennitEpsilon
 from zennit.torchvision import ResNetCanonizer
 
 import cnnscan
@@ -31,6 +34,8 @@ from cnnscan.models.preprocessing import Preprocessing
 
 LOW, HIGH = input_bounds(Preprocessing(), torch.zeros(1, 3, 1, 1))
 ZENNIT = {  # options: zennit's composite keywords, e.g. zero_params="bias"
+    # (the same as epsilon_plus on a network without depthwise convs)
+    "epsilon_plus_depthwise": lambda canon, **o: EpsilonPlus(canonizers=canon, **o),
     "epsilon_plus": lambda canon, **o: EpsilonPlus(canonizers=canon, **o),
     "epsilon_gamma_box": lambda canon, **o: EpsilonGammaBox(
         low=LOW, high=HIGH, canonizers=canon, **o
@@ -88,13 +93,15 @@ def small_input() -> torch.Tensor:
 
 
 def compare_with_zennit(
-    net, x, composite, canonizers, targets=(3, 7), **options
+    net, x, composite, canonizers, targets=(3, 7), reference=None, **options
 ) -> tuple[float, float]:
     """(smallest Pearson r, largest |difference| relative to max |relevance|) over targets;
-    `options` go to both (e.g. zero_params). zennit's canonizers put the module back."""
+    `options` go to both (e.g. zero_params); `reference` is a zennit composite to use instead
+    of ZENNIT's. zennit's canonizers put the module back."""
     chosen = [list(targets)]
     ours = cnnscan.explain(net, x, "lrp", targets=chosen, composite=composite, **options).maps
-    theirs = zennit_lrp(net, x, list(targets), ZENNIT[composite](canonizers, **options))
+    reference = reference or ZENNIT[composite](canonizers, **options)
+    theirs = zennit_lrp(net, x, list(targets), reference)
     r = min(pearson(ours[0, t], theirs[0, t]) for t in range(len(targets)))
     diff = max(
         float((ours[0, t] - theirs[0, t]).abs().max() / theirs[0, t].abs().max())
@@ -103,8 +110,8 @@ def compare_with_zennit(
     return r, diff
 
 
-def assert_matches_zennit(net, x, composite, canonizers, **options):
-    r, diff = compare_with_zennit(net, x, composite, canonizers, **options)
+def assert_matches_zennit(net, x, composite, canonizers, reference=None, **options):
+    r, diff = compare_with_zennit(net, x, composite, canonizers, reference=reference, **options)
     assert r > 0.99999 and diff < 1e-3, (composite, r, diff)
 
 
@@ -156,6 +163,27 @@ def test_default_model_matches_zennit(default_model, small_input, composite):
     net = copy.deepcopy(default_model.module).eval()
     with batchnorm_eps(net, 1e-12):
         assert_matches_zennit(net, small_input, composite, efficientnet_lite_canonizers(net))
+
+
+def test_the_default_composite_gives_depthwise_convs_epsilon(default_model, small_input):
+    # zennit: ε-plus with a name map for the 16 depthwise convs
+    net = copy.deepcopy(default_model.module).eval()
+    depthwise = tuple(
+        name
+        for name, module in net.named_modules()
+        if isinstance(module, nn.Conv2d) and module.groups == module.in_channels > 1
+    )
+    assert len(depthwise) == 16
+    reference = MixedComposite(
+        [NameMapComposite([(depthwise, ZennitEpsilon(0.25))]), EpsilonPlus()],
+        canonizers=efficientnet_lite_canonizers(net),
+    )
+    with batchnorm_eps(net, 1e-12):
+        assert_matches_zennit(net, small_input, "epsilon_plus_depthwise", [], reference)
+        attr = cnnscan.explain(net, small_input, "lrp", targets=[0])
+    assert attr.extras["composite"] == "epsilon_plus_depthwise"
+    assert {attr.extras["rules"][name] for name in depthwise} == {"epsilon"}
+    assert attr.extras["rules"]["_blocks.1._expand_conv"] == "zplus"
 
 
 # -- hand-computed one-layer examples ----------------------------------------------------
@@ -416,7 +444,10 @@ def test_a_parameter_used_outside_a_layer_is_named():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"composite": "epsilon_pluss"}, r"Did you mean: epsilon_plus.*Composites: epsilon_plus,"),
+        (
+            {"composite": "epsilon_pluss"},
+            r"Did you mean: epsilon_plus.*Composites: epsilon_plus_depthwise, epsilon_plus,",
+        ),
         ({"rules": {nn.Conv2d: "zplsu"}}, r"unknown LRP rule 'zplsu'.*Rules: epsilon, gamma"),
         ({"rules": {"conv9": "epsilon"}}, r"layer 'conv9'.*Did you mean: .*conv1"),
         ({"rules": {3: "epsilon"}}, r"keyed by a module name"),

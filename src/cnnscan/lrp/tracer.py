@@ -248,7 +248,7 @@ class _Tracer(TorchFunctionMode):
         if not _flows(x_in):
             return func(*args, **kwargs)
         name, kind = self._owner(weight, _AFFINE[func])
-        rule = self._rule(name, kind, func)
+        rule = self._rule(name, kind, func, _depthwise(call, weight))
         with torch.no_grad():
             value = func(*args, **kwargs)
         layer = LayerCall(
@@ -315,8 +315,8 @@ class _Tracer(TorchFunctionMode):
         )
         return self._wrap(rule, layer, self._source(rule, layer, x_in), value)
 
-    def _rule(self, name: str | None, kind: type, func) -> Rule:
-        rule = self.rules.lookup(name, kind)
+    def _rule(self, name: str | None, kind: type, func, depthwise: bool = False) -> Rule:
+        rule = self.rules.lookup(name, kind, depthwise)
         if rule is None:
             raise MethodError(_no_rule(name or _label(func), kind))
         return rule
@@ -393,6 +393,17 @@ class _Tracer(TorchFunctionMode):
                     return _PassThrough.apply(signal[0], func, args, kwargs, inplace)
                 raise MethodError(_no_rule(name or _label(func), kind, func))
         return func(*args, **kwargs)
+
+
+def _depthwise(call: _Call, weight: torch.Tensor) -> bool:
+    """A convolution with one input channel per group (and more than one group)."""
+    if call.func in (F.linear, *_TRANSPOSED) or weight.ndim < 3 or weight.shape[1] != 1:
+        return False
+    groups = call.arg(6, "groups", 1)
+    return isinstance(groups, int) and groups > 1
+
+
+_TRANSPOSED = (torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d)
 
 
 def _flows(value: Any) -> bool:

@@ -64,15 +64,17 @@ def lrp(
     scan: Scan,
     targets: torch.Tensor,
     *,
-    composite: str | Composite = "epsilon_plus",
+    composite: str | Composite = "epsilon_plus_depthwise",
     rules: Mapping[Key, RuleLike] | None = None,
     epsilon: float = 1e-6,
     gamma: float = 0.25,
     stabilizer: float = 1e-6,
     zero_params: Literal["bias"] | None = None,
 ) -> MethodResult:
-    """`composite`: epsilon_plus, epsilon_plus_flat, epsilon_gamma_box,
-    epsilon_alpha2_beta1, epsilon_alpha2_beta1_flat, or a `cnnscan.lrp.Composite`;
+    """`composite`: epsilon_plus_depthwise (ε-plus with ε = 0.25 on depthwise convs; the
+    same as epsilon_plus on networks without them), epsilon_plus, epsilon_plus_flat,
+    epsilon_gamma_box, epsilon_alpha2_beta1, epsilon_alpha2_beta1_flat, or a
+    `cnnscan.lrp.Composite`;
     `rules` maps layer names or module types to rules (names or `cnnscan.lrp` rule objects)
     and wins over the composite. `epsilon`, `gamma`, `stabilizer` set the rules given by
     name. z^B's bounds are the model's pixel range 0..1, normalized by its preprocessing.
