@@ -452,7 +452,7 @@ def test_a_parameter_used_outside_a_layer_is_named():
         ({"rules": {"conv9": "epsilon"}}, r"layer 'conv9'.*Did you mean: .*conv1"),
         ({"rules": {3: "epsilon"}}, r"keyed by a module name"),
         ({"rules": {"conv2": "zbox"}}, r"zbox rule .*only fits the layer that reads the image"),
-        ({"composite": 3}, r"composite must be a string or Composite"),
+        ({"composite": 3}, r"composite must be a name"),
         ({"epsilon": -1}, r"epsilon must be a number >= 0"),
     ],
 )

@@ -27,7 +27,7 @@ X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         ("scorecam", {"align_corners": 1}, "align_corners must be True or False"),
         ("integrated_gradients", {"n_steps": "abc"}, "n_steps must be an integer or 'auto'"),
         ("rise", {"n_masks": 2.5}, "n_masks must be an integer"),
-        ("occlusion", {"window": [4, "x"]}, "window must be an integer or a list"),
+        ("lrp", {"epsilon": "small"}, "epsilon must be a number, got 'small'"),
     ],
 )
 def test_option_values_are_checked_against_the_signature(method, options, message):
@@ -40,7 +40,8 @@ def test_values_of_the_right_kind_pass():
         ("occlusion", {"incremental": False, "window": [8, 8], "fill": 0}),
         ("integrated_gradients", {"n_steps": "auto", "baseline": torch.zeros(1, 3, 32, 32)}),
         ("gradient", {"unit": ("conv1", 0, [1, 2])}),
-        ("lrp", {"epsilon": 1, "rules": {"fc": "epsilon"}}),
+        ("lrp", {"epsilon": 1, "rules": {"fc": "epsilon"}, "zero_params": None}),
+        ("smoothgrad", {"seed": None, "noise_level": 0.1, "mode": "vargrad"}),
     ]:
         check_options(get_method(method), options)
 
