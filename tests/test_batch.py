@@ -337,9 +337,12 @@ def test_bad_settings_fail_before_any_work(folder, tiny, tmp_path):
         run(folder, tmp_path, tiny, resolution="pixels")
     with pytest.raises(cnnscan.TargetError):
         run(folder, tmp_path, tiny, targets=[17])
-    for bad in ({"batch_size": 0}, {"workers": 0}, {"top_k": 0}, {"engine": "spark"}):
+    for bad in ({"batch_size": 0}, {"workers": 0}, {"engine": "spark"}):
         with pytest.raises(BatchError, match=next(iter(bad))):
             run(folder, tmp_path, tiny, **bad)
+    for top_k in (0, 6):  # the tiny model has 5 classes
+        with pytest.raises(cnnscan.TargetError, match="top_k must be a whole number from 1 to 5"):
+            run(folder, tmp_path, tiny, top_k=top_k)
     with pytest.raises(BatchError, match="no methods"):
         run(folder, tmp_path, tiny, methods=[])
     assert not (tmp_path / "rows").exists()

@@ -1,4 +1,4 @@
-"""Batch sizes: the memory budget (`max_memory=`, `CNNSCAN_MEMORY_MB`) and measured sizes."""
+"""Batch sizes: the memory budget (`max_memory=`, `CNNSCAN_MEMORY_MB`) and the fixed sizes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import cnnscan
 import cnnscan.engine.batch_size
 import cnnscan.scan
 from cnnscan.engine.batch_size import (
-    adaptive_batches,
+    PREFERRED,
+    fixed_batches,
     max_batch_for,
     memory_budget_bytes,
     parse_memory,
@@ -60,39 +61,34 @@ def test_the_largest_batch_that_fits():
     assert max_batch_for(0, ceiling=7) == 7
 
 
-def test_adaptive_batches_cover_the_range_once_and_remember_the_size():
-    key = ("test", object())
-    slices = list(adaptive_batches(37, key, limit=8))
-    covered = [i for s in slices for i in range(s.start, s.stop)]
-    assert covered == list(range(37))
-    assert [s.stop - s.start for s in slices[:2]] == [1, 2]  # the measuring doubles
-    again = list(adaptive_batches(10, key, limit=8))  # the learned size, cut to the limit
-    assert len({s.stop - s.start for s in again[:-1]}) == 1
-    assert [s.stop - s.start for s in adaptive_batches(10, key, limit=8, fixed=3)] == [3, 3, 3, 1]
+def sizes(slices) -> list[int]:
+    return [s.stop - s.start for s in slices]
 
 
-def test_a_few_items_teach_nothing():
-    key = ("test", object())
-    for total in (1, 2, 3):
-        list(adaptive_batches(total, key, limit=64))
-    assert key not in cnnscan.engine.batch_size._learned  # a later big job still measures
+def test_fixed_batches_cover_the_range_in_order_at_a_size_that_depends_on_the_work_only():
+    slices = list(fixed_batches(37, limit=64))
+    assert [i for s in slices for i in range(s.start, s.stop)] == list(range(37))
+    assert sizes(slices) == [PREFERRED] * (37 // PREFERRED) + [37 % PREFERRED]
+    assert sizes(fixed_batches(10, limit=8, size=3)) == [3, 3, 3, 1]  # a chosen size
+    assert sizes(fixed_batches(5, limit=2, size=3)) == [2, 2, 1]  # cut to the memory budget
+    assert sizes(fixed_batches(3, limit=1)) == [1, 1, 1]
 
 
 def test_max_memory_limits_the_batches_of_a_method(monkeypatch):
     limits = []
-    real = cnnscan.scan.adaptive_batches
+    real = cnnscan.scan.fixed_batches
 
-    def spy(total, key, limit, fixed=None):
+    def spy(total, limit, size=None):
         limits.append(limit)
-        return real(total, key, limit, fixed)
+        return real(total, limit, size)
 
-    monkeypatch.setattr(cnnscan.scan, "adaptive_batches", spy)
+    monkeypatch.setattr(cnnscan.scan, "fixed_batches", spy)
     net = SmallConvNet().eval()
     options = {"n_masks": 40, "cell": 4, "seed": 0}
     roomy = cnnscan.explain(net, X, "rise", targets=[1], max_memory="1GB", **options)
     assert max(limits) > 1
     limits.clear()
-    tight = cnnscan.explain(net, X, "rise", targets=[1], max_memory="1kb", **options)
+    tight = cnnscan.explain(net, X, "rise", targets=[1], max_memory="8kb", **options)
     assert limits and max(limits) == 1  # one masked copy at a time...
     torch.testing.assert_close(tight.maps, roomy.maps)  # ...and the same answer
 

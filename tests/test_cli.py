@@ -342,7 +342,7 @@ def test_every_command_returns_an_exit_code():
         (["explain", "sample:chelsea", "--method", "gradient", "--targets", "kat"], "class name"),
         (["explain", "sample:chelsea", "--method", "gradient", "--option", "x"], "KEY=VALUE"),
         (["explain", "sample:chelsea", "--method", "gradient", "--option", "n=1"], "no option"),
-        (["layers", "--weights", "/no/such/weights.pt"], "not found"),
+        (["layers", "--weights", "/no/such/weights.pt"], "no such weights file"),
         (["methods", "--family", "nope"], "unknown family"),
     ],
 )

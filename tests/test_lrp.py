@@ -20,7 +20,10 @@ from zennit.composites import (
     EpsilonGammaBox,
     EpsilonPlus,
     EpsilonPlusFlat,
+    MixedComposite,
+    NameMapComposite,
 )
+from zennit.rules import Epsilon as ZennitEpsilon
 from zennit.torchvision import ResNetCanonizer
 
 import cnnscan
@@ -30,12 +33,16 @@ from cnnscan.methods.lrp import input_bounds
 from cnnscan.models.preprocessing import Preprocessing
 
 LOW, HIGH = input_bounds(Preprocessing(), torch.zeros(1, 3, 1, 1))
-ZENNIT = {
-    "epsilon_plus": lambda canon: EpsilonPlus(canonizers=canon),
-    "epsilon_gamma_box": lambda canon: EpsilonGammaBox(low=LOW, high=HIGH, canonizers=canon),
-    "epsilon_alpha2_beta1": lambda canon: EpsilonAlpha2Beta1(canonizers=canon),
-    "epsilon_plus_flat": lambda canon: EpsilonPlusFlat(canonizers=canon),
-    "epsilon_alpha2_beta1_flat": lambda canon: EpsilonAlpha2Beta1Flat(canonizers=canon),
+ZENNIT = {  # options: zennit's composite keywords, e.g. zero_params="bias"
+    # (the same as epsilon_plus on a network without depthwise convs)
+    "epsilon_plus_depthwise": lambda canon, **o: EpsilonPlus(canonizers=canon, **o),
+    "epsilon_plus": lambda canon, **o: EpsilonPlus(canonizers=canon, **o),
+    "epsilon_gamma_box": lambda canon, **o: EpsilonGammaBox(
+        low=LOW, high=HIGH, canonizers=canon, **o
+    ),
+    "epsilon_alpha2_beta1": lambda canon, **o: EpsilonAlpha2Beta1(canonizers=canon, **o),
+    "epsilon_plus_flat": lambda canon, **o: EpsilonPlusFlat(canonizers=canon, **o),
+    "epsilon_alpha2_beta1_flat": lambda canon, **o: EpsilonAlpha2Beta1Flat(canonizers=canon, **o),
 }
 EPSILON_ONLY = Composite({nn.Conv2d: "epsilon", nn.Linear: "epsilon"}, name="epsilon")
 
@@ -85,11 +92,16 @@ def small_input() -> torch.Tensor:
     return torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
-def compare_with_zennit(net, x, composite, canonizers, targets=(3, 7)) -> tuple[float, float]:
-    """(smallest Pearson r, largest |difference| relative to max |relevance|) over targets.
-    zennit's canonizers put the module back as it was."""
-    ours = cnnscan.explain(net, x, "lrp", targets=[list(targets)], composite=composite).maps
-    theirs = zennit_lrp(net, x, list(targets), ZENNIT[composite](canonizers))
+def compare_with_zennit(
+    net, x, composite, canonizers, targets=(3, 7), reference=None, **options
+) -> tuple[float, float]:
+    """(smallest Pearson r, largest |difference| relative to max |relevance|) over targets;
+    `options` go to both (e.g. zero_params); `reference` is a zennit composite to use instead
+    of ZENNIT's. zennit's canonizers put the module back."""
+    chosen = [list(targets)]
+    ours = cnnscan.explain(net, x, "lrp", targets=chosen, composite=composite, **options).maps
+    reference = reference or ZENNIT[composite](canonizers, **options)
+    theirs = zennit_lrp(net, x, list(targets), reference)
     r = min(pearson(ours[0, t], theirs[0, t]) for t in range(len(targets)))
     diff = max(
         float((ours[0, t] - theirs[0, t]).abs().max() / theirs[0, t].abs().max())
@@ -98,8 +110,8 @@ def compare_with_zennit(net, x, composite, canonizers, targets=(3, 7)) -> tuple[
     return r, diff
 
 
-def assert_matches_zennit(net, x, composite, canonizers):
-    r, diff = compare_with_zennit(net, x, composite, canonizers)
+def assert_matches_zennit(net, x, composite, canonizers, reference=None, **options):
+    r, diff = compare_with_zennit(net, x, composite, canonizers, reference=reference, **options)
     assert r > 0.99999 and diff < 1e-3, (composite, r, diff)
 
 
@@ -108,6 +120,12 @@ def assert_matches_zennit(net, x, composite, canonizers):
 def test_vgg11_matches_zennit(composite, small_input):
     # measured: r = 1.000000, max |diff| ≤ 2e-7 of a max |relevance| of 3e-4 (float32 noise)
     assert_matches_zennit(torchvision_net("vgg11"), small_input, composite, [])
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"])
+def test_zero_params_bias_matches_zennit(composite, small_input):
+    # measured: r = 1.000000, max |diff| ≤ 3e-6 of max |relevance|
+    assert_matches_zennit(torchvision_net("vgg11"), small_input, composite, [], zero_params="bias")
 
 
 # zennit's BatchNorm merge leaves x/√(1 + ε) in each BatchNorm; ours merges exactly. With the
@@ -145,6 +163,27 @@ def test_default_model_matches_zennit(default_model, small_input, composite):
     net = copy.deepcopy(default_model.module).eval()
     with batchnorm_eps(net, 1e-12):
         assert_matches_zennit(net, small_input, composite, efficientnet_lite_canonizers(net))
+
+
+def test_the_default_composite_gives_depthwise_convs_epsilon(default_model, small_input):
+    # zennit: ε-plus with a name map for the 16 depthwise convs
+    net = copy.deepcopy(default_model.module).eval()
+    depthwise = tuple(
+        name
+        for name, module in net.named_modules()
+        if isinstance(module, nn.Conv2d) and module.groups == module.in_channels > 1
+    )
+    assert len(depthwise) == 16
+    reference = MixedComposite(
+        [NameMapComposite([(depthwise, ZennitEpsilon(0.25))]), EpsilonPlus()],
+        canonizers=efficientnet_lite_canonizers(net),
+    )
+    with batchnorm_eps(net, 1e-12):
+        assert_matches_zennit(net, small_input, "epsilon_plus_depthwise", [], reference)
+        attr = cnnscan.explain(net, small_input, "lrp", targets=[0])
+    assert attr.extras["composite"] == "epsilon_plus_depthwise"
+    assert {attr.extras["rules"][name] for name in depthwise} == {"epsilon"}
+    assert attr.extras["rules"]["_blocks.1._expand_conv"] == "zplus"
 
 
 # -- hand-computed one-layer examples ----------------------------------------------------
@@ -278,6 +317,25 @@ def test_resnet18_conserves_without_biases(small_input):
     assert float(plus.extras["conservation_error_relative"].max()) < 0.01
 
 
+@pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_alpha2_beta1"])
+def test_zero_params_bias_keeps_the_relevance_that_biases_absorb(composite, small_input):
+    net = torchvision_net("resnet18")  # BatchNorm shifts and a classifier bias
+    kept = cnnscan.explain(net, small_input, "lrp", targets="top3", composite=composite)
+    assert float(kept.extras["conservation_error_relative"].min()) > 0.1  # measured 0.26-0.40
+    zeroed = cnnscan.explain(
+        net, small_input, "lrp", targets="top3", composite=composite, zero_params="bias"
+    )
+    assert zeroed.extras["zero_params"] == "bias"
+    assert float(zeroed.extras["conservation_error_relative"].max()) < 1e-4  # measured 2e-6
+
+
+def test_zero_params_takes_bias_only():
+    with pytest.raises(MethodError, match="zero_params must be 'bias' or None"):
+        cnnscan.explain(
+            Residual().eval(), torch.randn(1, 3, 8, 8), "lrp", targets=[0], zero_params="weight"
+        )
+
+
 # -- the declarative map ---------------------------------------------------------------------
 def test_rules_by_name_and_type_override_the_composite(small_input):
     net = torchvision_net("vgg11")
@@ -386,7 +444,10 @@ def test_a_parameter_used_outside_a_layer_is_named():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"composite": "epsilon_pluss"}, r"Did you mean: epsilon_plus.*Composites: epsilon_plus,"),
+        (
+            {"composite": "epsilon_pluss"},
+            r"Did you mean: epsilon_plus.*Composites: epsilon_plus_depthwise, epsilon_plus,",
+        ),
         ({"rules": {nn.Conv2d: "zplsu"}}, r"unknown LRP rule 'zplsu'.*Rules: epsilon, gamma"),
         ({"rules": {"conv9": "epsilon"}}, r"layer 'conv9'.*Did you mean: .*conv1"),
         ({"rules": {3: "epsilon"}}, r"keyed by a module name"),

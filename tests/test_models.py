@@ -183,7 +183,7 @@ def test_other_architecture_lists_missing_keys(tmp_path, resnet_state):
 
 
 def test_missing_weights_file(tmp_path):
-    with pytest.raises(ModelError, match="not found"):
+    with pytest.raises(ModelError, match="no such weights file"):
         load_model("resnet18", weights=tmp_path / "nope.pt")
 
 

@@ -203,6 +203,20 @@ def test_labels_are_escaped(tmp_path):
     assert sorted(row[2] for row in rows) == sorted(labels)
 
 
+def test_the_report_says_what_lrps_conservation_figure_means(tmp_path):
+    model = cnnscan.load_model(SmallConvNet(classes=3))
+    result = run_scan(model, "sample:coffee", methods=["lrp", "gradient"], class_image_steps=0)
+    html = write_report(result, tmp_path).read_text(encoding="utf-8")
+    attr = result.attributions["lrp"]
+    share = float(attr.extras["relevance_sum"][0, 0] / attr.scores[0, 0])
+    text = " ".join(html.split())
+    composite = "epsilon_plus_depthwise"
+    assert (
+        f"relevance sums to {share:.1%} of the target logit ({composite}, biases included)" in text
+    )
+    assert "the share of the target logit its rules do not hand down" in text
+
+
 def test_quick_cli_report_has_a_cell_per_class_and_method(quick_report):
     code, out, _, stderr = quick_report
     assert code == 0, stderr

@@ -10,7 +10,7 @@ import torch
 from cnnscan.attribution import Attribution
 from cnnscan.display import Predictions
 from cnnscan.errors import MethodError
-from cnnscan.methods import get_method, run_method
+from cnnscan.methods import get_method, get_methods, run_method
 from cnnscan.models import ModelLike
 from cnnscan.scan import Scan, make_scan
 from cnnscan.targets import Targets
@@ -61,8 +61,9 @@ def explain_many(
     """Several methods from one shared forward pass: method name -> Attribution.
 
     `options` maps a method name to its options; `layer` goes to the methods that use one.
+    A method named twice is an error (see `cnnscan.methods.get_methods`).
     """
-    infos = [get_method(name) for name in methods]
+    infos = get_methods(methods)
     options = options or {}
     unknown = set(options) - {info.name for info in infos}
     if unknown:

@@ -134,7 +134,10 @@ def _parser() -> argparse.ArgumentParser:
     memory_option(scan)
     scan.add_argument("--out", default="cnnscan-report", help="output folder")
     scan.add_argument(
-        "--top-k", type=_positive_int, default=5, help="classes to explain (default 5)"
+        "--top-k",
+        type=_positive_int,
+        default=None,
+        help="classes to explain (default 5; at most the model's classes)",
     )
     scan.add_argument(
         "--methods",
@@ -340,15 +343,21 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument(
         "--metrics", default=None, help="comma-separated, e.g. deletion,insertion,pointing_game"
     )
-    batch.add_argument("--top-k", type=_positive_int, default=5, help="predictions kept (5)")
+    batch.add_argument(
+        "--top-k",
+        type=_positive_int,
+        default=None,
+        help="predictions kept (default 5; at most the model's classes)",
+    )
     batch.add_argument("--engine", choices=("local", "ray"), default="local")
     batch.add_argument("--address", default=None, help="Ray cluster address (--engine ray)")
     batch.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward")
     batch.add_argument(
         "--workers",
         type=_positive_int,
-        default=2,
-        help="explainers in parallel: threads (local) or Ray actors (ray); default 2",
+        default=None,
+        help="explainers in parallel, one thread each: threads (local) or Ray actors (ray); "
+        "default: torch's thread count (the cores); results do not depend on it",
     )
     batch.add_argument(
         "--part-size", type=_positive_int, default=64, help="images per output file (64)"
@@ -383,6 +392,17 @@ def _load(args: argparse.Namespace):
     )
 
 
+def _names(text: str | None, flag: str) -> list[str] | None:
+    """The comma-separated names of `flag` (None if not given); a flag given without a name
+    (e.g. --methods ",") is an error, not the defaults."""
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise CnnscanError(f"{flag} {text!r} names nothing; give comma-separated names")
+    return names
+
+
 def _parse_value(text: str) -> Any:
     """Option values: JSON where it parses (numbers, booleans, lists), else the string."""
     try:
@@ -393,11 +413,11 @@ def _parse_value(text: str) -> Any:
 
 def _cmd_scan(args: argparse.Namespace) -> int:
     from cnnscan.images import load_image
-    from cnnscan.methods import get_method
+    from cnnscan.methods import get_methods
     from cnnscan.report import default_methods, run_scan, write_report
 
-    names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    methods = [get_method(name).name for name in names] if names else default_methods(args.full)
+    names = _names(args.methods, "--methods")
+    methods = [m.name for m in get_methods(names)] if names else default_methods(args.full)
     picture = load_image(args.image)  # bad images fail before the model loads
     model = _load(args)
     name = args.image if args.image.startswith("sample:") else Path(args.image).name
@@ -654,16 +674,16 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cnnscan.images import load_image
-    from cnnscan.methods import get_method
+    from cnnscan.methods import get_methods
     from cnnscan.metrics import get_metric
     from cnnscan.metrics.localization import region
     from cnnscan.metrics.outputs import evaluate_methods, print_table, write_evaluation
     from cnnscan.report import default_methods
     from cnnscan.targets import parse_targets
 
-    names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    methods = [get_method(name).name for name in names] if names else default_methods()
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    names = _names(args.methods, "--methods")
+    methods = [m.name for m in get_methods(names)] if names else default_methods()
+    metrics = _names(args.metrics, "--metrics")
     chosen = [get_metric(name) for name in metrics or ()]  # unknown names fail here
     needs = [info.name for info in chosen if info.needs_region]
     if needs and args.box is None and args.mask is None:
@@ -674,11 +694,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         prep = model.preprocessing
         region(prep.size, box=args.box, mask=args.mask, picture=picture, preprocessing=prep)
     target = parse_targets(args.target)
+    if isinstance(target, list) and len(target) > 1:
+        raise CnnscanError(f"--target takes one class (or topK), got {args.target!r}")
     result = evaluate_methods(
         model,
         picture,
         methods,
-        target=target[0] if isinstance(target, list) and len(target) == 1 else target,
+        target=target[0] if isinstance(target, list) else target,
         metrics=metrics,
         steps=args.steps,
         substrate=args.substrate,
@@ -710,7 +732,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     from cnnscan.batch import run
     from cnnscan.targets import parse_targets
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = _names(args.methods, "--methods")
     options: dict[str, dict[str, Any]] = {}
     for item in args.option:
         key, sep, value = item.partition("=")
@@ -721,7 +743,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             )
         options.setdefault(method or methods[0], {})[name] = _parse_value(value)
     targets = args.targets if args.targets.strip() == "label" else parse_targets(args.targets)
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else ()
+    metrics = _names(args.metrics, "--metrics") or ()
     results = run(
         args.input,
         methods,

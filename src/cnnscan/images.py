@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cnnscan.errors import ImageError
+from cnnscan.paths import file_problem
 
 MAX_PIXELS = 90_000_000  # larger pictures are refused (decompression bombs, memory)
 SAMPLE_PREFIX = "sample:"
@@ -78,10 +79,10 @@ def load_image(source: ImageLike, *, max_pixels: int = MAX_PIXELS) -> Image.Imag
         return sample_image(source)
     if isinstance(source, str | os.PathLike):
         path = Path(source)
-        if not path.exists():
-            raise ImageError(f"no such image file: {path}")
         if path.is_dir():
             raise ImageError(f"{path} is a folder, not an image (use `cnnscan batch` for folders)")
+        if (problem := file_problem(path, "image")) is not None:
+            raise ImageError(problem)
         try:
             handle = path.open("rb")
         except OSError as e:

@@ -240,6 +240,20 @@ def trace_layers(root: nn.Module, x: torch.Tensor) -> list[LayerRow]:
     return captured.rows()
 
 
+def first_nonfinite(root: nn.Module, x: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+    """The first layer (in completion order, named as in the layer table) whose output on
+    `x` holds NaN or ±Inf, with that output; None if every output is finite. One forward
+    without gradients; outputs are recorded before any later in-place op can change them."""
+    names = [name for name, _ in root.named_modules() if name]
+    with capture(root, None, protect=names) as captured, torch.no_grad():
+        root(x)
+    for row, (_, _, output, _) in zip(captured.rows(), captured.calls, strict=True):
+        floating = output is not None and output.is_floating_point()
+        if floating and not bool(torch.isfinite(output).all()):
+            return row.name, output
+    return None
+
+
 def default_layer(rows: list[LayerRow]) -> str:
     """The last layer (in completion order) with a spatial 4-D output that is not pooling,
     dropout or a pass-through: the usual CAM layer (e.g. `layer4`, `features`, `_swish@1`)."""

@@ -23,15 +23,15 @@ import cnnscan
 from cnnscan import render
 from cnnscan.attribution import Attribution
 from cnnscan.choices import CLASS_IMAGE_STEPS
-from cnnscan.errors import TargetError
 from cnnscan.layers import LayerRow
 from cnnscan.learned import conv_layers, depth_layers, filters, top_channels
-from cnnscan.methods import MethodInfo, get_method, list_methods, run_method
+from cnnscan.methods import MethodInfo, get_method, get_methods, list_methods, run_method
 from cnnscan.models import Model, ModelLike, as_model
 from cnnscan.receptive import ReceptiveField, receptive_fields
 from cnnscan.report_pictures import LAYER_CMAP, data_uri, map_cells, map_notes, view_cells
 from cnnscan.scan import Scan, make_scan
 from cnnscan.synthesis import class_image
+from cnnscan.targets import checked_top_k
 
 LEARNED_CHANNELS = 16  # feature maps shown per layer in the report
 LEARNED_TILE_PX = 64  # their size in pixels
@@ -99,7 +99,7 @@ def run_scan(
     image: Any,
     *,
     methods: Sequence[str] | None = None,
-    top_k: int = 5,
+    top_k: int | None = None,
     image_name: str = "image",
     device: torch.device | str | None = None,
     observer: ScanObserver | None = None,
@@ -107,18 +107,18 @@ def run_scan(
     evaluate: str = "default",
     max_memory: int | float | str | None = None,
 ) -> ScanResult:
-    """One shared forward, then every method for the top-k classes, each timed; `observer`
-    hears the predictions, the first map and every stage as it goes. `class_image_steps=0`
-    skips the synthesized image of the top-1 class. `evaluate` ranks the methods' maps of the
-    top-1 class in a leaderboard: "default" (the cheap checks, `LEADERBOARD`), "full" (also
-    the full cascade and the random-class check) or "none". `max_memory` caps the working
+    """One shared forward, then every method for the `top_k` most probable classes (default
+    5, at most the model's classes; more is a TargetError), each timed; `observer` hears the
+    predictions, the first map and every stage as it goes. `class_image_steps=0` skips the
+    synthesized image of the top-1 class. `evaluate` ranks the methods' maps of the top-1
+    class in a leaderboard: "default" (the cheap checks, `LEADERBOARD`), "full" (also the
+    full cascade and the random-class check) or "none". `max_memory` caps the working
     memory of a batch (see `cnnscan.explain`)."""
     started = time.perf_counter()
     observer = observer or ScanObserver()
-    if top_k < 1:
-        raise TargetError(f"top_k must be at least 1, got {top_k}")
     model = as_model(model)
-    infos = [get_method(name) for name in (methods or default_methods())]
+    top_k = checked_top_k(top_k, model.num_classes)
+    infos = get_methods(default_methods() if methods is None else methods)
     infos.sort(key=lambda info: info.name != FIRST_METHOD)  # stable: the rest keep their order
     picture = cnnscan.load_image(image)
     scan = make_scan(
@@ -126,7 +126,6 @@ def run_scan(
     )
     seconds = {"load + forward": time.perf_counter() - started}
     scan.prepare_inference()  # the fast engine for the leaderboard builds while methods run
-    top_k = min(top_k, scan.logits.shape[1])  # a 3-class model has no top-5
     targets = scan.targets(f"top{top_k}")
     view = np.asarray(model.preprocessing.view(picture))
     observer.predictions(scan.predictions(top_k)[0])

@@ -116,8 +116,8 @@ def map_cell(
 
 def map_notes(attr: Attribution, target: int | None = None) -> list[dict[str, Any]]:
     """The notes under a map: its completeness error (for `target`, or the worst over the
-    targets when None), a warning when it is above `COMPLETENESS_TOLERANCE`, and any
-    warning the method gave."""
+    targets when None), a warning when it is above `COMPLETENESS_TOLERANCE`, what LRP's
+    relevance sums to, and any warning the method gave."""
     notes = []
     error = completeness_error(attr)
     if error is not None:
@@ -128,6 +128,19 @@ def map_notes(attr: Attribution, target: int | None = None) -> list[dict[str, An
         if warn:
             text = f"⚠ {text}: above {COMPLETENESS_TOLERANCE:.0%}, the map does not add up"
         notes.append({"text": text, "warn": warn})
+    totals = attr.extras.get("relevance_sum")  # LRP: what its rules hand down to the pixels
+    if isinstance(totals, torch.Tensor) and attr.scores is not None:
+        t = 0 if target is None else target
+        share = float(totals[0, t] / attr.scores[0, t])
+        biases = "left out" if attr.extras.get("zero_params") == "bias" else "included"
+        notes.append(
+            {
+                "text": f"relevance sums to {share:.1%} of the target logit "
+                f"({attr.extras.get('composite')}, biases {biases}): the rest is absorbed by "
+                "the rules, not an error in the map",
+                "warn": False,
+            }
+        )
     if "warning" in attr.extras:
         notes.append({"text": f"⚠ {attr.extras['warning']}", "warn": True})
     return notes

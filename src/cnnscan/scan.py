@@ -3,8 +3,8 @@
 It keeps the logits, the activations of requested layers and the gradients of any number
 of targets (with respect to the input, or to a layer, where autograd only runs through the
 part of the network after that layer). Methods ask the scan; only methods that must
-perturb the input run new forwards, through `gradients_at` / `logits_at`, which batch the
-work at measured sizes.
+perturb the input run new forwards, through `gradients_at` / `logits_at`, which run them
+in batches of a fixed size within the memory budget.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
-from cnnscan.engine.batch_size import adaptive_batches, max_batch_for, memory_budget_bytes
+from cnnscan.engine.batch_size import fixed_batches, max_batch_for, memory_budget_bytes
 from cnnscan.engine.folding import folded_working_copy
 from cnnscan.engine.head import Head, head_of
 from cnnscan.engine.incremental import PatchedForward, patched_forward
@@ -32,6 +32,10 @@ from cnnscan.targets import Targets, resolve_targets
 
 if TYPE_CHECKING:
     from cnnscan.methods.registry import MethodInfo
+
+
+class Rehearsed(Exception):
+    """Raised at the first batched pass of a scan in rehearsal (see `Scan.rehearsal`)."""
 
 
 class Indexable(Protocol):
@@ -85,6 +89,7 @@ class Scan:
         self._heads: dict[LayerRef, Head] = {}
         self._layer_rows: list[LayerRow] | None = None
         self._protected: set[str] = set()  # recorded as copies: a later in-place op hit them
+        self._rehearsing = False
         self._forward()
 
     # -- the shared forward -------------------------------------------------------------
@@ -171,8 +176,8 @@ class Scan:
     ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
         """Gradients at other inputs, chunk by chunk: yields (rows, grads (b, T, 3, H, W),
         target logits (b, T)). `inputs` is a tensor (M, 3, H, W) or anything with len() and
-        slicing that builds one lazily; `targets` is (M, T). Forwards run in measured batches,
-        BatchNorm folded.
+        slicing that builds one lazily; `targets` is (M, T). Forwards run in batches of a fixed
+        size, BatchNorm folded.
         """
         shape = tuple(inputs[0:1].shape[1:])
         key = ("gradients", shape, targets.shape[1], rule != "standard")
@@ -215,28 +220,45 @@ class Scan:
             batch_size=self.batch_size,
         )
         derived.memory_budget = self.memory_budget
+        derived._rehearsing = self._rehearsing
         if tuple(inputs.shape[1:]) == tuple(self.inputs.shape[1:]):
             derived._layer_rows = self._layer_rows
         return derived
 
+    @contextmanager
+    def rehearsal(self) -> Iterator[None]:
+        """Inside the block the first batched pass at other inputs (`batches`, under every
+        `logits_at` and `iter_gradients`) raises `Rehearsed` instead of running: a method
+        runs its checks (options, layer, targets, memory budget) and the cheap work before
+        them, so settings can be tried on one image before a long run."""
+        self._rehearsing = True
+        try:
+            yield
+        finally:
+            self._rehearsing = False
+
     def batches(self, total: int, key: tuple, per_item: int | None = None) -> Iterator[slice]:
-        """Slices of range(total) at a measured batch size within the memory budget."""
+        """Slices of range(total) in order, at the scan's `batch_size` or the preferred size
+        (`cnnscan.engine.batch_size`), cut to the memory budget at `per_item` bytes an item:
+        fixed by the work, never by timing, so the same call gives the same bits. `key`
+        names the work (e.g. ("logits_at", shape))."""
+        if self._rehearsing:
+            raise Rehearsed(key[0] if key else "a batched pass")
         per_item = per_item if per_item is not None else self.bytes_per_item
         limit = max_batch_for(per_item, budget=self.memory_budget)
-        full_key = (id(self.model.module), self.device.type, *key)
-        return adaptive_batches(total, full_key, limit, fixed=self.batch_size)
+        return fixed_batches(total, limit, self.batch_size)
 
     def logits_at(
         self, inputs: Indexable, progress: Callable[[int], object] | None = None
     ) -> torch.Tensor:
         """Logits (M, classes) at other inputs (a tensor, or built lazily chunk by chunk),
-        without gradients, in measured batches, by the fastest engine that gives torch's
+        without gradients, in batches of a fixed size, by the fastest engine that gives torch's
         numbers (`inference_engine`); `progress(n)` after each chunk of n."""
         out = []
         shape = tuple(inputs[0:1].shape[1:])
-        with self.inference_engine(shape) as (name, forward):
-            key = ("logits_at", shape, name)
-            for chunk in self.batches(len(inputs), key, per_item=self.bytes_per_item // 4):
+        chunks = self.batches(len(inputs), ("logits_at", shape), self.bytes_per_item // 4)
+        with self.inference_engine(shape) as (_, forward):
+            for chunk in chunks:
                 logits = forward(inputs[chunk])
                 check_logits(logits)
                 out.append(logits.to(self.device))

@@ -25,6 +25,19 @@ def top_k(targets: object) -> int | None:
     return None
 
 
+def checked_top_k(k: int | None, n_classes: int, default: int = 5) -> int:
+    """How many of the most probable classes to show or explain: `k` (1 to the number of
+    classes; more is an error, not silently the number of classes), or None for `default`
+    (at most every class: a 3-class model has no top 5)."""
+    if k is None:
+        return min(default, n_classes)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n_classes:
+        raise TargetError(
+            f"top_k must be a whole number from 1 to {n_classes} (the model's classes), got {k!r}"
+        )
+    return int(k)
+
+
 def parse_targets(text: str) -> str | list[int | str]:
     """Targets as typed on a command line: "top3" as it is, else comma-separated class ids
     and names ("285,tiger cat" -> [285, "tiger cat"])."""
@@ -46,6 +59,7 @@ def class_ids(targets: Targets, labels: Sequence[str]) -> torch.Tensor:
     if not len(ids):
         raise TargetError("no target classes given")
     _check_range(ids, len(labels))
+    _check_distinct(ids.view(1, -1), listed, labels)
     return ids
 
 
@@ -54,7 +68,8 @@ def resolve_targets(targets: Targets, logits: torch.Tensor, labels: Sequence[str
 
     Accepts "topK" (per image, by logit), an int, a list of ints or class names shared by
     the batch, a list of lists (one per image), or a LongTensor (n_images, n_targets).
-    None means "top1".
+    None means "top1". A class named twice for an image is a TargetError (a LongTensor is
+    taken as it is).
     """
     n_images, n_classes = logits.shape
     device = logits.device
@@ -103,6 +118,8 @@ def resolve_targets(targets: Targets, logits: torch.Tensor, labels: Sequence[str
             f"{tuple(ids.shape)}"
         )
     _check_range(ids, n_classes)
+    if not isinstance(targets, torch.Tensor):  # a tensor is taken as it is (metrics' draws)
+        _check_distinct(ids, targets, labels)
     return ids.contiguous()
 
 
@@ -112,6 +129,18 @@ def _check_range(ids: torch.Tensor, n_classes: int) -> None:
         raise TargetError(
             f"target class {int(bad[0])} is out of range: the model has {n_classes} classes "
             f"(0..{n_classes - 1})"
+        )
+
+
+def _check_distinct(ids: torch.Tensor, given: object, labels: Sequence[str]) -> None:
+    """Each class once per image: "285,tiger cat,285" would compute (and count) 285 twice."""
+    ordered = ids.sort(dim=1).values
+    repeated = ordered[:, 1:][ordered[:, 1:] == ordered[:, :-1]]
+    if repeated.numel():
+        class_id = int(repeated[0])
+        name = f" ({labels[class_id]})" if class_id < len(labels) else ""
+        raise TargetError(
+            f"target class {class_id}{name} is named twice in {given!r}; name each class once"
         )
 
 

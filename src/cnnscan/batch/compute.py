@@ -24,7 +24,7 @@ from cnnscan.batch.store import Part
 from cnnscan.errors import BatchError, CnnscanError, ImageError
 from cnnscan.images import load_image
 from cnnscan.layers import LayerRef, get_module
-from cnnscan.methods import check_options, get_method, run_method
+from cnnscan.methods import check_options, get_methods, rehearse, run_method
 from cnnscan.models import Model
 from cnnscan.scan import Scan, make_scan
 from cnnscan.targets import class_ids, top_k
@@ -61,9 +61,7 @@ class Explainer:
     def __init__(self, model: Model, settings: Settings):
         self.model, self.settings = model, settings
         self.device = torch.device(settings.device) if settings.device else model.device
-        self.infos = [get_method(name) for name in settings.methods]
-        if len({info.name for info in self.infos}) != len(self.infos):
-            raise BatchError(f"methods {list(settings.methods)} name a method twice")
+        self.infos = get_methods(settings.methods)
         unknown = set(settings.options) - {info.name for info in self.infos}
         if unknown:
             raise BatchError(f"options given for methods not requested: {sorted(unknown)}")
@@ -104,6 +102,30 @@ class Explainer:
         return Loaded(self.model.preprocessing(picture), region)
 
     # -- explaining ----------------------------------------------------------------------
+    def rehearse(self, items: list[Item], tries: int = 8) -> None:
+        """Try the settings on the first readable image (of the first `tries`) before the
+        run writes anything: every method runs up to its first batched pass (see
+        `cnnscan.methods.rehearse`), so a layer without spatial output, an option value it
+        rejects or a working set over the memory budget fails now."""
+        for item in items[:tries]:
+            try:
+                loaded = self.load(item)
+            except Exception:  # an unreadable image is the run's business: an error row
+                continue
+            x = loaded.input.to(self.device)
+            scan = Scan(
+                self.model,
+                x,
+                layers=self._scan_layers(x),
+                relu_rules=self.relu_rules,
+                device=self.device,
+            )
+            targets = self._targets(scan, [item])
+            for info in self.infos:
+                layer = self._layer_for(info, x)
+                rehearse(scan, info, targets, layer, self.settings.options.get(info.name))
+            return
+
     def explain_part(
         self,
         number: int,

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import torch
 
 from cnnscan.batch.compute import Explainer, Settings
 from cnnscan.batch.inputs import Item
@@ -35,6 +36,7 @@ class _Worker:
     own errors (bad settings) come back as data, so the driver reports them in one line."""
 
     def __init__(self, model: Model, settings: Settings):
+        torch.set_num_threads(1)  # as the in-process workers: the same bits (runner.py)
         self.explainer = Explainer(model, settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

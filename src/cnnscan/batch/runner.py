@@ -22,6 +22,7 @@ from cnnscan.batch.store import Part, Results, Store
 from cnnscan.batch.summary import write_summary
 from cnnscan.errors import BatchError
 from cnnscan.models import Model, as_model
+from cnnscan.targets import checked_top_k
 
 PartPlan = list[tuple[int, list[Item]]]
 
@@ -38,11 +39,11 @@ def run(
     resolution: Resolution = "layer",
     dtype: Literal["float32", "float16"] = "float32",
     metrics: Sequence[str] | str = (),
-    top_k: int = 5,
+    top_k: int | None = None,
     engine: Literal["local", "ray"] = "local",
     address: str | None = None,
     batch_size: int = 8,
-    workers: int = 2,
+    workers: int | None = None,
     part_size: int = 64,
     device: str | None = None,
     path_column: str = "path",
@@ -57,15 +58,19 @@ def run(
     "topK", "label" (the table's label) or class ids / names shared by all images.
     `resolution`: store maps at the method's own ("layer") or the input's resolution.
     `metrics`: evaluation metrics per row (e.g. "deletion", "insertion", "pointing_game").
-    `workers` explainers run in parallel: threads sharing torch's threads in-process, or
-    with `engine="ray"` Ray Data actors running the same per-part function (a local Ray, or
-    the cluster at `address`). Running again with the same `out` resumes:
+    `top_k`: predictions kept per image (default 5; at most the model's classes).
+    `workers` explainers run in parallel (default: one per thread torch would use), each
+    computing on one thread: threads in-process, or with `engine="ray"` Ray Data actors
+    running the same per-part function (a local Ray, or the cluster at `address`). The
+    results are bitwise the same whatever the number of workers and the engine (see
+    docs/batch.md, "Determinism"). Running again with the same `out` resumes:
     images already done are skipped. `on_part(part)` is called after each part is committed.
     Returns a `Results` reader of the output folder.
     """
     if engine not in ("local", "ray"):
         raise BatchError(f"engine must be 'local' or 'ray', got {engine!r}")
-    counts = {"batch_size": batch_size, "workers": workers, "part_size": part_size, "top_k": top_k}
+    workers = torch.get_num_threads() if workers is None else workers
+    counts = {"batch_size": batch_size, "workers": workers, "part_size": part_size}
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise BatchError(f"{name} must be a positive whole number, got {value!r}")
@@ -73,6 +78,7 @@ def run(
         raise BatchError("no methods given; e.g. methods=['gradcam'] (see cnnscan.list_methods())")
     found = discover(source, path_column=path_column, label_column=label_column)
     model = as_model(model)
+    top_k = checked_top_k(top_k, model.num_classes)
     settings = Settings(
         methods=tuple([methods] if isinstance(methods, str) else methods),
         options={k: dict(v) for k, v in (options or {}).items()},
@@ -87,6 +93,7 @@ def run(
     )
     explainer = Explainer(model, settings)  # checks methods, options, layers, targets
     items = resolve_labels(found, model.labels)
+    explainer.rehearse(items)  # the settings on one image, before anything is written
     store = Store(out, explainer.metric_columns)
     try:
         done = store.open(_recorded(model, settings, explainer.metric_columns, source))
@@ -115,7 +122,7 @@ def run(
 
                     run_ray(model, settings, parts, commit.put, workers, address, advance)
                 else:
-                    with _threads_per_worker(workers):
+                    with one_thread_each():
                         for part in explain_in_threads(explainer, parts, workers, advance):
                             commit.put(part)
             finally:
@@ -156,11 +163,13 @@ def explain_in_threads(
 
 
 @contextmanager
-def _threads_per_worker(workers: int) -> Iterator[None]:
-    """Share torch's intra-op threads among the workers for the run (workers with one
-    thread each beat one multi-threaded forward: docs/measurements.md)."""
+def one_thread_each() -> Iterator[None]:
+    """Torch computes on one thread in every worker for the block (the worker threads start
+    inside it). How a kernel splits its work among threads changes the float rounding, so a
+    fixed thread count per worker is what makes results independent of the number of
+    workers; one is also the fastest share (docs/measurements.md)."""
     total = torch.get_num_threads()
-    torch.set_num_threads(max(1, total // workers))
+    torch.set_num_threads(1)
     try:
         yield
     finally:

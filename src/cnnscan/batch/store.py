@@ -116,6 +116,7 @@ class Store:
         self.metric_columns = list(metric_columns)
         self.schemas = _schemas(self.metric_columns)
         self._lock: Any = None
+        self._opened = False  # the folder is this run's (locked where the OS can lock)
 
     # -- opening and resuming -----------------------------------------------------------
     def open(self, settings: dict[str, Any]) -> set[str]:
@@ -123,6 +124,7 @@ class Store:
         left uncommitted, and return the ids of the images already done."""
         self.out.mkdir(parents=True, exist_ok=True)
         self._take_lock()
+        self._opened = True
         saved = self.out / "run.json"
         started = any((self.out / "manifest").glob("part-*.json"))
         if saved.exists() and started:
@@ -173,10 +175,15 @@ class Store:
         self._lock = handle
 
     def close(self) -> None:
+        """Remove the temporary files and release the folder, if this run opened it: a run
+        that was refused (the folder in use) must not touch the other run's files."""
+        if not self._opened:
+            return
         shutil.rmtree(self.tmp, ignore_errors=True)
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+        self._opened = False
 
     def manifest(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """(part number, manifest entry) of every committed part, in order."""

@@ -1,20 +1,22 @@
-"""Batch sizes chosen by measurement, within a memory budget.
+"""Batch sizes of the extra passes at other inputs: fixed by the work, within a memory budget.
 
-On a CPU a bigger batch is not always faster per image (docs/measurements.md), so
-`adaptive_batches` times the real work: it hands out chunks of 1, 2, 4, ... items until the
-time per item is more than 5 % worse than the best seen (a plateau, as between batch 1 and 2
-on the default model, does not stop the search), then settles on the best size and
-remembers it for the same kind of work. Nothing is computed twice to measure.
+The size of a batch can change the last bits of what is computed (a kernel splits its work
+among threads by the size of the tensor), so it depends on nothing but the work: a size
+measured once as the fastest per item on the default model (`PREFERRED`,
+docs/measurements.md), cut to what fits the memory budget. Sizes found by timing each run
+(as an earlier version did) varied with the machine's load, and the results with them.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Hashable, Iterator
+from collections.abc import Iterator
 
 _DEFAULT_BUDGET_MB = 2048
-_learned: dict[Hashable, int] = {}
+PREFERRED = 4  # items per batch: per-item time is flat from 2 to 8, worse at 16 (measured)
+
+
+_UNITS = {"": 2**20, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30}
 
 
 _UNITS = {"": 2**20, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30}
@@ -56,36 +58,9 @@ def max_batch_for(bytes_per_item: int, ceiling: int = 64, budget: int | None = N
     return max(1, min(ceiling, budget // bytes_per_item))
 
 
-def adaptive_batches(
-    total: int, key: Hashable, limit: int, fixed: int | None = None
-) -> Iterator[slice]:
-    """Slices covering range(total); the caller does each chunk's work before asking again.
-
-    `fixed` forces a batch size; otherwise the size learned for `key` is used, or learned now.
-    """
-    size = fixed or _learned.get(key)
-    if size is not None:
-        size = max(1, min(size, limit))
-        for start in range(0, total, size):
-            yield slice(start, min(start + size, total))
-        return
-    start, size, best_size, best_time = 0, 1, 1, float("inf")
-    exploring = True
-    while start < total:
-        n = min(size, total - start)
-        began = time.perf_counter()
-        yield slice(start, start + n)
-        per_item = (time.perf_counter() - began) / n
-        start += n
-        if not exploring or n < size:  # a short last chunk says little about `size`
-            continue
-        if per_item < best_time:
-            best_size, best_time = size, per_item
-        if per_item < best_time * 1.05 and size * 2 <= limit:  # not worse yet: try bigger
-            size *= 2
-            continue
-        exploring = False
-        size = best_size
-        _learned[key] = best_size
-    if exploring and size > 4:  # the work ran out after 1, 2, 4, ...: keep the best seen
-        _learned[key] = best_size
+def fixed_batches(total: int, limit: int, size: int | None = None) -> Iterator[slice]:
+    """Slices covering range(total) in order, `size` items each (default `PREFERRED`), at
+    most `limit` (what fits the memory budget), at least one; the last may be shorter."""
+    size = max(1, min(size or PREFERRED, limit))
+    for start in range(0, total, size):
+        yield slice(start, min(start + size, total))

@@ -142,12 +142,13 @@ def engine_for(
     if example.device.type != "cpu" or example.dtype != torch.float32 or not available():
         return None
     shape = tuple(example.shape[1:])
+    key = (shape, torch.get_num_threads())  # a session per thread count (batch workers: 1)
     with _lock:
         known = _engines.setdefault(module, {})
-        future = known.get(shape)
+        future = known.get(key)
         building = future is None
         if building:
-            future = known[shape] = Future()
+            future = known[key] = Future()
     if building:
         future.set_result(_build(runner, example[:1], reference[:1], shape))
     return future.result()

@@ -119,7 +119,8 @@ class Epsilon(Rule):
     def prepare(self, layer: Layer) -> Backward:
         terms = _Terms(layer, [layer.x])
         z = terms.add(0, layer.weight, layer.bias)
-        ratio = z / stabilize(z, self.epsilon)  # R_out / stab(z) = c_out · ratio
+        y = z if layer.bias is not None else layer.output()  # z ≠ y if the bias is left out
+        ratio = y / stabilize(z, self.epsilon)  # R_out / stab(z) = c_out · ratio
         return lambda c: terms.transpose([c * ratio])[0]
 
 

@@ -138,10 +138,14 @@ class LayerCall:
 
 class _Plan:
     """A layer's rule, prepared on the first backward that reaches it; `value` is the
-    layer's output, held only until the autograd function has returned it."""
+    layer's output, held only until the autograd function has returned it. With
+    `zero_bias` the rule sees the layer without its bias (its normalizer leaves the bias
+    out, so the layer passes on all the relevance it receives) but with its real output."""
 
-    def __init__(self, rule: Rule, layer: LayerCall, value: torch.Tensor | None):
-        self.rule, self.layer, self.value = rule, layer, value
+    def __init__(
+        self, rule: Rule, layer: LayerCall, value: torch.Tensor | None, zero_bias: bool = False
+    ):
+        self.rule, self.layer, self.value, self.zero_bias = rule, layer, value, zero_bias
         self._run: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, c: torch.Tensor) -> torch.Tensor:
@@ -151,7 +155,11 @@ class _Plan:
                     f"the input of layer {self.layer.name!r} was modified in place after the "
                     "layer read it; LRP needs that input. Use an out-of-place op there."
                 )
-            self._run = self.rule.prepare(self.layer)
+            layer = self.layer
+            if self.zero_bias and layer.bias is not None:
+                y = layer.output()
+                layer = replace(layer, bias=None, y=y, versions=(layer.x._version, y._version))
+            self._run = self.rule.prepare(layer)
         return self._run(c)
 
 
@@ -240,7 +248,7 @@ class _Tracer(TorchFunctionMode):
         if not _flows(x_in):
             return func(*args, **kwargs)
         name, kind = self._owner(weight, _AFFINE[func])
-        rule = self._rule(name, kind, func)
+        rule = self._rule(name, kind, func, _depthwise(call, weight))
         with torch.no_grad():
             value = func(*args, **kwargs)
         layer = LayerCall(
@@ -307,8 +315,8 @@ class _Tracer(TorchFunctionMode):
         )
         return self._wrap(rule, layer, self._source(rule, layer, x_in), value)
 
-    def _rule(self, name: str | None, kind: type, func) -> Rule:
-        rule = self.rules.lookup(name, kind)
+    def _rule(self, name: str | None, kind: type, func, depthwise: bool = False) -> Rule:
+        rule = self.rules.lookup(name, kind, depthwise)
         if rule is None:
             raise MethodError(_no_rule(name or _label(func), kind))
         return rule
@@ -334,7 +342,7 @@ class _Tracer(TorchFunctionMode):
                 f"the pass rule needs a layer whose output has its input's shape; "
                 f"{layer.name!r} maps {tuple(layer.x.shape)} to {tuple(value.shape)}"
             )
-        plan = _Plan(rule, layer, value)
+        plan = _Plan(rule, layer, value, self.rules.zero_bias)
         out = _Relevance.apply(plan, source)
         # an alias (same storage and version counter) without out's grad_fn: no cycle
         # out -> grad_fn -> plan -> out that would keep the graph alive after use
@@ -385,6 +393,17 @@ class _Tracer(TorchFunctionMode):
                     return _PassThrough.apply(signal[0], func, args, kwargs, inplace)
                 raise MethodError(_no_rule(name or _label(func), kind, func))
         return func(*args, **kwargs)
+
+
+def _depthwise(call: _Call, weight: torch.Tensor) -> bool:
+    """A convolution with one input channel per group (and more than one group)."""
+    if call.func in (F.linear, *_TRANSPOSED) or weight.ndim < 3 or weight.shape[1] != 1:
+        return False
+    groups = call.arg(6, "groups", 1)
+    return isinstance(groups, int) and groups > 1
+
+
+_TRANSPOSED = (torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d)
 
 
 def _flows(value: Any) -> bool:

@@ -9,8 +9,10 @@ from cnnscan.methods.registry import (
     MethodInfo,
     MethodResult,
     get_method,
+    get_methods,
     list_methods,
     register,
+    rehearse,
     run_method,
 )
 
@@ -20,7 +22,9 @@ __all__ = [
     "MethodResult",
     "check_options",
     "get_method",
+    "get_methods",
     "list_methods",
     "register",
+    "rehearse",
     "run_method",
 ]

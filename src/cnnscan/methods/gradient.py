@@ -3,14 +3,21 @@ SmoothGrad (wrapping any method), Integrated Gradients and GradientSHAP."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from cnnscan.errors import MethodError
 from cnnscan.methods.baselines import BASELINES, make_baseline
-from cnnscan.methods.options import check_options, count, generator, is_int, number
+from cnnscan.methods.options import (
+    check_options,
+    count,
+    generator,
+    is_int,
+    number,
+    within_budget,
+)
 from cnnscan.methods.registry import MethodResult, get_method, register
 
 if TYPE_CHECKING:
@@ -246,6 +253,8 @@ def smoothgrad(
     check_options(base_info, base_options)
     inputs = scan.inputs
     n = len(inputs)
+    per_sample = 4 * inputs[0].numel() + 8 * n * targets.shape[1]  # its noise and targets
+    within_budget("n_samples", n_samples, n_samples * per_sample, scan.memory_budget)
     sigma = noise_level * _span(inputs)
     noise = torch.randn((n_samples, *inputs.shape[1:]), generator=generator(seed))
     points = _NoisyInputs(inputs, noise.to(inputs), sigma)
@@ -361,7 +370,7 @@ def integrated_gradients(
     scan: Scan,
     targets: torch.Tensor,
     *,
-    n_steps: int | str = 50,
+    n_steps: int | Literal["auto"] = 50,
     baseline: str | torch.Tensor = "black",
     rule: str = "gausslegendre",
     tolerance: float = 0.01,
@@ -381,6 +390,10 @@ def integrated_gradients(
     tolerance = number("tolerance", tolerance, positive=True)
     max_steps = count("max_steps", max_steps, 2 if rule == "riemann_trapezoid" else 1)
     steps = min(50, max_steps) if auto else int(n_steps)
+    most = max_steps if auto else steps
+    quadrature = 16 * most**2 if rule == "gausslegendre" else 16 * most  # numpy's leggauss
+    needs = quadrature + 8 * targets.numel() * most  # and the targets of every path point
+    within_budget("max_steps" if auto else "n_steps", most, needs, scan.memory_budget)
     path_points(steps, rule)  # rejects n_steps the rule cannot use before any work
     inputs = scan.inputs
     baselines = make_baseline(scan, baseline, generator(seed))
@@ -477,6 +490,8 @@ def gradient_shap(
     gen = generator(seed)
     inputs = scan.inputs
     n = len(inputs)
+    per_sample = 12 + 8 * n * targets.shape[1] + (4 * inputs[0].numel() if noise_level else 0)
+    within_budget("n_samples", n_samples, n_samples * per_sample, scan.memory_budget)
     if isinstance(baselines, torch.Tensor):
         pool = baselines.detach().to(inputs.device, inputs.dtype)
         pool = pool.unsqueeze(0) if pool.ndim == 3 else pool

@@ -9,7 +9,7 @@ rules other than ε/z⁺-like ones absorb or add relevance, so it is rarely exac
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -64,19 +64,24 @@ def lrp(
     scan: Scan,
     targets: torch.Tensor,
     *,
-    composite: str | Composite = "epsilon_plus",
+    composite: str | Composite = "epsilon_plus_depthwise",
     rules: Mapping[Key, RuleLike] | None = None,
     epsilon: float = 1e-6,
     gamma: float = 0.25,
     stabilizer: float = 1e-6,
+    zero_params: Literal["bias"] | None = None,
 ) -> MethodResult:
-    """`composite`: epsilon_plus, epsilon_plus_flat, epsilon_gamma_box,
-    epsilon_alpha2_beta1, epsilon_alpha2_beta1_flat, or a `cnnscan.lrp.Composite`;
+    """`composite`: epsilon_plus_depthwise (ε-plus with ε = 0.25 on depthwise convs; the
+    same as epsilon_plus on networks without them), epsilon_plus, epsilon_plus_flat,
+    epsilon_gamma_box, epsilon_alpha2_beta1, epsilon_alpha2_beta1_flat, or a
+    `cnnscan.lrp.Composite`;
     `rules` maps layer names or module types to rules (names or `cnnscan.lrp` rule objects)
     and wins over the composite. `epsilon`, `gamma`, `stabilizer` set the rules given by
     name. z^B's bounds are the model's pixel range 0..1, normalized by its preprocessing.
+    `zero_params="bias"` (zennit's option) leaves every layer's bias (BatchNorm's shift
+    merged in) out of the rules' normalizers, so no relevance is absorbed by biases.
     """
-    params = Params(epsilon, gamma, stabilizer)
+    params = Params(epsilon, gamma, stabilizer, zero_bias=zero_params == "bias")
     chosen = _composite(composite, rules, params)
     inputs = scan.inputs
     bounds = input_bounds(scan.model.preprocessing, inputs)
@@ -103,6 +108,7 @@ def lrp(
     error = totals - scores
     extras: dict[str, Any] = {
         "composite": chosen.name,
+        "zero_params": zero_params,
         "relevance_sum": totals.cpu(),
         "conservation_error": error.cpu(),
         "conservation_error_relative": (error.abs() / scores.abs().clamp_min(1e-12)).cpu(),

@@ -4,7 +4,7 @@ Each method changes the input many times and reads the model's scores. One batch
 perturbed forwards serves every target. Occlusion runs by incremental inference where the
 model traces (each occluded copy is computed only inside the patch's receptive field until
 the first global layer, see `cnnscan.engine.incremental`); the others mask the whole image and run
-plain forwards in measured batches (`Scan.logits_at`). LIME and KernelSHAP work on
+plain forwards in batches of a fixed size (`Scan.logits_at`). LIME and KernelSHAP work on
 superpixels (`cnnscan.methods.superpixels`).
 """
 
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from cnnscan.errors import MethodError
 from cnnscan.methods.baselines import make_baseline
-from cnnscan.methods.options import count, generator, number
+from cnnscan.methods.options import count, generator, number, within_budget
 from cnnscan.methods.registry import MethodResult, register
 from cnnscan.methods.superpixels import coalition_masks, segment, segment_means
 
@@ -187,9 +187,11 @@ def occlusion(
             f"stride {sy}×{sx} is larger than the window {wh}×{ww}: pixels between windows "
             "would never be occluded; use a stride of at most the window size"
         )
-    fills = fill_values(scan, fill)
     rows, cols = _starts(height, wh, sy), _starts(width, ww, sx)
     per_image = len(rows) * len(cols)
+    per_window = 4 * scan.logits.shape[1] + 16 * targets.shape[1]  # its logits and drops
+    within_budget("stride", stride, per_image * per_window, scan.memory_budget)
+    fills = fill_values(scan, fill)
     drops = scan.inputs.new_empty((n, per_image, targets.shape[1]))
     used = []
     with _bar("occlusion", n * per_image, "window") as bar:
@@ -222,7 +224,7 @@ def occlusion(
 
 
 def _patched_logits(scan: Scan, forward, copies: _Occluded, bar: tqdm) -> torch.Tensor:
-    """Logits of every occluded copy by incremental inference, in measured batches of
+    """Logits of every occluded copy by incremental inference, in batches of a fixed size of
     groups of `_GROUP` windows (a call has a fixed cost of walking the graph: measured
     batch sizes start at a group, not at one window)."""
     out = []
@@ -298,6 +300,8 @@ def rise(
     n, _, height, width = scan.inputs.shape
     if cell > min(height, width):
         raise MethodError(f"cell {cell} is larger than the image {height}×{width}")
+    per_mask = 4 * cell * cell + 16 + 4 * scan.logits.shape[1] + 8 * targets.shape[1]
+    within_budget("n_masks", n_masks, n_masks * per_mask, scan.memory_budget)
     masks = _RiseMasks(n_masks, cell, p, (height, width), seed)
     device = scan.inputs.device
     maps = torch.zeros((n, targets.shape[1], height * width), dtype=torch.float64, device=device)
@@ -346,6 +350,13 @@ def _forwards(coalitions: torch.Tensor) -> int:
     """Forwards `_coalition_scores` runs: distinct coalitions that are not all on."""
     distinct = torch.unique(coalitions, dim=0)
     return int((~distinct.bool().all(dim=1)).sum())
+
+
+def _coalitions_fit(scan: Scan, n_samples: int, segments: int, targets: torch.Tensor) -> None:
+    """The coalitions (a few int64 and float64 copies of n_samples × segments) and their
+    scores must fit the memory budget."""
+    per_sample = 40 * segments + 4 * scan.logits.shape[1] + 16 * targets.shape[1]
+    within_budget("n_samples", n_samples, n_samples * per_sample, scan.memory_budget)
 
 
 def _surrogate_fill(scan: Scan, fill: Any, labels: torch.Tensor) -> torch.Tensor:
@@ -426,8 +437,9 @@ def lime(
         raise MethodError(f"distance must be one of {_DISTANCES}, got {distance!r}")
     space = _space(space)
     labels = segment(scan, segments, segmenter, seed)
-    fills = _surrogate_fill(scan, fill, labels)
     counts = [int(m.max()) + 1 for m in labels]
+    _coalitions_fit(scan, n_samples, max(counts), targets)
+    fills = _surrogate_fill(scan, fill, labels)
     coalitions = []
     for m in counts:
         drawn = np.random.RandomState(seed).randint(0, 2, n_samples * m).reshape(n_samples, m)
@@ -505,6 +517,7 @@ def kernel_shap(
     n_samples = count("n_samples", n_samples)
     space = _space(space)
     labels = segment(scan, segments, segmenter, seed)
+    _coalitions_fit(scan, n_samples, int(labels.max()) + 1, targets)
     fills = _surrogate_fill(scan, fill, labels)
     gen = generator(seed)
     plans = [_shap_coalitions(int(m.max()) + 1, n_samples, gen) for m in labels]

@@ -8,9 +8,10 @@ it must perturb the input. Wrappers such as SmoothGrad call any method on derive
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -18,7 +19,9 @@ import torch
 
 from cnnscan.attribution import Attribution
 from cnnscan.errors import MethodError
+from cnnscan.methods.finite import check_finite, nonfinite_error
 from cnnscan.methods.options import check_options
+from cnnscan.scan import Rehearsed
 
 if TYPE_CHECKING:
     from cnnscan.scan import Scan
@@ -87,6 +90,23 @@ def get_method(name: str) -> MethodInfo:
     raise MethodError(f"unknown method {name!r}.{hint} Available: {', '.join(_REGISTRY)}")
 
 
+def get_methods(names: Sequence[str]) -> list[MethodInfo]:
+    """The methods called `names`, in order: the one rule for a list of methods at every
+    entry point (library, command line, batch runs). An empty list or a method named twice
+    (in any spelling) is a MethodError, not silently fixed."""
+    if isinstance(names, str):
+        names = [names]
+    infos = [get_method(name) for name in names]
+    if not infos:
+        raise MethodError("no methods given; e.g. ['gradcam', 'gradient'] (see list_methods())")
+    seen: set[str] = set()
+    for name, info in zip(names, infos, strict=True):
+        if info.name in seen:
+            raise MethodError(f"method {info.name} is named twice ({name!r}); name each once")
+        seen.add(info.name)
+    return infos
+
+
 FAMILIES = ("gradient", "cam", "lrp", "perturbation")
 
 
@@ -115,7 +135,11 @@ def run_method(
     if info.relu_rules and not scan.relu_rules:
         scan = scan.derive(scan.inputs, relu_rules=True)
     target_ids = scan.targets(targets)
-    result = info.fn(scan, target_ids, **options)
+    try:
+        result = info.fn(scan, target_ids, **options)
+    except torch.linalg.LinAlgError as e:  # e.g. Eigen-CAM's SVD of activations with NaN
+        raise nonfinite_error(scan, info, f"its linear algebra failed ({e})") from e
+    check_finite(scan, info, result)
     scores = scan.scores(target_ids) if result.targets is None else result.scores
     return Attribution(
         maps=result.maps,
@@ -130,3 +154,17 @@ def run_method(
         space=info.space,
         default_view=info.view,
     )
+
+
+def rehearse(
+    scan: Scan,
+    info: MethodInfo,
+    targets: Targets,
+    layer: str | list[str] | None = None,
+    options: dict[str, Any] | None = None,
+) -> None:
+    """`run_method` up to the method's first batched pass at other inputs (see
+    `Scan.rehearsal`): whatever it would raise about its options, layer, targets or memory
+    budget is raised now, at the cost of its cheap part only."""
+    with scan.rehearsal(), contextlib.suppress(Rehearsed):
+        run_method(scan, info, targets, layer, options)

@@ -11,7 +11,7 @@
   probabilities on the input and on the masked input.
 
 All perturbed inputs are built lazily, chunk by chunk, and run through `Scan.logits_at`
-in measured batches; the curves' end points are known (the input and the substrate) and
+in batches of a fixed size; the curves' end points are known (the input and the substrate) and
 cost no forward per map.
 """
 

@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from cnnscan import render
-from cnnscan.methods import get_method, run_method
+from cnnscan.methods import get_methods, run_method
 from cnnscan.metrics.leaderboard import advice, board_columns, leaderboard, marks
 from cnnscan.metrics.plot import DELETION_COLOUR, INSERTION_COLOUR, PALETTE, curves_image
 from cnnscan.metrics.registry import choose_metrics
@@ -48,7 +48,7 @@ def evaluate_methods(
     """Explain `picture` with every method for one class (`target`: a class id or name, or
     "topK" for the K-th most probable class) and rank the maps."""
     began = time.perf_counter()
-    infos = [get_method(name) for name in methods]
+    infos = get_methods(methods)
     scan = make_scan(model, picture, infos)
     if isinstance(target, str) and target.lower().startswith("top"):
         k = int(target[3:] or 1)

@@ -5,7 +5,7 @@ the input moves a little, relative to the map,
 
 with R the relevance reduction every metric uses, ‖·‖ the Frobenius norm, span the input's
 max − min and the noise seeded (a CPU generator, so every device draws the same δ). The
-method is re-run on the noisy copies in measured batches, with the original's layer and the
+method is re-run on the noisy copies in batches of a fixed size, with the original's layer and the
 options given. An all-zero original map makes the ratio undefined: NaN.
 """
 

@@ -16,6 +16,7 @@ from cnnscan.models.labels import resolve_labels
 from cnnscan.models.model import Model, wrap_module
 from cnnscan.models.preprocessing import Preprocessing
 from cnnscan.models.weights import load_pickled_model
+from cnnscan.paths import file_problem
 
 ModelLike = Model | nn.Module | str | None
 
@@ -58,9 +59,9 @@ def load_model(
                 f"weights={str(weights)!r} applies to a named architecture; the model file "
                 f"{path.name} carries its own weights (use load_model('ARCH', weights=path))"
             )
-        if not path.is_file():
+        if (problem := file_problem(path, "model")) is not None:
             raise ModelError(
-                f"no such model file: {path}. For weights of a named architecture use "
+                f"{problem}. For weights of a named architecture use "
                 "load_model('ARCH', weights=path)."
             )
         if path.suffix == ".safetensors":

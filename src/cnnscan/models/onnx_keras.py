@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import zipfile
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,9 @@ def load_onnx(path: Path) -> Any:
         proto = onnx.load(str(path))
     except Exception as e:
         raise ModelError(f"{path} is not an ONNX model or is damaged ({_first_line(e)})") from e
+    if not proto.graph.node:  # protobuf reads an empty (or near-empty) file as a blank model
+        what = "is empty (0 bytes)" if path.stat().st_size == 0 else "holds no ONNX graph"
+        raise ModelError(f"{path} {what}: not an ONNX model (export one with torch.onnx.export)")
     try:
         module = convert(proto)
     except KeyError as e:
@@ -90,6 +94,12 @@ def is_keras(module: nn.Module) -> bool:
 def load_keras(path: Path, *, trust_pickle: bool = False) -> Any:
     """A `.keras` file as a `KerasModule`. Lambda layers (Python code in the file) load only
     with `trust_pickle=True`. A final softmax is dropped from our copy: methods explain logits."""
+    if not zipfile.is_zipfile(path):  # else Keras says "File not found" for any bad file
+        what = "is empty (0 bytes)" if path.stat().st_size == 0 else "is not a zip archive"
+        raise ModelError(
+            f"{path} {what}: not a Keras model (a .keras file is the zip archive that "
+            "model.save('model.keras') writes)"
+        )
     keras = _keras()
     try:
         model = keras.saving.load_model(str(path), compile=False, safe_mode=not trust_pickle)

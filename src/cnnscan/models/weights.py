@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from cnnscan.errors import ModelError
+from cnnscan.paths import file_problem
 
 
 def load_weights(module: nn.Module, path: str | Path) -> None:
     """Load a state dict: `.pt/.pth` (weights_only, never arbitrary pickle) or `.safetensors`."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"weights file not found: {path}")
+    if (problem := file_problem(path, "weights")) is not None:
+        raise ModelError(problem)
     try:
         if path.suffix == ".safetensors":
             try:
