@@ -328,3 +328,25 @@ def test_scan_gradient_at_an_overwritten_layer_is_the_gradient_at_that_layer(res
     grads = scan.layer_gradients("layer1.0.bn2", torch.tensor([[7]]))
     torch.testing.assert_close(grads[:, 0], expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(scan.activations("layer1.0.bn2").detach(), leaf["z"].detach())
+
+
+def test_a_released_scan_forgets_its_graph_and_runs_it_again_when_asked():
+    """After `release` the logits and cached gradients stay; a new gradient request runs the
+    forward again and gives the same numbers as before."""
+    model = cnnscan.load_model(SmallConvNet())
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    scan = Scan(model, x, relu_rules=True)
+    targets = scan.targets("top2")
+    before = scan.input_gradients(targets)
+    layer = scan.default_layer()
+    layer_before = scan.layer_gradients(layer, targets)
+    logits = scan.logits.detach().clone()
+    scan.release()
+    assert scan._x is None and scan._captured is None and scan.logits.grad_fn is None
+    assert torch.equal(scan.logits, logits)
+    assert torch.equal(scan.input_gradients(targets), before)  # cached: no forward
+    assert scan._x is None
+    guided = scan.input_gradients(targets, "guided")  # needs the graph: forward again
+    assert scan._x is not None and guided.shape == before.shape
+    scan.release()
+    assert torch.equal(scan.layer_gradients(layer, targets), layer_before)

@@ -264,3 +264,35 @@ def test_the_scan_tells_the_top_k_then_gradcam_then_each_stage():
     assert stages["class image"] == (3, "step", 3)
     assert stages["leaderboard"][1] == "forward" and stages["leaderboard"][2] > 0
     assert list(result.attributions) == ["gradient", "gradcam"]  # the report keeps its order
+
+
+def test_a_scan_samples_lightly_unless_full_and_says_how_many(monkeypatch):
+    """The default scan runs the sampling methods at `QUICK_OPTIONS`, a full scan at the
+    library's defaults, and the report's cell says the count."""
+    from cnnscan.report import QUICK_OPTIONS
+    from cnnscan.report_pictures import map_notes
+
+    model = cnnscan.load_model(SmallConvNet())
+    x = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    quick = run_scan(
+        model,
+        x,
+        methods=["integrated_gradients", "smoothgrad"],
+        top_k=2,
+        class_image_steps=0,
+        evaluate="none",
+    )
+    assert (
+        quick.attributions["integrated_gradients"].extras["n_steps"]
+        == QUICK_OPTIONS["integrated_gradients"]["n_steps"]
+    )
+    assert (
+        quick.attributions["smoothgrad"].extras["n_samples"]
+        == QUICK_OPTIONS["smoothgrad"]["n_samples"]
+    )
+    notes = [n["text"] for n in map_notes(quick.attributions["smoothgrad"], 0)]
+    assert f"{QUICK_OPTIONS['smoothgrad']['n_samples']} samples" in notes
+    full = run_scan(
+        model, x, methods=["smoothgrad"], top_k=1, class_image_steps=0, evaluate="full", options={}
+    )
+    assert full.attributions["smoothgrad"].extras["n_samples"] == 25

@@ -6,4 +6,4 @@ VIEWS = ("heatmap", "grayscale", "colour", "positive", "negative", "signed")
 FILTER_MODES = ("auto", "rgb", "channels", "mean")
 SCALES = ("shared", "per-map")
 DEFAULT_IMAGE = "sample:chelsea"
-CLASS_IMAGE_STEPS = 48  # the top-1 class image of a scan: a preview, a second or two on a CPU
+CLASS_IMAGE_STEPS = 32  # the top-1 class image of a scan: a preview, about a second on a CPU

@@ -19,10 +19,11 @@ from cnnscan.errors import CnnscanError
 
 _STARTED = time.perf_counter()  # about when the command started (nothing heavy loads first)
 
-# Before torch loads: OpenMP threads that spin while they wait for work make every forward
-# crawl when other jobs share the cores; waiting passively keeps a scan graceful under load
-# (docs/measurements.md). A value the user set wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads: OpenMP threads that spin long while they wait for work make every
+# forward crawl when other jobs share the cores, and waiting passively costs a quarter on a
+# quiet machine; a short spin is as fast as either where it matters (docs/measurements.md).
+# A value the user set wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 EXAMPLES = {
     "scan": """examples:

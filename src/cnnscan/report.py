@@ -23,6 +23,7 @@ import cnnscan
 from cnnscan import render
 from cnnscan.attribution import Attribution
 from cnnscan.choices import CLASS_IMAGE_STEPS
+from cnnscan.engine.memory import trim
 from cnnscan.layers import LayerRow
 from cnnscan.learned import conv_layers, depth_layers, filters, top_channels
 from cnnscan.methods import MethodInfo, get_method, get_methods, list_methods, run_method
@@ -93,6 +94,16 @@ class ScanObserver:
 
 FIRST_METHOD = "gradcam"  # computed first, so a user sees a map within seconds
 
+# The default scan's settings for the methods that sample, so that a scan takes seconds:
+# each sample costs a forward and a backward per class. Maps at these settings against the
+# library's defaults: docs/measurements.md. `evaluate="full"` (`cnnscan scan --full`) runs
+# the defaults.
+QUICK_OPTIONS: dict[str, dict[str, Any]] = {
+    "integrated_gradients": {"n_steps": 16},
+    "smoothgrad": {"n_samples": 10},
+    "gradient_shap": {"n_samples": 10},
+}
+
 
 def run_scan(
     model: ModelLike,
@@ -103,13 +114,16 @@ def run_scan(
     image_name: str = "image",
     device: torch.device | str | None = None,
     observer: ScanObserver | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
     class_image_steps: int = CLASS_IMAGE_STEPS,
     evaluate: str = "default",
     max_memory: int | float | str | None = None,
 ) -> ScanResult:
     """One shared forward, then every method for the `top_k` most probable classes (default
     5, at most the model's classes; more is a TargetError), each timed; `observer` hears the
-    predictions, the first map and every stage as it goes. `class_image_steps=0` skips the
+    predictions, the first map and every stage as it goes. `options` {method: options}
+    (default: `QUICK_OPTIONS`, or the library's defaults with `evaluate="full"`).
+    `class_image_steps=0` skips the
     synthesized image of the top-1 class. `evaluate` ranks the methods' maps of the top-1
     class in a leaderboard: "default" (the cheap checks, `LEADERBOARD`), "full" (also the
     full cascade and the random-class check) or "none". `max_memory` caps the working
@@ -120,6 +134,9 @@ def run_scan(
     top_k = checked_top_k(top_k, model.num_classes)
     infos = get_methods(default_methods() if methods is None else methods)
     infos.sort(key=lambda info: info.name != FIRST_METHOD)  # stable: the rest keep their order
+    if options is None:
+        options = {} if evaluate == "full" else QUICK_OPTIONS
+    options = {info.name: dict(options.get(info.name, {})) for info in infos}
     picture = cnnscan.load_image(image)
     scan = make_scan(
         model, model.preprocessing(picture), infos, device=device, max_memory=max_memory
@@ -133,7 +150,7 @@ def run_scan(
     with observer.stage("methods", len(infos), "method") as advance:
         for done, info in enumerate(infos, 1):
             began = time.perf_counter()
-            attributions[info.name] = run_method(scan, info, targets)
+            attributions[info.name] = run_method(scan, info, targets, options=options[info.name])
             seconds[info.name] = time.perf_counter() - began
             if done == 1:
                 observer.first_map(attributions[info.name], view)
@@ -144,6 +161,8 @@ def run_scan(
     began = time.perf_counter()
     learned = learned_pictures(scan, layers)
     seconds["what the network learned"] = time.perf_counter() - began
+    scan.release()  # the graph and activations: what follows needs neither (or runs again)
+    trim()
     if class_image_steps > 0:
         began = time.perf_counter()
         top1 = int(targets[0, 0])
@@ -165,10 +184,11 @@ def run_scan(
     receptive = receptive_fields(model, scan.inputs[:1])
     seconds["receptive fields"] = time.perf_counter() - began
     board, board_options = [], {}
+    trim()
     if evaluate != "none":
         parts: dict[str, float] = {}
         board, board_options = _leaderboard(
-            model, picture, scan, attributions, evaluate, parts, observer
+            model, picture, scan, attributions, evaluate, parts, observer, options
         )
         seconds.update({f"leaderboard: {name}": value for name, value in parts.items()})
     return ScanResult(
@@ -214,7 +234,7 @@ def learned_pictures(scan: Scan, rows: Sequence[LayerRow]) -> Learned:
 LEADERBOARD = {
     "default": {
         "metrics": ("deletion_auc", "insertion_auc", "model_randomization", "completeness"),
-        "steps": 20,
+        "steps": 10,
     },
     "full": {
         "metrics": (
@@ -231,7 +251,7 @@ LEADERBOARD = {
 
 
 def _leaderboard(
-    model, picture, scan, attributions, mode: str, timings: dict[str, float], observer
+    model, picture, scan, attributions, mode: str, timings: dict[str, float], observer, options
 ):
     """The top-1 class's leaderboard rows and the options that produced them."""
     from cnnscan.errors import MetricError
@@ -266,6 +286,7 @@ def _leaderboard(
             scan=scan,
             progress=progress,
             timings=timings,
+            method_options=options,
             **settings,
         )
     options = {"mode": mode, "metrics": metrics, "threshold": THRESHOLD, "note": note}

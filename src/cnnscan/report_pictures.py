@@ -119,6 +119,11 @@ def map_notes(attr: Attribution, target: int | None = None) -> list[dict[str, An
     targets when None), a warning when it is above `COMPLETENESS_TOLERANCE`, what LRP's
     relevance sums to, and any warning the method gave."""
     notes = []
+    counts = [
+        (attr.extras.get(key), unit)
+        for key, unit in (("n_steps", "steps"), ("n_samples", "samples"))
+    ]
+    notes += [{"text": f"{n} {unit}", "warn": False} for n, unit in counts if isinstance(n, int)]
     error = completeness_error(attr)
     if error is not None:
         value = float(error[0].max() if target is None else error[0, target])

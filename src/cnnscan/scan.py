@@ -110,6 +110,19 @@ class Scan:
         if self._capture_all:
             self._layer_rows = captured.rows()
 
+    def release(self) -> None:
+        """Free the shared forward's autograd graph and recorded activations (the largest
+        part of a scan's memory) and keep the logits, the layer table and every cached
+        gradient; a later request that needs the graph runs the forward again."""
+        self.logits = self.logits.detach()
+        self._x = self._captured = None
+        self._heads.clear()
+
+    def _graph(self) -> None:
+        """The shared forward's graph, run again if `release` freed it."""
+        if self._x is None:
+            self._forward()
+
     @property
     def probabilities(self) -> torch.Tensor:
         return self.logits.detach().softmax(dim=1)
@@ -153,6 +166,7 @@ class Scan:
         for t in range(targets.shape[1]):
             key = (rule, tuple(targets[:, t].tolist()))
             if key not in self._input_grads:
+                self._graph()
                 selected = self.logits.gather(1, targets[:, t : t + 1]).sum()
                 with self.switch.use(rule):
                     (grad,) = torch.autograd.grad(selected, self._x, retain_graph=True)
@@ -167,6 +181,7 @@ class Scan:
         (e.g. `activations(layer)`: a unit's gradient), through the ReLUs by `rule`."""
         if rule != "standard" and not self.relu_rules:
             raise RuntimeError(f"the {rule!r} rule needs a Scan made with relu_rules=True")
+        self._graph()
         with self.switch.use(rule):
             (grad,) = torch.autograd.grad(output, self._x, grad_outputs=seed, retain_graph=True)
         return grad.contiguous()
@@ -311,6 +326,7 @@ class Scan:
         """The output of `layer` for this batch, still in the autograd graph."""
         ref = LayerRef.parse(layer)
         get_module(self.model.module, ref.name)  # unknown names: an error listing valid ones
+        self._graph()
         if ref not in self._layers:
             self._layers.append(ref)
             if not self._capture_all:

@@ -34,7 +34,7 @@ from cnnscan.metrics.registry import MetricContext, number_text, plain, register
 from cnnscan.metrics.relevance import relevance
 from cnnscan.metrics.similarity import spearman, ssim
 from cnnscan.models import Model
-from cnnscan.scan import Scan, make_scan
+from cnnscan.scan import Scan
 
 # Spearman ρ at or above this after randomizing the top block: "fails model randomization"
 # (the map keeps its pixel ranking almost exactly without the classifier's weights; the
@@ -166,6 +166,13 @@ def model_randomization(
     if not cascade:
         blocks = blocks[:1]
     infos = [get_method(attr.method) for attr in attrs.values()]
+    layers = sorted(
+        {
+            name
+            for info, attr in zip(infos, attrs.values(), strict=True)
+            for name in _as_list(method_layer(info, attr))
+        }
+    )
     work = private_copy(model)
     modules = dict(work.module.named_modules())
     targets = {name: attr.targets for name, attr in attrs.items()}
@@ -173,11 +180,22 @@ def model_randomization(
     for step, (_, members) in enumerate(blocks):
         for i, name in enumerate(members):
             reinitialize(modules[name], seed + 1000 * step + i)
-        randomized = make_scan(work, scan.inputs, infos, device=scan.device)
+        randomized = Scan(  # records only the layers the maps came from
+            work,
+            scan.inputs,
+            layers=layers,
+            relu_rules=any(info.relu_rules for info in infos),
+            device=scan.device,
+        )
+        randomized.memory_budget = scan.memory_budget
         maps = rerun(randomized, attrs, targets, options or {}, reduce)
         for name in attrs:
             results[name].append(compare(originals[name], maps[name]))
     return [block for block, _ in blocks], results
+
+
+def _as_list(layer: str | list[str] | None) -> list[str]:
+    return [] if layer is None else [layer] if isinstance(layer, str) else list(layer)
 
 
 def random_targets(targets: torch.Tensor, classes: int, seed: int = 0) -> torch.Tensor:
