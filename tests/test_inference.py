@@ -183,3 +183,41 @@ def test_perturbation_maps_match_torch_eager(default_model, method, monkeypatch)
     plain = cnnscan.explain(default_model, image, method, targets="top2", **options)
     scale = float(plain.maps.abs().max())
     assert torch.allclose(fast.maps, plain.maps, rtol=0, atol=2e-4 * scale), method
+
+
+@pytest.mark.parametrize("build", ["default", "resnet18"])
+@pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
+def test_a_graph_free_scan_gives_the_layer_maps_of_a_full_scan(build, engine, monkeypatch):
+    """Layer outputs from ONNX Runtime (or torch without a graph) and gradients through the
+    part after the layer give the CAMs of a scan with the whole graph; exporting leaves the
+    working copy as it was (an export once put it in training mode)."""
+    if engine == "torch":
+        monkeypatch.setenv(inference.ENGINE_VARIABLE, "torch")
+    if build == "default":
+        model = cnnscan.load_model()
+    else:
+        size = cnnscan.Preprocessing(size=(64, 64))
+        model = cnnscan.load_model(torchvision.models.resnet18(weights=None), preprocessing=size)
+    x = torch.cat([model.preprocess("sample:chelsea"), model.preprocess("sample:coffee")])
+    full = make_scan(model, x)
+    layer = full.default_layer()
+    free = cnnscan.Scan(model, x, layers=[layer], relu_rules=False, graph=False)
+    assert free._x is None
+    assert torch.allclose(free.logits, full.logits.detach(), atol=1e-4)
+    targets = full.targets("top2")
+    assert torch.allclose(
+        free.layer_gradients(layer, targets), full.layer_gradients(layer, targets), atol=1e-6
+    )
+    for method in ("gradcam", "gradcam_pp", "layercam", "hirescam", "eigencam"):
+        ours = cnnscan.explain(model, x, method, targets="top2", scan=free).maps
+        theirs = cnnscan.explain(model, x, method, targets="top2", scan=full).maps
+        assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max())), (
+            method
+        )
+    assert free._x is None  # no method needed the graph
+    again = make_scan(model, x)  # the working copy still computes the model
+    assert torch.allclose(again.logits.detach(), full.logits.detach(), atol=1e-5)
+    assert torch.equal(
+        cnnscan.explain(model, x, "gradient", scan=free).maps,
+        cnnscan.explain(model, x, "gradient", scan=full).maps,
+    )  # a method that needs the graph runs the forward then

@@ -292,7 +292,5 @@ def test_a_scan_samples_lightly_unless_full_and_says_how_many(monkeypatch):
     )
     notes = [n["text"] for n in map_notes(quick.attributions["smoothgrad"], 0)]
     assert f"{QUICK_OPTIONS['smoothgrad']['n_samples']} samples" in notes
-    full = run_scan(
-        model, x, methods=["smoothgrad"], top_k=1, class_image_steps=0, evaluate="full"
-    )
+    full = run_scan(model, x, methods=["smoothgrad"], top_k=1, class_image_steps=0, evaluate="full")
     assert full.attributions["smoothgrad"].extras["n_samples"] == 25

@@ -64,6 +64,7 @@ class Scan:
         device: torch.device | str | None = None,
         batch_size: int | None = None,
         max_memory: int | float | str | None = None,
+        graph: bool = True,
     ):
         self.model = as_model(model)
         self.device = torch.device(device) if device is not None else self.model.device
@@ -90,7 +91,11 @@ class Scan:
         self._layer_rows: list[LayerRow] | None = None
         self._protected: set[str] = set()  # recorded as copies: a later in-place op hit them
         self._rehearsing = False
-        self._forward()
+        self._detached: dict[LayerRef, torch.Tensor] = {}  # layer outputs of a graph-free forward
+        if graph or self._capture_all:
+            self._forward()
+        else:
+            self._forward_without_graph()
 
     # -- the shared forward -------------------------------------------------------------
     def _forward(self) -> None:
@@ -109,6 +114,31 @@ class Scan:
         self.bytes_per_item = saved.total // len(x)
         if self._capture_all:
             self._layer_rows = captured.rows()
+
+    def _forward_without_graph(self) -> None:
+        """The logits and the requested layers' outputs with no autograd graph, for work that
+        needs nothing else (a batch of layer maps): through ONNX Runtime where it gives
+        torch's numbers, else torch. Layer gradients then run through the part of the
+        network after the layer (`head`); a request that needs the graph runs the forward."""
+        names = tuple(str(ref) for ref in self._layers)
+        with self.runner() as runner:
+            copied = runner is not self.model.module  # a borrowed user module is never exported
+            engine = (
+                engine_for(self.model.module, runner, self.inputs[:1], names) if copied else None
+            )
+            if engine is not None:
+                logits, *outputs = engine.outputs(self.inputs)
+            else:
+                with capture(runner, list(self._layers)) as captured, torch.no_grad():
+                    logits = logits_of(runner(match_format(self.inputs, runner)))
+                outputs = [captured[ref] for ref in self._layers]
+        check_logits(logits)
+        self.logits = logits.to(self.device)
+        self._detached = {
+            ref: out.to(self.device) for ref, out in zip(self._layers, outputs, strict=True)
+        }
+        self._x = self._captured = None
+        self.bytes_per_item = sum(out[0].numel() * out.element_size() for out in outputs)
 
     def release(self) -> None:
         """Free the shared forward's autograd graph and recorded activations (the largest
@@ -284,15 +314,12 @@ class Scan:
     @contextmanager
     def inference_engine(self, shape: tuple[int, ...]) -> Iterator[tuple[str, Forward]]:
         """(name, forward) for passes without gradients at inputs of `shape`: ONNX Runtime
-        when it gives this scan's logits on its own input within float32 rounding
-        (`cnnscan.engine.inference`), else the BatchNorm-folded torch copy."""
+        when it gives torch's logits within float32 rounding (`cnnscan.engine.inference`),
+        else the BatchNorm-folded torch copy."""
         if shape == tuple(self.inputs.shape[1:]):
             with self.runner() as runner:  # a borrowed user module is never exported
                 copied = runner is not self.model.module
-                example, reference = self.inputs[:1], self.logits[:1]
-                engine = (
-                    engine_for(self.model.module, runner, example, reference) if copied else None
-                )
+                engine = engine_for(self.model.module, runner, self.inputs[:1]) if copied else None
             if engine is not None:
                 yield "onnxruntime", engine
                 return
@@ -326,6 +353,8 @@ class Scan:
         """The output of `layer` for this batch, still in the autograd graph."""
         ref = LayerRef.parse(layer)
         get_module(self.model.module, ref.name)  # unknown names: an error listing valid ones
+        if self._x is None and ref in self._detached:
+            return self._detached[ref]
         self._graph()
         if ref not in self._layers:
             self._layers.append(ref)
@@ -361,6 +390,8 @@ class Scan:
         logit does not depend on the layer gets zeros.
         """
         ref = LayerRef.parse(layer)
+        if self._x is None and ref in self._detached:
+            return self._head_gradients(ref, targets)
         acts = self.activations(ref)
         columns = []
         for t in range(targets.shape[1]):
@@ -374,6 +405,33 @@ class Scan:
                 self._layer_grads[key] = torch.zeros_like(acts) if grad is None else grad
             columns.append(self._layer_grads[key])
         return torch.stack(columns, dim=1)
+
+    def _head_gradients(self, ref: LayerRef, targets: torch.Tensor) -> torch.Tensor:
+        """`layer_gradients` of a graph-free scan: the part after the layer runs again on
+        its recorded output, with gradients."""
+        missing = [
+            t
+            for t in range(targets.shape[1])
+            if (ref, tuple(targets[:, t].tolist())) not in self._layer_grads
+        ]
+        if missing:
+            with self.head(ref) as head:
+                acts = self._detached[ref].detach().requires_grad_(True)
+                logits = head(acts, torch.arange(len(acts), device=acts.device))
+                for i, t in enumerate(missing):
+                    selected = logits.gather(1, targets[:, t : t + 1]).sum()
+                    (grad,) = torch.autograd.grad(
+                        selected, acts, retain_graph=i < len(missing) - 1, allow_unused=True
+                    )
+                    key = (ref, tuple(targets[:, t].tolist()))
+                    self._layer_grads[key] = torch.zeros_like(acts) if grad is None else grad
+        return torch.stack(
+            [
+                self._layer_grads[(ref, tuple(targets[:, t].tolist()))]
+                for t in range(targets.shape[1])
+            ],
+            dim=1,
+        )
 
     # -- running the model ---------------------------------------------------------------
     @contextmanager

@@ -77,6 +77,9 @@ class Explainer:
             raise BatchError(f"dtype must be 'float32' or 'float16', got {settings.dtype!r}")
         self.class_ids = _fixed_targets(settings.targets, model.labels)
         self.relu_rules = any(info.relu_rules for info in self.infos)
+        # Layer maps (CAMs) need the layer's output and gradients through the part after it
+        # only: their batches run without an autograd graph (ONNX Runtime where it can).
+        self.graph = self.relu_rules or any(info.space != "layer" for info in self.infos)
         self._layer = settings.layer if not isinstance(settings.layer, tuple) else list(layers)
         self._evaluator = None
         if settings.metrics:
@@ -181,6 +184,7 @@ class Explainer:
             layers=self._scan_layers(x),
             relu_rules=self.relu_rules,
             device=self.device,
+            graph=self.graph,
         )
         targets = self._targets(scan, items)
         attrs = {

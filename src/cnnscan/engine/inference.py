@@ -27,6 +27,7 @@ from torch import nn
 
 from cnnscan.engine.logits import logits_of
 from cnnscan.engine.working_copy import memory_format_of
+from cnnscan.layers import capture
 
 log = logging.getLogger("cnnscan.engine")
 
@@ -62,7 +63,8 @@ def available() -> bool:
 
 
 class _Engine:
-    """An ONNX Runtime session computing the logits of (N, C, H, W) float32 CPU inputs."""
+    """An ONNX Runtime session computing the logits (and, when exported with them, layer
+    outputs) of (N, C, H, W) float32 CPU inputs."""
 
     name = "onnxruntime"
 
@@ -82,10 +84,28 @@ class _Engine:
         )
         self.input = self.session.get_inputs()[0].name
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The logits, then each exported layer's output."""
         array = np.ascontiguousarray(x.detach().to(torch.float32).cpu().numpy())
-        (logits,) = self.session.run(None, {self.input: array})
-        return torch.from_numpy(logits)
+        return [torch.from_numpy(out) for out in self.session.run(None, {self.input: array})]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outputs(x)[0]
+
+
+class _WithLayers(nn.Module):
+    """A working copy whose forward returns the logits and the outputs of `layers` (names,
+    `name@k` for a call of a reused module), for export."""
+
+    def __init__(self, runner: nn.Module, layers: tuple[str, ...]):
+        super().__init__()
+        self.runner, self.layers = runner, layers
+        self.training = runner.training  # export restores this mode on every submodule
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with capture(self.runner, list(self.layers)) as captured:
+            logits = logits_of(self.runner(x))
+        return (logits, *(captured[layer] for layer in self.layers))
 
 
 def model_key(module: nn.Module, shape: tuple[int, ...]) -> str:
@@ -105,12 +125,13 @@ class NotTraceable(Exception):
     the path one input took, not compute the model for every input."""
 
 
-def export(runner: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """Write `runner` (an eval-mode working copy) as an ONNX graph with a free batch size,
-    atomically (a half-written file is never read); NotTraceable if the trace may depend on
-    the input's values."""
+def export(runner: nn.Module, example: torch.Tensor, path: Path, outputs: int = 1) -> None:
+    """Write `runner` (an eval-mode working copy returning `outputs` tensors: the logits,
+    then layer outputs) as an ONNX graph with a free batch size, atomically (a half-written
+    file is never read); NotTraceable if the trace may depend on the input's values."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.part")
+    names = ["logits", *(f"layer{i}" for i in range(outputs - 1))]
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always", torch.jit.TracerWarning)
         torch.onnx.export(
@@ -120,8 +141,8 @@ def export(runner: nn.Module, example: torch.Tensor, path: Path) -> None:
             dynamo=False,
             opset_version=OPSET,
             input_names=["x"],
-            output_names=["logits"],
-            dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
+            output_names=names,
+            dynamic_axes={name: {0: "n"} for name in ["x", *names]},
             do_constant_folding=True,
         )
     traced = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
@@ -132,17 +153,18 @@ def export(runner: nn.Module, example: torch.Tensor, path: Path) -> None:
 
 
 def engine_for(
-    module: nn.Module, runner: nn.Module, example: torch.Tensor, reference: torch.Tensor
-) -> Forward | None:
+    module: nn.Module, runner: nn.Module, example: torch.Tensor, layers: tuple[str, ...] = ()
+) -> _Engine | None:
     """The ONNX Runtime engine for `module`'s working copy `runner` at `example`'s shape,
-    or None (use torch): not available, another device or dtype, not exportable, or its
-    logits differ from torch's beyond float32 rounding on `example` (whose logits are
-    `reference`) or on a second, different input. Built once per module and shape; a caller
+    giving the logits and the outputs of `layers`, or None (use torch): not available,
+    another device or dtype, not exportable, or its numbers differ from torch's beyond
+    float32 rounding on `example` or on a second, different input. Built once per module,
+    shape, layers and torch thread count (the session runs on as many threads); a caller
     that asks while another builds it waits."""
     if example.device.type != "cpu" or example.dtype != torch.float32 or not available():
         return None
     shape = tuple(example.shape[1:])
-    key = (shape, torch.get_num_threads())  # a session per thread count (batch workers: 1)
+    key = (shape, tuple(layers), torch.get_num_threads())
     with _lock:
         known = _engines.setdefault(module, {})
         future = known.get(key)
@@ -150,22 +172,23 @@ def engine_for(
         if building:
             future = known[key] = Future()
     if building:
-        future.set_result(_build(runner, example[:1], reference[:1], shape))
+        future.set_result(_build(runner, example[:1], shape, tuple(layers)))
     return future.result()
 
 
 def _build(
-    runner: nn.Module, example: torch.Tensor, reference: torch.Tensor, shape: tuple[int, ...]
+    runner: nn.Module, example: torch.Tensor, shape: tuple[int, ...], layers: tuple[str, ...]
 ) -> _Engine | None:
-    path = cache_dir() / "onnx" / f"{model_key(runner, shape)}.onnx"
+    exported = _WithLayers(runner, layers) if layers else runner
+    suffix = hashlib.sha256("|".join(layers).encode()).hexdigest()[:8] if layers else ""
+    path = cache_dir() / "onnx" / f"{model_key(runner, shape)}{suffix}.onnx"
     engine = None
     for attempt in ("cached", "exported"):
         try:
             if attempt == "exported" or not path.is_file():
-                export(runner, example, path)
+                export(exported, example, path, 1 + len(layers))
                 attempt = "exported"
             engine = _Engine(path, torch.get_num_threads())
-            got = engine(example)
             break
         except Exception as e:  # export or run failed: torch does the work instead
             if attempt == "cached":  # a damaged cache file: export again
@@ -176,17 +199,27 @@ def _build(
             return None
     if engine is None:
         return None
-    other = torch.flip(-example, dims=(-1,))  # another regime of values and positions
-    with torch.no_grad():
-        other_reference = logits_of(
-            runner(other.contiguous(memory_format=memory_format_of(runner)))
-        )
-    for ours, theirs in ((got, reference), (engine(other), other_reference)):
-        expected = theirs.detach().to(torch.float32).cpu()
-        if ours.shape != expected.shape or not agrees(ours, expected):
-            log.info("ONNX Runtime logits differ from torch's beyond rounding; torch runs")
+    # The example and a copy in another regime of values and positions, one at a time and
+    # together (a batch dimension fixed by mistake shows at two).
+    other = torch.flip(-example, dims=(-1,))
+    for x in (example, other, torch.cat([example, other])):
+        with torch.no_grad():
+            expected = _as_tuple(exported(x.contiguous(memory_format=memory_format_of(runner))))
+        try:
+            got = engine.outputs(x)
+        except Exception as e:
+            log.info("ONNX Runtime failed (%s: %s); forwards run in torch", type(e).__name__, e)
             return None
+        for ours, theirs in zip(got, expected, strict=True):
+            theirs = theirs.detach().to(torch.float32).cpu()
+            if ours.shape != theirs.shape or not agrees(ours, theirs):
+                log.info("ONNX Runtime's numbers differ from torch's beyond rounding; torch runs")
+                return None
     return engine
+
+
+def _as_tuple(output: object) -> tuple[torch.Tensor, ...]:
+    return output if isinstance(output, tuple) else (logits_of(output),)
 
 
 def agrees(got: torch.Tensor, expected: torch.Tensor) -> bool:
