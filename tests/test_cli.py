@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DOMESTIC_CATS
 from PIL import Image
 
 import cnnscan
@@ -61,10 +62,11 @@ def reference_maps(model, method: str, class_ids: list[int], **options) -> np.nd
 
 
 # -- scan ------------------------------------------------------------------------------------
-def test_scan_exit_code_and_summary(quick_report):
+def test_scan_exit_code_and_summary(quick_report, cat_top1):
     code, out, stdout, stderr = quick_report
     assert code == 0, stderr
-    assert "Egyptian cat" in stdout
+    assert f"1. {cat_top1[0]:4d} {cat_top1[1]}" in stdout
+    assert "preprocessing: centre crop 87.5 % of the shorter side, bicubic" in stdout
     assert str((out / "report.html").resolve()) in stdout
     assert "Traceback" not in stderr
 
@@ -76,7 +78,7 @@ def test_scan_predictions_json(quick_report, default_model, chelsea):
     for p in predictions:
         assert {"rank", "class_id", "label", "probability"} <= set(p)
     assert [p["rank"] for p in predictions] == [1, 2]
-    assert predictions[0]["class_id"] == 285
+    assert predictions[0]["class_id"] in DOMESTIC_CATS
     # Probabilities and labels from an independent forward of the model.
     with torch.no_grad():
         probabilities = default_model.module(default_model.preprocess(chelsea)).softmax(1)[0]
@@ -161,7 +163,7 @@ def test_full_default_scan(tmp_path, capsys, default_model):
     code, _, err = run(capsys, "scan", "--out", str(tmp_path))
     assert code == 0, err
     predictions = json.loads((tmp_path / "predictions.json").read_text())
-    assert len(predictions) == 5 and predictions[0]["class_id"] == 285
+    assert len(predictions) == 5 and predictions[0]["class_id"] in DOMESTIC_CATS
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert_self_contained(html)
     default = [m for m in cnnscan.list_methods() if getattr(m, "in_default_scan", True)]
@@ -215,7 +217,7 @@ def test_explain_writes_maps_equal_to_the_library(tmp_path, capsys, default_mode
         assert (tmp_path / f"gradient_x_input_img0_class{class_id}.png").is_file()
 
 
-def test_explain_options_reach_the_method(tmp_path, capsys, default_model):
+def test_explain_options_reach_the_method(tmp_path, capsys, default_model, cat_top1):
     code, _, err = run(
         capsys,
         "explain",
@@ -235,10 +237,13 @@ def test_explain_options_reach_the_method(tmp_path, capsys, default_model):
     )
     assert code == 0, err
     expected = reference_maps(
-        default_model, "smoothgrad", [285], n_samples=2, noise_level=0.3, base="gradient"
+        default_model, "smoothgrad", [cat_top1[0]], n_samples=2, noise_level=0.3, base="gradient"
     )
     np.testing.assert_allclose(
-        np.load(tmp_path / "smoothgrad_img0_class285.npy"), expected[0], rtol=1e-4, atol=1e-7
+        np.load(tmp_path / f"smoothgrad_img0_class{cat_top1[0]}.npy"),
+        expected[0],
+        rtol=1e-4,
+        atol=1e-7,
     )
     summary = json.loads((tmp_path / "smoothgrad.json").read_text())
     assert summary["extras"]["n_samples"] == 2

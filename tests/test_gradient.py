@@ -21,7 +21,14 @@ from captum.attr import (
     NoiseTunnel,
     Saliency,
 )
-from helpers import Linear, SmallConvNet, SmoothConvNet, SquareSum, relu6_visible_to_captum
+from helpers import (
+    DOMESTIC_CATS,
+    Linear,
+    SmallConvNet,
+    SmoothConvNet,
+    SquareSum,
+    relu6_visible_to_captum,
+)
 
 import cnnscan
 from cnnscan.errors import MethodError
@@ -509,7 +516,7 @@ def test_ig_auto_reaches_one_percent_on_default_model_top5(default_model, cat):
     attr = cnnscan.explain(
         default_model, cat, "integrated_gradients", targets="top5", n_steps="auto"
     )
-    assert attr.targets[0, 0] == 285
+    assert attr.targets[0, 0] in DOMESTIC_CATS
     assert "warning" not in attr.extras
     relative = attr.extras["completeness_error_relative"]
     assert relative.shape == (1, 5) and float(relative.max()) < 0.01

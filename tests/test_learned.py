@@ -323,7 +323,7 @@ def decode(src: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def test_report_section(quick_report, default_model, chelsea):
+def test_report_section(quick_report, default_model, chelsea, cat_top1):
     code, out, _, stderr = quick_report
     assert code == 0, stderr
     html = (out / "report.html").read_text(encoding="utf-8")
@@ -332,13 +332,13 @@ def test_report_section(quick_report, default_model, chelsea):
     alts = [alt for _, alt in figures]
     assert alts[0] == "filters of _conv_stem"
     assert alts[-1] == "synthesized image of the top-1 class"
-    assert "maximize 285 Egyptian cat" in section
+    assert f"maximize {cat_top1[0]} {cat_top1[1]}" in section
     *figures, (synthesized, _) = figures
     alts = alts[:-1]
     assert len(alts) == 4 and all(alt.startswith("feature maps of ") for alt in alts[1:])
     assert alts[-1] == "feature maps of _swish@1"
     expected_image = cnnscan.class_image(
-        default_model, 285, steps=CLASS_IMAGE_STEPS, size=CLASS_IMAGE_PX
+        default_model, cat_top1[0], steps=CLASS_IMAGE_STEPS, size=CLASS_IMAGE_PX
     ).image
     np.testing.assert_allclose(decode(synthesized), expected_image, atol=2)
     assert (out / "learned" / "class_image.png").is_file()

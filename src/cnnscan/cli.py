@@ -108,6 +108,14 @@ def _parser() -> argparse.ArgumentParser:
             help="imagenet (default), none (random), or a state-dict file (.pt/.pth/.safetensors)",
         )
         sub.add_argument("--labels", default=None, help="file with one class name per line")
+        sub.add_argument(
+            "--preprocessing",
+            default=None,
+            metavar="SPEC",
+            help="how the model wants its pixels (ONNX/Keras files do not record it): a preset "
+            "(imagenet, inception, efficientnet-lite) and/or KEY=VALUE items (size, crop, "
+            "resize, interpolation, mean, std), e.g. inception or imagenet,size=299",
+        )
         sub.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0")
         sub.add_argument(
             "--trust-pickle",
@@ -365,6 +373,7 @@ def _load(args: argparse.Namespace):
         args.model,
         weights=weights,
         labels=args.labels,
+        preprocessing=args.preprocessing,
         device=args.device,
         trust_pickle=args.trust_pickle,
     )
@@ -408,6 +417,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
             max_memory=args.max_memory,
         )
     path = write_report(result, args.out)
+    print(f"{model.name}; preprocessing: {result.preprocessing}")
     for p in result.predictions:
         print(f"{p['rank']}. {p['class_id']:4d} {p['label']:<30} {p['probability']:.4f}")
     total = sum(result.seconds.values())

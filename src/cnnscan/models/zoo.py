@@ -179,19 +179,24 @@ def _torchvision(name: str, weights: str | Path | None) -> Any:
         if weights is not None:
             load_weights(module, weights)
     module.eval()
-    transform = default_weights.transforms()
-    preprocessing = Preprocessing(
+    model = wrap_module(module, name, torchvision_preprocessing(default_weights))
+    categories = default_weights.meta.get("categories")
+    if categories and len(categories) == model.num_classes:
+        model = replace(model, labels=tuple(categories))
+    return model
+
+
+def torchvision_preprocessing(weights: Any) -> Preprocessing:
+    """The eval transform of torchvision weights (`weights.transforms()`) as a Preprocessing."""
+    transform = weights.transforms()
+    return Preprocessing(
         size=(transform.crop_size[0],) * 2,
         resize_shorter=transform.resize_size[0],
         interpolation=transform.interpolation.value,
         mean=tuple(transform.mean),
         std=tuple(transform.std),
+        origin=f"torchvision's {weights}",
     )
-    model = wrap_module(module, name, preprocessing)
-    categories = default_weights.meta.get("categories")
-    if categories and len(categories) == model.num_classes:
-        model = replace(model, labels=tuple(categories))
-    return model
 
 
 # -- timm ----------------------------------------------------------------------------------------
@@ -269,6 +274,7 @@ def timm_preprocessing(config: dict[str, Any]) -> Preprocessing:
         "interpolation": config.get("interpolation") or "bilinear",
         "mean": tuple(config["mean"]),
         "std": tuple(config["std"]),
+        "origin": "timm's pretrained config",
     }
     if config.get("crop_mode") == "squash" or height != width:
         return Preprocessing(resize_to=scaled, **common)
