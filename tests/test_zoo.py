@@ -72,6 +72,27 @@ def test_unknown_name_suggests_timm_and_keras_names_too():
         load_model("convnext_ato", weights=None)
 
 
+def _suggested(name: str) -> list[str]:
+    with pytest.raises(ModelError) as info:
+        load_model(name, weights=None)
+    return str(info.value).split("Did you mean: ")[1].split("?")[0].split(", ")
+
+
+@pytest.mark.parametrize(
+    ("typed", "expected"),
+    [("vgg1", "vgg19"), ("ResNet5O", "ResNet50"), ("resnet5", "resnet50"), ("densenet12", None)],
+)
+def test_suggestions_name_each_architecture_once_in_the_typed_style(typed, expected):
+    # torchvision's vgg16, Keras' VGG16 and timm:vgg16 are one architecture: named once
+    suggested = _suggested(typed)
+    assert 1 <= len(suggested) <= 5
+    loaded = [zoo.keras_equivalent(s) if s in zoo.KERAS_APPLICATIONS else s for s in suggested]
+    bare = [s.lower().removeprefix("timm:") for s in loaded]
+    assert len(set(bare)) == len(bare), suggested
+    if expected:
+        assert suggested[0] == expected
+
+
 # -- preprocessing from the libraries' own metadata ------------------------------------------------
 @pytest.mark.parametrize("name", ["swin_t", "efficientnet_v2_s", "regnet_y_400mf"])
 def test_torchvision_preprocessing_equals_its_weights_transforms(name, picture):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import shutil
 import sys
+import textwrap
 import warnings
 import webbrowser
 from collections.abc import Sequence
@@ -13,6 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from cnnscan import __version__
 from cnnscan.errors import CnnscanError
 from cnnscan.render import FILTER_MODES, SCALES, VIEWS
 from cnnscan.report import CLASS_IMAGE_STEPS
@@ -88,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         "(chelsea, coffee, astronaut, ...).",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -447,12 +452,15 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         max_memory=args.max_memory,
         **options,
     )
-    written = attr.save(args.out, kind=args.view or info.view)
+    written = attr.save(args.out, kind=args.view or info.view, overlay=True)
     for t in range(attr.targets.shape[1]):
         print(f"{info.name} for {attr.label(0, t)}")
     for key, value in attr.summary()["extras"].items():
         print(f"  {key}: {value}")
-    print(f"wrote {len(written)} files to {Path(args.out).resolve()}")
+    print(
+        f"wrote {len(written)} files to {Path(args.out).resolve()}: per target the raw map "
+        "(.npy), its picture (.png) and the map over the photo (_overlay.png)"
+    )
     return 0
 
 
@@ -547,9 +555,41 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     families = sorted({info.family for info in list_methods()})
     if args.family is not None and args.family not in families:
         raise CnnscanError(f"unknown family {args.family!r}; families: {', '.join(families)}")
-    for info in list_methods(args.family):
-        print(f"{info.name:<22}{info.family:<12}{info.description}")
+    rows = [
+        (
+            info.name,
+            info.family,
+            (info.cost or "not stated") + ("" if info.in_default_scan else " (slow: scan --full)"),
+            info.description,
+        )
+        for info in list_methods(args.family)
+    ]
+    header = ("method", "family", "cost (forwards, backwards)", "description")
+    print("\n".join(_table(header, rows, wrap=(2, 3))))
     return 0
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], wrap: Sequence[int]) -> list[str]:
+    """Lines of an aligned table as wide as the terminal (100 columns when it is not one):
+    the columns in `wrap` are word-wrapped into what the others leave (the last one gets
+    the most), the others are as wide as their longest cell."""
+    width = max(shutil.get_terminal_size((100, 24)).columns, 60)
+    cells = [list(header), *[list(row) for row in rows]]
+    widths = [max(len(row[c]) for row in cells) for c in range(len(header))]
+    fixed = sum(w + 2 for c, w in enumerate(widths) if c not in wrap)
+    room = width - fixed - 2 * (len(wrap) - 1)
+    *first, last = wrap
+    for column in first:  # a share of the room, never more than the column needs
+        widths[column] = min(widths[column], max(room // (len(wrap) + 1), len(header[column])))
+        room -= widths[column]
+    widths[last] = max(room, len(header[last]))
+    lines = []
+    for row in cells:
+        parts = [textwrap.wrap(text, widths[c]) or [""] for c, text in enumerate(row)]
+        for pieces in itertools.zip_longest(*parts, fillvalue=""):
+            line = "  ".join(f"{p:<{widths[c]}}" for c, p in enumerate(pieces))
+            lines.append(line.rstrip())
+    return lines
 
 
 def _cmd_dream(args: argparse.Namespace) -> int:
