@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import DOMESTIC_CATS
 
 import cnnscan
 
@@ -30,8 +31,17 @@ def default_model() -> cnnscan.Model:
 
 @pytest.fixture(scope="session")
 def chelsea():
-    """scikit-image's cat photo as an RGB PIL image (ImageNet class 285 for the default model)."""
+    """scikit-image's cat photo as an RGB PIL image (a domestic cat for the default model)."""
     return cnnscan.load_image("sample:chelsea")
+
+
+@pytest.fixture(scope="session")
+def cat_top1(default_model, chelsea) -> tuple[int, str]:
+    """(class id, label) the default model puts first for the cat photo: one of ImageNet's
+    domestic cats (281–285), whichever the model's own pipeline gives."""
+    best = cnnscan.predict(default_model, chelsea, k=1)[0][0]
+    assert best["class_id"] in DOMESTIC_CATS, best
+    return best["class_id"], best["label"]
 
 
 def run_scan_command(out: Path, *args: str) -> tuple[int, Path, str, str]:

@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 from torch.nn.modules import module as module_globals
 
+DOMESTIC_CATS = range(281, 286)  # ImageNet's tabby, tiger cat, Persian, Siamese, Egyptian cat
 RELU_FORMS = ("module", "module_inplace", "functional", "torch", "method", "method_inplace")
 RELU6_FORMS = ("relu6_module", "relu6_functional", "hardtanh")
 

@@ -75,13 +75,18 @@ def _fresh_results(monkeypatch):
     monkeypatch.setattr(core, "RESULTS", core.ResultCache())
 
 
-def test_first_screen_shows_the_top5_and_gradcam_of_the_top1(media, default_model, chelsea):
+def test_first_screen_shows_the_top5_and_gradcam_of_the_top1(
+    media, default_model, chelsea, cat_top1
+):
     at = fresh_app()
     no_problems(at)
     table = at.table[0].value
     expected = cnnscan.predict(default_model, chelsea)[0]
     assert list(table["label"]) == [row["label"] for row in expected]
-    assert table["label"][0] == "Egyptian cat"
+    cat, label = cat_top1
+    assert table["label"][0] == label
+    caption = f"Preprocessing: {default_model.preprocessing.describe(origin=True)}"
+    assert caption in [c.value for c in at.caption]
     assert float(table["probability"][0]) == pytest.approx(expected[0]["probability"], abs=1e-3)
     assert [t.label for t in at.tabs][:4] == [
         "Explanations",
@@ -91,10 +96,10 @@ def test_first_screen_shows_the_top5_and_gradcam_of_the_top1(media, default_mode
     ]
     shown = pictures_shown(at, media)
     cells = [alt for alt in shown if " for " in alt]
-    assert cells == ["gradcam for Egyptian cat"]
-    reference = reference_overlay(default_model, chelsea, "gradcam", 285)
-    np.testing.assert_array_equal(top_part(shown["gradcam for Egyptian cat"], reference), reference)
-    assert shown["gradcam for Egyptian cat"].shape[0] > reference.shape[0] + 10  # colour bar
+    assert cells == [f"gradcam for {label}"]
+    reference = reference_overlay(default_model, chelsea, "gradcam", cat)
+    np.testing.assert_array_equal(top_part(shown[f"gradcam for {label}"], reference), reference)
+    assert shown[f"gradcam for {label}"].shape[0] > reference.shape[0] + 10  # colour bar
     np.testing.assert_array_equal(shown["model input"], np.asarray(default_model.view(chelsea)))
     assert [b.label for b in at.get("download_button")][-2:] == [
         "Download the run (zip)",
@@ -120,18 +125,18 @@ def test_widgets_drive_the_grid_and_reruns_reuse_results(
     at.selectbox(key="cmap").set_value("inferno")
     at.run()
     no_problems(at)
+    (first, second, third) = cnnscan.predict(default_model, chelsea, k=3)[0]
     shown = pictures_shown(at, media)
     cells = sorted(alt for alt in shown if " for " in alt)
-    assert cells == sorted(
-        f"{m} for {label}" for m in ("gradient", "gradcam") for label in ("Egyptian cat", "tabby")
-    )
+    labels = (first["label"], second["label"])
+    assert cells == sorted(f"{m} for {x}" for m in ("gradient", "gradcam") for x in labels)
     for method in ("gradient", "gradcam"):
-        attr = cnnscan.explain(default_model, chelsea, method, targets=[281])
+        attr = cnnscan.explain(default_model, chelsea, method, targets=[second["class_id"]])
         reference = render.to_rgb(attr.view(0, 0, "heatmap"), "inferno")
-        np.testing.assert_array_equal(top_part(shown[f"{method} for tabby"], reference), reference)
-    assert sorted(calls) == sorted(
-        [("gradcam", [285]), ("gradcam", [281]), ("gradient", [285, 281])]
-    )
+        cell = shown[f"{method} for {second['label']}"]
+        np.testing.assert_array_equal(top_part(cell, reference), reference)
+    ids = [first["class_id"], second["class_id"]]
+    assert sorted(calls) == sorted([("gradcam", ids[:1]), ("gradcam", ids[1:]), ("gradient", ids)])
     assert [b.label for b in at.get("download_button")].count("PNG") == 4  # one per cell
 
     calls.clear()
@@ -140,15 +145,19 @@ def test_widgets_drive_the_grid_and_reruns_reuse_results(
     at.run()
     assert calls == []  # a new view of the same cells: nothing recomputed
     shown = pictures_shown(at, media)
-    reference = reference_overlay(default_model, chelsea, "gradcam", 281, alpha=0.8, cmap="inferno")
-    np.testing.assert_array_equal(top_part(shown["gradcam for tabby"], reference), reference)
+    reference = reference_overlay(
+        default_model, chelsea, "gradcam", second["class_id"], alpha=0.8, cmap="inferno"
+    )
+    cell = shown[f"gradcam for {second['label']}"]
+    np.testing.assert_array_equal(top_part(cell, reference), reference)
 
     at.slider(key="top_k").set_value(3)
     at.run()
-    assert sorted(calls) == [("gradcam", [282]), ("gradient", [282])]  # only the new target
+    new = [third["class_id"]]
+    assert sorted(calls) == [("gradcam", new), ("gradient", new)]  # only the new target
 
 
-def test_every_registered_family_is_offered_and_runs(media, default_model, chelsea):
+def test_every_registered_family_is_offered_and_runs(media, default_model, chelsea, cat_top1):
     """Methods come from the registry: a family that landed after the page was written (LRP)
     is offered and explained without any change to the page."""
     at = fresh_app()
@@ -161,9 +170,9 @@ def test_every_registered_family_is_offered_and_runs(media, default_model, chels
     at.multiselect(key="methods_lrp").set_value(["lrp"])
     at.run()
     no_problems(at)
-    attr = cnnscan.explain(default_model, chelsea, "lrp", targets=[285])
+    attr = cnnscan.explain(default_model, chelsea, "lrp", targets=[cat_top1[0]])
     reference = render.overlay(default_model.view(chelsea), attr.view(0, 0, "heatmap"))
-    shown = pictures_shown(at, media)["lrp for Egyptian cat"]
+    shown = pictures_shown(at, media)[f"lrp for {cat_top1[1]}"]
     np.testing.assert_array_equal(top_part(shown, reference), reference)
 
 
@@ -185,16 +194,23 @@ def test_classes_by_name_and_several_layers(media, default_model, chelsea):
     )
 
 
-def test_method_options_reach_the_method_and_bad_ones_show_a_message(media, default_model, chelsea):
+def test_method_options_reach_the_method_and_bad_ones_show_a_message(
+    media, default_model, chelsea, cat_top1
+):
     at = fresh_app()
     at.session_state["options_integrated_gradients"] = '{"n_steps": 4, "baseline": "blur"}'
     at.multiselect(key="methods_gradient").set_value(["integrated_gradients"]).run()
     no_problems(at)
     attr = cnnscan.explain(
-        default_model, chelsea, "integrated_gradients", targets=[285], n_steps=4, baseline="blur"
+        default_model,
+        chelsea,
+        "integrated_gradients",
+        targets=[cat_top1[0]],
+        n_steps=4,
+        baseline="blur",
     )
     reference = render.overlay(default_model.view(chelsea), attr.view(0, 0, "heatmap"))
-    shown = pictures_shown(at, media)["integrated_gradients for Egyptian cat"]
+    shown = pictures_shown(at, media)[f"integrated_gradients for {cat_top1[1]}"]
     np.testing.assert_array_equal(top_part(shown, reference), reference)
     at.text_input(key="options_integrated_gradients").set_value('{"n_step": 4}').run()
     assert any("has no option n_step; its options: n_steps" in e.value for e in at.error)
@@ -242,7 +258,7 @@ def _bomb() -> bytes:
     ],
 )
 def test_bad_uploads_show_a_message_and_the_app_keeps_working(
-    name, make, message, media, monkeypatch
+    name, make, message, media, monkeypatch, cat_top1
 ):
     monkeypatch.setenv(sources.ENV_MAX_UPLOAD_MB, "1")
     at = fresh_app()
@@ -250,8 +266,8 @@ def test_bad_uploads_show_a_message_and_the_app_keeps_working(
     assert not at.exception
     errors = [e.value for e in at.error]
     assert any(message in e and "The sample photo is shown instead" in e for e in errors), errors
-    assert at.table[0].value["label"][0] == "Egyptian cat"  # still working, on the sample
-    assert "gradcam for Egyptian cat" in pictures_shown(at, media)
+    assert at.table[0].value["label"][0] == cat_top1[1]  # still working, on the sample
+    assert f"gradcam for {cat_top1[1]}" in pictures_shown(at, media)
     at.file_uploader(key="upload").set_value(
         ("coffee.png", png(cnnscan.sample_image("coffee")), "image/png")
     ).run()
@@ -342,7 +358,7 @@ def _wait_for_job(at: AppTest, seconds: float = 300) -> str:
     return job.state
 
 
-def test_synthesis_runs_in_the_background_and_shows_the_image(media, default_model):
+def test_synthesis_runs_in_the_background_and_shows_the_image(media, default_model, cat_top1):
     at = fresh_app()
     at.radio(key="synth_kind").set_value("class image").run()
     at.slider(key="synth_steps_class image").set_value(4)
@@ -352,8 +368,9 @@ def test_synthesis_runs_in_the_background_and_shows_the_image(media, default_mod
     assert _wait_for_job(at) == "done"
     no_problems(at)
     shown = pictures_shown(at, media)
-    expected = cnnscan.class_image(default_model, 285, steps=4, size=96, seed=0)
-    np.testing.assert_array_equal(shown["synthesized: class image of 285"], expected.image)
+    expected = cnnscan.class_image(default_model, cat_top1[0], steps=4, size=96, seed=0)
+    shown_image = shown[f"synthesized: class image of {cat_top1[0]}"]
+    np.testing.assert_array_equal(shown_image, expected.image)
     assert len(at.get("vega_lite_chart")) == 1  # the objective's history
 
 
@@ -447,7 +464,7 @@ def test_leaderboard_table_and_curves_from_rows():
 
 
 @pytest.mark.slow
-def test_evaluation_ranks_the_grids_methods_like_the_library(default_model, chelsea):
+def test_evaluation_ranks_the_grids_methods_like_the_library(default_model, chelsea, cat_top1):
     leaderboard = pytest.importorskip("cnnscan.metrics.leaderboard").leaderboard
     at = fresh_app()
     at.multiselect(key="methods_gradient").set_value(["gradient"]).run()
@@ -459,7 +476,7 @@ def test_evaluation_ranks_the_grids_methods_like_the_library(default_model, chel
     table = at.dataframe[-1].value
     scan = cnnscan.Scan(default_model, default_model.preprocess(chelsea))
     attrs = {
-        name: cnnscan.explain(default_model, None, name, targets=[285], scan=scan)
+        name: cnnscan.explain(default_model, None, name, targets=[cat_top1[0]], scan=scan)
         for name in ("gradient", "gradcam")
     }
     expected = leaderboard(

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from helpers import DOMESTIC_CATS
 
 import cnnscan
 from cnnscan.app import core, jobs, sources
@@ -60,7 +61,7 @@ def test_two_sessions_at_once_get_their_own_results():
         together = [future.result(timeout=1200) for future in running]
     alone = [session(model, picture, threading.Barrier(1)) for picture in pictures]
 
-    assert together[0]["top5"][0] == 285 and together[1]["top5"][0] == 967  # separate
+    assert together[0]["top5"][0] in DOMESTIC_CATS and together[1]["top5"][0] == 967  # separate
     for both, single in zip(together, alone, strict=True):
         assert both["top5"] == single["top5"]
         assert both["targets"] == single["targets"]

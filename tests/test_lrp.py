@@ -11,7 +11,14 @@ import gc
 import pytest
 import torch
 import torchvision
-from helpers import RELU6_FORMS, RELU_FORMS, SmallConvNet, efficientnet_lite_canonizers, zennit_lrp
+from helpers import (
+    DOMESTIC_CATS,
+    RELU6_FORMS,
+    RELU_FORMS,
+    SmallConvNet,
+    efficientnet_lite_canonizers,
+    zennit_lrp,
+)
 from torch import nn
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import (
@@ -392,7 +399,7 @@ def test_default_model_top5_on_chelsea(default_model, chelsea):
         default_model, chelsea, "lrp", targets="top5", composite="epsilon_gamma_box"
     )
     assert attr.maps.shape == (1, 5, 3, 224, 224)
-    assert int(attr.targets[0, 0]) == 285
+    assert int(attr.targets[0, 0]) in DOMESTIC_CATS
     assert torch.isfinite(attr.maps).all()
     assert attr.extras["rules"]["_conv_stem"] == "zbox"
     assert len(attr.extras["merged_batchnorm"]) == 49

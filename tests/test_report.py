@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import SmallConvNet, Tables, decode, parse
+from helpers import DOMESTIC_CATS, SmallConvNet, Tables, decode, parse
 from PIL import Image
 
 import cnnscan
@@ -88,6 +88,7 @@ def test_top5_table_matches_predictions_json(top5_report, default_model, chelsea
     with torch.no_grad():
         probabilities = default_model.module(default_model.preprocess(chelsea)).softmax(1)[0]
     assert [p["class_id"] for p in predictions] == probabilities.topk(5).indices.tolist()
+    assert int(rows[0][1]) in DOMESTIC_CATS
 
 
 def test_one_panel_per_class_with_a_cell_per_method(top5_report, default_model, chelsea):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import SmallConvNet
+from helpers import DOMESTIC_CATS, SmallConvNet
 
 import cnnscan
 from cnnscan import TargetError
@@ -136,7 +136,7 @@ def test_explain_top5_matches_the_models_own_ranking(default_model, chelsea):
         expected = default_model.module(x).topk(5).indices
     attr = cnnscan.explain(default_model, x, "gradient", targets="top5")
     assert attr.targets.tolist() == expected.tolist()
-    assert attr.targets[0, 0] == 285
+    assert attr.targets[0, 0] in DOMESTIC_CATS
     assert attr.maps.shape[:2] == (1, 5)
 
 

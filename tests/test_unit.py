@@ -201,7 +201,7 @@ def test_smoothgrad_with_a_unit_base_and_no_noise_is_the_unit_map():
 @pytest.mark.parametrize(
     ("unit", "error", "needle"),
     [
-        (("conv9", 0), LayerError, "conv1, relu1, pool, conv2"),
+        (("conv9", 0), LayerError, "Did you mean: conv2, conv1?"),
         (("conv2", 5), MethodError, r"5 channels \(0\.\.4\)"),
         (("conv2", -1), MethodError, r"0\.\.4"),
         (("conv2", 1, (8, 0)), MethodError, r"8×8 output \(positions: 0\.\.7, 0\.\.7\)"),

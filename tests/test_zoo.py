@@ -4,6 +4,7 @@ weight files, and a fast, helpful failure when ImageNet weights cannot be had of
 
 from __future__ import annotations
 
+import itertools
 import re
 import socket
 import time
@@ -71,12 +72,86 @@ def test_unknown_name_suggests_timm_and_keras_names_too():
         load_model("convnext_ato", weights=None)
 
 
+def _suggested(name: str) -> list[str]:
+    with pytest.raises(ModelError) as info:
+        load_model(name, weights=None)
+    return str(info.value).split("Did you mean: ")[1].split("?")[0].split(", ")
+
+
+@pytest.mark.parametrize(
+    ("typed", "expected"),
+    [("vgg1", "vgg19"), ("ResNet5O", "ResNet50"), ("resnet5", "resnet50"), ("densenet12", None)],
+)
+def test_suggestions_name_each_architecture_once_in_the_typed_style(typed, expected):
+    # torchvision's vgg16, Keras' VGG16 and timm:vgg16 are one architecture: named once
+    suggested = _suggested(typed)
+    assert 1 <= len(suggested) <= 5
+    loaded = [zoo.keras_equivalent(s) if s in zoo.KERAS_APPLICATIONS else s for s in suggested]
+    bare = [s.lower().removeprefix("timm:") for s in loaded]
+    assert len(set(bare)) == len(bare), suggested
+    if expected:
+        assert suggested[0] == expected
+
+
 # -- preprocessing from the libraries' own metadata ------------------------------------------------
 @pytest.mark.parametrize("name", ["swin_t", "efficientnet_v2_s", "regnet_y_400mf"])
 def test_torchvision_preprocessing_equals_its_weights_transforms(name, picture):
     model = load_model(name, weights=None)
     reference = torchvision.models.get_model_weights(name).DEFAULT.transforms()(picture)
     torch.testing.assert_close(model.preprocess(picture), reference.unsqueeze(0), rtol=0, atol=1e-6)
+
+
+def _torchvision_weights() -> list:
+    """Every weights entry of every torchvision classifier (reading `.transforms()` and
+    `.meta` downloads nothing)."""
+    names = torchvision.models.list_models(module=torchvision.models)
+    return [w for name in names for w in torchvision.models.get_model_weights(name)]
+
+
+@pytest.mark.slow
+def test_every_torchvision_weights_transform_is_followed(picture):
+    entries = _torchvision_weights()
+    assert len(entries) > 100
+    for weights in entries:
+        transform = weights.transforms()
+        ours = zoo.torchvision_preprocessing(weights)
+        assert ours.resize_shorter == transform.resize_size[0], weights
+        assert ours.interpolation == transform.interpolation.value, weights
+        assert (ours.mean, ours.std) == (tuple(transform.mean), tuple(transform.std)), weights
+        reference = transform(picture).unsqueeze(0)
+        torch.testing.assert_close(ours(picture), reference, rtol=0, atol=1e-6, msg=str(weights))
+
+
+# Keras names whose equivalent carries weights ported from Keras/TensorFlow, with the Keras
+# preprocessing those weights were trained with (EfficientNet's Keras models normalize
+# inside the model with ImageNet's statistics: mode "torch").
+KERAS_PORTS = {
+    "Xception": ("xception", None),
+    "InceptionResNetV2": ("inception_resnet_v2", None),
+    "NASNetLarge": ("nasnet", None),
+    **{f"EfficientNetB{i}": ("imagenet_utils", "torch") for i in range(8)},
+}
+
+
+@pytest.mark.slow
+def test_keras_ports_normalize_as_keras_preprocess_input(monkeypatch):
+    monkeypatch.setenv("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    pixels = np.array([0.0, 31.0, 127.5, 200.0, 255.0])
+    grid = np.array(list(itertools.product(pixels, repeat=3))).reshape(1, -1, 1, 3)
+    for name, (module, mode) in KERAS_PORTS.items():
+        equivalent = zoo.keras_equivalent(name)
+        assert equivalent.startswith("timm:"), name
+        config = timm.data.resolve_data_config(
+            pretrained_cfg=timm.models.get_pretrained_cfg(equivalent[5:]).to_dict()
+        )
+        ours = zoo.timm_preprocessing(config)
+        preprocess = getattr(keras.applications, module).preprocess_input
+        keras_input = preprocess(grid.copy(), **({"mode": mode} if mode else {}))
+        tensor = torch.from_numpy(grid / 255).permute(0, 3, 1, 2)
+        np.testing.assert_allclose(
+            ours.normalize(tensor).permute(0, 2, 3, 1).numpy(), keras_input, atol=1e-5, err_msg=name
+        )
 
 
 def _distinct_timm_configs() -> list[str]:

@@ -119,20 +119,31 @@ class Attribution:
             "extras": extras,
         }
 
-    def save(self, directory: str | Path, *, kind: str = "heatmap") -> list[Path]:
+    def save(
+        self, directory: str | Path, *, kind: str = "heatmap", overlay: bool = False
+    ) -> list[Path]:
         """Write per image and target a PNG (the `kind` view) and an NPY (raw map), plus a
-        JSON summary. Returns the written paths."""
+        JSON summary; with `overlay`, also `…_overlay.png`: the heat map over the picture the
+        model saw, as reports draw CAMs. Returns the written paths."""
+        from cnnscan.display import background
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         written = []
         raw = self.maps.detach().cpu().numpy()
         subject = "unit" if "unit_layer" in self.extras else "class"
         for i in range(raw.shape[0]):
+            photo = background(self, i) if overlay else None
             for t in range(raw.shape[1]):
                 stem = directory / f"{self.method}_img{i}_{subject}{int(self.targets[i, t])}"
                 np.save(stem.with_suffix(".npy"), raw[i, t])
                 stem.with_suffix(".png").write_bytes(render.png_bytes(self.image(i, t, kind)))
                 written += [stem.with_suffix(".npy"), stem.with_suffix(".png")]
+                if photo is not None:
+                    heat = self.image(i, t, "heatmap", background=photo)
+                    path = stem.with_name(f"{stem.name}_overlay.png")
+                    path.write_bytes(render.png_bytes(heat))
+                    written.append(path)
         meta = directory / f"{self.method}.json"
         meta.write_text(json.dumps(self.summary(), indent=2))
         return [*written, meta]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
+import shutil
 import sys
+import textwrap
 import time
 import warnings
 import webbrowser
@@ -14,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cnnscan import __version__
 from cnnscan.choices import CLASS_IMAGE_STEPS, DEFAULT_IMAGE, FILTER_MODES, SCALES, VIEWS
 from cnnscan.errors import CnnscanError
 
@@ -93,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         "(chelsea, coffee, astronaut, ...).",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -113,6 +118,14 @@ def _parser() -> argparse.ArgumentParser:
             help="imagenet (default), none (random), or a state-dict file (.pt/.pth/.safetensors)",
         )
         sub.add_argument("--labels", default=None, help="file with one class name per line")
+        sub.add_argument(
+            "--preprocessing",
+            default=None,
+            metavar="SPEC",
+            help="how the model wants its pixels (ONNX/Keras files do not record it): a preset "
+            "(imagenet, inception, efficientnet-lite) and/or KEY=VALUE items (size, crop, "
+            "resize, interpolation, mean, std), e.g. inception or imagenet,size=299",
+        )
         sub.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0")
         sub.add_argument(
             "--trust-pickle",
@@ -388,6 +401,7 @@ def _load(args: argparse.Namespace):
         args.model,
         weights=weights,
         labels=args.labels,
+        preprocessing=args.preprocessing,
         device=args.device,
         trust_pickle=args.trust_pickle,
     )
@@ -428,7 +442,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         methods=methods,
         top_k=args.top_k,
         image_name=name,
-        observer=_ScanPrinter(Path(args.out), quiet=args.quiet),
+        observer=_ScanPrinter(Path(args.out), quiet=args.quiet, model=model),
         class_image_steps=args.class_image_steps,
         evaluate="none" if args.no_leaderboard else "full" if args.full else "default",
         max_memory=args.max_memory,
@@ -444,10 +458,11 @@ class _ScanPrinter:
     """The scan as it goes: the top-k at once, the first map (a PNG, and a picture in a
     colour terminal), then one progress line per stage with its ETA on stderr."""
 
-    def __init__(self, out: Path, quiet: bool):
-        self.out, self.quiet = out, quiet
+    def __init__(self, out: Path, quiet: bool, model: Any):
+        self.out, self.quiet, self.model = out, quiet, model
 
     def predictions(self, rows: list[dict[str, Any]]) -> None:
+        print(f"{self.model.name}; preprocessing: {self.model.preprocessing.describe(origin=True)}")
         for p in rows:
             print(f"{p['rank']}. {p['class_id']:4d} {p['label']:<30} {p['probability']:.4f}")
         sys.stdout.flush()
@@ -504,12 +519,15 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         max_memory=args.max_memory,
         **options,
     )
-    written = attr.save(args.out, kind=args.view or info.view)
+    written = attr.save(args.out, kind=args.view or info.view, overlay=True)
     for t in range(attr.targets.shape[1]):
         print(f"{info.name} for {attr.label(0, t)}")
     for key, value in attr.summary()["extras"].items():
         print(f"  {key}: {value}")
-    print(f"wrote {len(written)} files to {Path(args.out).resolve()}")
+    print(
+        f"wrote {len(written)} files to {Path(args.out).resolve()}: per target the raw map "
+        "(.npy), its picture (.png) and the map over the photo (_overlay.png)"
+    )
     return 0
 
 
@@ -604,9 +622,41 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     families = sorted({info.family for info in list_methods()})
     if args.family is not None and args.family not in families:
         raise CnnscanError(f"unknown family {args.family!r}; families: {', '.join(families)}")
-    for info in list_methods(args.family):
-        print(f"{info.name:<22}{info.family:<12}{info.description}")
+    rows = [
+        (
+            info.name,
+            info.family,
+            (info.cost or "not stated") + ("" if info.in_default_scan else " (slow: scan --full)"),
+            info.description,
+        )
+        for info in list_methods(args.family)
+    ]
+    header = ("method", "family", "cost (forwards, backwards)", "description")
+    print("\n".join(_table(header, rows, wrap=(2, 3))))
     return 0
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], wrap: Sequence[int]) -> list[str]:
+    """Lines of an aligned table as wide as the terminal (100 columns when it is not one):
+    the columns in `wrap` are word-wrapped into what the others leave (the last one gets
+    the most), the others are as wide as their longest cell."""
+    width = max(shutil.get_terminal_size((100, 24)).columns, 60)
+    cells = [list(header), *[list(row) for row in rows]]
+    widths = [max(len(row[c]) for row in cells) for c in range(len(header))]
+    fixed = sum(w + 2 for c, w in enumerate(widths) if c not in wrap)
+    room = width - fixed - 2 * (len(wrap) - 1)
+    *first, last = wrap
+    for column in first:  # a share of the room, never more than the column needs
+        widths[column] = min(widths[column], max(room // (len(wrap) + 1), len(header[column])))
+        room -= widths[column]
+    widths[last] = max(room, len(header[last]))
+    lines = []
+    for row in cells:
+        parts = [textwrap.wrap(text, widths[c]) or [""] for c, text in enumerate(row)]
+        for pieces in itertools.zip_longest(*parts, fillvalue=""):
+            line = "  ".join(f"{p:<{widths[c]}}" for c, p in enumerate(pieces))
+            lines.append(line.rstrip())
+    return lines
 
 
 def _cmd_dream(args: argparse.Namespace) -> int:

@@ -81,21 +81,24 @@ def layer_names(root: nn.Module) -> list[str]:
     return [name for name, _ in root.named_modules() if name]
 
 
+MAX_MESSAGE = 400  # characters of an unknown-layer error: a line, not a listing
+
+
 def get_module(root: nn.Module, name: str) -> nn.Module:
-    """The submodule called `name`, or a LayerError listing the valid names."""
+    """The submodule called `name`, or a LayerError naming the ≤ 5 closest names."""
     modules = dict(root.named_modules())
     if name and name in modules:
         return modules[name]
     names = layer_names(root)
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    listing = ", ".join(names)
-    if len(listing) > 1500:
-        listing = listing[:1500].rsplit(", ", 1)[0] + f", … ({len(names)} in all)"
-    raise LayerError(
-        f"no layer named {name!r}.{hint} Valid names (`cnnscan layers` shows them with "
-        f"shapes): {listing}"
-    )
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    shown = name if len(name) <= 60 else name[:59] + "…"
+    pointer = f"`cnnscan layers` lists all {len(names)} with their shapes"
+    while True:
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        message = f"no layer named {shown!r}.{hint} {pointer}."
+        if len(message) <= MAX_MESSAGE or not close:
+            raise LayerError(message)
+        close = close[:-1]
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ class ScanResult:
     model: Model
     image_name: str
     view: np.ndarray  # the RGB picture the model saw
+    preprocessing: str  # how it was made from the photo, and where that pipeline comes from
     predictions: list[dict[str, Any]]
     attributions: dict[str, Attribution]
     seconds: dict[str, float] = field(default_factory=dict)
@@ -195,6 +196,7 @@ def run_scan(
         model=model,
         image_name=image_name,
         view=view,
+        preprocessing=model.preprocessing.describe(origin=True),
         predictions=scan.predictions(top_k)[0],
         attributions={info.name: attributions[info.name] for info in _registry_order(infos)},
         seconds=seconds,
@@ -341,6 +343,7 @@ def write_report(result: ScanResult, out: str | Path, *, all_maps: bool = False)
         model_name=result.model.name,
         image_name=result.image_name,
         input_size=result.model.preprocessing.size,
+        preprocessing=result.preprocessing,
         device=str(result.model.device),
         generated=dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         version=cnnscan.__version__,

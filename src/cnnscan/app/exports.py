@@ -91,6 +91,7 @@ def report_html(
             model=workspace.model,
             image_name=workspace.picture.name,
             view=np.asarray(workspace.view),
+            preprocessing=workspace.model.preprocessing.describe(origin=True),
             predictions=workspace.prediction_rows(targets),
             attributions=attributions,
             seconds={c.method: workspace.seconds(c) for c in columns},

@@ -118,6 +118,7 @@ def header(ws: core.Workspace) -> None:
     with right, st.spinner("Running the model…"):
         rows = ws.predictions(5)
     right.markdown(f"**Top-5 of {ws.model.name}**")
+    right.caption(f"Preprocessing: {ws.model.preprocessing.describe(origin=True)}")
     right.table(
         [
             {

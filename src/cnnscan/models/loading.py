@@ -14,7 +14,7 @@ from cnnscan.models import onnx_keras, zoo
 from cnnscan.models.bundled import DEFAULT_ALIASES, load_default
 from cnnscan.models.labels import resolve_labels
 from cnnscan.models.model import Model, wrap_module
-from cnnscan.models.preprocessing import Preprocessing
+from cnnscan.models.preprocessing import Preprocessing, parse_preprocessing
 from cnnscan.models.weights import load_pickled_model
 from cnnscan.paths import file_problem
 
@@ -31,7 +31,7 @@ def load_model(
     *,
     weights: str | Path | None = "imagenet",
     labels: str | Path | list[str] | None = None,
-    preprocessing: Preprocessing | None = None,
+    preprocessing: Preprocessing | str | None = None,
     device: torch.device | str | None = None,
     trust_pickle: bool = False,
 ) -> Model:
@@ -43,12 +43,17 @@ def load_model(
     `trust_pickle=True`).
     `weights`: "imagenet" (bundled, cached or downloaded), None (random init), or a
     state-dict file (.pt/.pth loaded with `weights_only=True`, or .safetensors).
+    `preprocessing`: how the model wants its pixels, where the source does not say it (ONNX
+    and Keras files, modules) or to override it: a `Preprocessing`, or text for
+    `parse_preprocessing` at the model's input size ("inception", "imagenet,size=299", …).
     """
     if isinstance(source, Model):
         model = source
     elif isinstance(source, nn.Module) and onnx_keras.is_keras(source):
         model = onnx_keras.wrap_keras(source)
     elif isinstance(source, nn.Module):
+        if isinstance(preprocessing, str):  # at 224 px or its size=: the module cannot say
+            preprocessing = parse_preprocessing(preprocessing)
         model = wrap_module(source, type(source).__name__, preprocessing)
     elif source is None or str(source).lower() in DEFAULT_ALIASES:
         model = load_default(weights)
@@ -84,8 +89,11 @@ def load_model(
         )
     if labels is not None:
         model = replace(model, labels=resolve_labels(labels, model.num_classes))
+    if isinstance(preprocessing, str):
+        preprocessing = parse_preprocessing(preprocessing, model.preprocessing.size)
     if preprocessing is not None:
-        model = replace(model, preprocessing=preprocessing)
+        given = preprocessing if preprocessing.origin else replace(preprocessing, origin="given")
+        model = replace(model, preprocessing=given)
     if device is not None:
         try:
             model.module.to(device)

@@ -13,7 +13,7 @@ from cnnscan.engine.working_copy import forward_logits
 from cnnscan.errors import ModelError
 from cnnscan.images import load_image
 from cnnscan.models.labels import resolve_labels
-from cnnscan.models.preprocessing import Preprocessing
+from cnnscan.models.preprocessing import Preprocessing, assumed
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Model:
 
 def wrap_module(module: nn.Module, name: str, preprocessing: Preprocessing | None = None) -> Model:
     """A `Model` around a plain classifier module, with ImageNet labels for 1000 outputs."""
-    preprocessing = preprocessing or Preprocessing()
+    preprocessing = preprocessing or Preprocessing(origin=assumed("a module"))
     return Model(
         module=module,
         preprocessing=preprocessing,

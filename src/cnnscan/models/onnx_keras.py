@@ -24,13 +24,14 @@ from torch import nn
 
 from cnnscan.errors import ModelError
 from cnnscan.models.model import wrap_module
-from cnnscan.models.preprocessing import Preprocessing
+from cnnscan.models.preprocessing import assumed, preset
 
 
 # -- ONNX ----------------------------------------------------------------------------------------
 def load_onnx(path: Path) -> Any:
     """An ONNX classifier converted to a torch.fx module, with its input size as preprocessing
-    (mean/std are not stored in ONNX files: ImageNet's unless `preprocessing=` is given)."""
+    (the rest is not stored in ONNX files: the `imagenet` preset is assumed unless
+    `load_model(..., preprocessing=)` says otherwise)."""
 
     try:
         import onnx
@@ -56,7 +57,8 @@ def load_onnx(path: Path) -> Any:
             f"onnx2torch cannot convert {path} ({_first_line(e)}); opset 17 exports convert "
             "best: torch.onnx.export(..., dynamo=False, opset_version=17)"
         ) from e
-    return wrap_module(module.eval(), path.stem, Preprocessing(size=_onnx_size(proto)))
+    preprocessing = preset("imagenet", _onnx_size(proto), origin=assumed("an ONNX file"))
+    return wrap_module(module.eval(), path.stem, preprocessing)
 
 
 def _onnx_size(proto: Any) -> tuple[int, int]:
@@ -120,13 +122,15 @@ def load_keras(path: Path, *, trust_pickle: bool = False) -> Any:
 
 def wrap_keras(model: nn.Module, name: str | None = None) -> Any:
     """A Keras model as a `Model`: NCHW input, layers as named submodules, input size from
-    the model (mean/std are not stored in Keras models: ImageNet's unless given)."""
+    the model (the rest is not stored in Keras models: the `imagenet` preset is assumed
+    unless `load_model(..., preprocessing=)` says otherwise)."""
 
     _keras()
     module = KerasModule(model)
     shape = tuple(getattr(model, "input_shape", None) or ())
     size = shape[1:3] if len(shape) == 4 and all(isinstance(d, int) for d in shape[1:3]) else None
-    return wrap_module(module, name or model.name, Preprocessing(size=size or (224, 224)))
+    preprocessing = preset("imagenet", size or (224, 224), origin=assumed("a Keras model"))
+    return wrap_module(module, name or model.name, preprocessing)
 
 
 class _KerasLayer(nn.Module):

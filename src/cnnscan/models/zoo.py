@@ -124,15 +124,32 @@ def load_named(name: str, weights: str | Path | None) -> Any:
 
 
 def _unknown(name: str) -> str:
-    names = list_models()
-    close = difflib.get_close_matches(name.lower(), [n.lower() for n in names], n=5, cutoff=0.5)
-    originals = {n.lower(): n for n in names}
-    hint = f" Did you mean: {', '.join(originals[c] for c in close)}?" if close else ""
+    """The error for an unknown name: the ≤ 5 closest architectures, each named once (a Keras
+    name, its torchvision or timm equivalent and `timm:NAME` are one architecture), in the
+    spelling closest to what was typed."""
+    spellings: dict[str, list[str]] = {}
+    for known in list_models():
+        spellings.setdefault(_architecture(known), []).append(known)
+    close = difflib.get_close_matches(name.lower(), list(spellings), n=5, cutoff=0.5)
+
+    def likeness(spelling: str) -> float:
+        return difflib.SequenceMatcher(None, name, spelling).ratio()
+
+    suggestions = [max(spellings[key], key=likeness) for key in close]
+    hint = f" Did you mean: {', '.join(suggestions)}?" if close else ""
     extra = "" if timm_available() else " For timm's models: pip install 'cnnscan[timm]'."
     return (
         f"unknown model {name!r}.{hint} Use a name from cnnscan.list_models() (CLI: cnnscan "
         f"models), an nn.Module, or a file (.pt/.pth, .onnx, .keras).{extra}"
     )
+
+
+def _architecture(name: str) -> str:
+    """What a listed name loads, lower-case and without a library prefix (a Keras name: its
+    first equivalent)."""
+    candidates = KERAS_APPLICATIONS.get(name, ((),))[0]
+    loaded = candidates[0] if candidates else name
+    return loaded.lower().removeprefix(TIMM_PREFIX).removeprefix(TORCHVISION_PREFIX)
 
 
 def keras_equivalent(name: str) -> str:
@@ -179,19 +196,24 @@ def _torchvision(name: str, weights: str | Path | None) -> Any:
         if weights is not None:
             load_weights(module, weights)
     module.eval()
-    transform = default_weights.transforms()
-    preprocessing = Preprocessing(
+    model = wrap_module(module, name, torchvision_preprocessing(default_weights))
+    categories = default_weights.meta.get("categories")
+    if categories and len(categories) == model.num_classes:
+        model = replace(model, labels=tuple(categories))
+    return model
+
+
+def torchvision_preprocessing(weights: Any) -> Preprocessing:
+    """The eval transform of torchvision weights (`weights.transforms()`) as a Preprocessing."""
+    transform = weights.transforms()
+    return Preprocessing(
         size=(transform.crop_size[0],) * 2,
         resize_shorter=transform.resize_size[0],
         interpolation=transform.interpolation.value,
         mean=tuple(transform.mean),
         std=tuple(transform.std),
+        origin=f"torchvision's {weights}",
     )
-    model = wrap_module(module, name, preprocessing)
-    categories = default_weights.meta.get("categories")
-    if categories and len(categories) == model.num_classes:
-        model = replace(model, labels=tuple(categories))
-    return model
 
 
 # -- timm ----------------------------------------------------------------------------------------
@@ -269,6 +291,7 @@ def timm_preprocessing(config: dict[str, Any]) -> Preprocessing:
         "interpolation": config.get("interpolation") or "bilinear",
         "mean": tuple(config["mean"]),
         "std": tuple(config["std"]),
+        "origin": "timm's pretrained config",
     }
     if config.get("crop_mode") == "squash" or height != width:
         return Preprocessing(resize_to=scaled, **common)
