@@ -150,33 +150,34 @@ def fem(
 
 
 # -- Deep feature factorization: concepts by NMF of the activations -------------------------
-def _cd_update(x: torch.Tensor, w: torch.Tensor, ht: torch.Tensor) -> float:
+def _cd_update(x: np.ndarray, w: np.ndarray, ht: np.ndarray) -> float:
     """One cyclic coordinate-descent pass over the columns of w (in place) for
     min ‖x − w htᵀ‖², w ≥ 0 (scikit-learn's `_update_cdnmf_fast`, rows updated together):
-    returns the projected-gradient violation before the pass."""
+    returns the projected-gradient violation before the pass. In numpy: the matrices are
+    small and a pass is a few dozen tiny operations, where torch's per-call cost dominates."""
     hht = ht.T @ ht
     xht = x @ ht
     violation = 0.0
     for t in range(w.shape[1]):
         grad = w @ hht[:, t] - xht[:, t]
-        projected = torch.where(w[:, t] == 0, grad.clamp_max(0), grad)
-        violation += float(projected.abs().sum())
+        column = w[:, t]
+        violation += float(np.abs(np.where(column == 0, np.minimum(grad, 0), grad)).sum())
         if hht[t, t] != 0:
-            w[:, t] = (w[:, t] - grad / hht[t, t]).clamp_min(0)
+            w[:, t] = np.maximum(column - grad / hht[t, t], 0)
     return violation
 
 
 def _nmf(
-    x: torch.Tensor, n_components: int, seed: int, tol: float = 1e-4, max_iter: int = 200
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: np.ndarray, n_components: int, seed: int, tol: float = 1e-4, max_iter: int = 200
+) -> tuple[np.ndarray, np.ndarray]:
     """x (S, F) ≥ 0 ≈ w (S, n) · h (n, F): scikit-learn's NMF(init="random", solver="cd")
     with the same initial factors (|N(0, 1)| · √(mean x / n) from numpy's RandomState(seed),
     h drawn first) and stopping rule, in float64."""
     rng = np.random.RandomState(seed)
-    scale = float(np.sqrt(float(x.mean()) / n_components))
-    h = torch.from_numpy(np.abs(rng.standard_normal((n_components, x.shape[1])))) * scale
-    w = torch.from_numpy(np.abs(rng.standard_normal((x.shape[0], n_components)))) * scale
-    w, ht = w.to(x), h.T.contiguous().to(x)
+    scale = np.sqrt(x.mean() / n_components)
+    h = np.abs(rng.standard_normal((n_components, x.shape[1]))) * scale
+    w = np.abs(rng.standard_normal((x.shape[0], n_components))) * scale
+    ht = np.ascontiguousarray(h.T)
     first = None
     for _ in range(max_iter):
         violation = _cd_update(x, w, ht) + _cd_update(x.T, ht, w)
@@ -217,11 +218,11 @@ def dff(
     n, k, h, w = acts.shape
     maps, embeddings = [], []
     for image in acts:
-        x = image.reshape(k, h * w).double()
-        offset = x.amin(dim=1, keepdim=True)
+        x = image.reshape(k, h * w).double().cpu().numpy()
+        offset = x.min(axis=1, keepdims=True)
         concepts, factors = _nmf(x - offset, n_components, seed)
-        embeddings.append((concepts + offset).T.to(acts.dtype))
-        maps.append(factors.view(n_components, h, w).to(acts.dtype))
+        embeddings.append(torch.from_numpy((concepts + offset).T).to(acts))
+        maps.append(torch.from_numpy(factors.reshape(n_components, h, w)).to(acts))
     embeddings_t, maps_t = torch.stack(embeddings), torch.stack(maps)
     rows = torch.arange(n, device=acts.device).repeat_interleave(n_components)
     everywhere = embeddings_t.reshape(-1, k, 1, 1).expand(-1, k, h, w)
