@@ -186,12 +186,14 @@ _register_gradient_cam(
     _gradcam_elementwise,
     description="Grad-CAM element-wise: relu(gradient × activation) summed over channels.",
     paper="pytorch-grad-cam's GradCAMElementWise (Gildenblat et al. 2021)",
+    in_default_scan=False,
 )
 _register_gradient_cam(
     "eigengradcam",
     _eigengradcam,
     description="Eigen-Grad-CAM: first principal component of gradient × activation.",
     paper="Muhammad & Yeasin 2020, arXiv:2008.00299 (with gradients: pytorch-grad-cam)",
+    in_default_scan=False,
 )
 
 
@@ -235,6 +237,7 @@ def layercam(
     "scored most like it, Σ_j p_j (y_c − α y_j) / Σ_j p_j.",
     cost="1 backward per target",
     paper="Zhang et al. 2025, arXiv:2501.11309",
+    in_default_scan=False,
 )
 def finercam(
     scan: Scan,
@@ -388,6 +391,7 @@ def _rescaled(maps: torch.Tensor) -> torch.Tensor:
     "ψ(|b · ∂y/∂output|) per channel upsampled to the input (ψ: min-max per channel).",
     cost="1 backward per target",
     paper="Srinivas & Fleuret 2019, arXiv:1905.00780",
+    in_default_scan=False,
 )
 def fullgrad(scan: Scan, targets: torch.Tensor) -> MethodResult:
     """The bias gradients of every layer come from the one backward per target that also

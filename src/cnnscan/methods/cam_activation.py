@@ -98,6 +98,7 @@ def _kernel_component(acts: torch.Tensor, kernel: str, gamma: float | None) -> t
     "component (class-agnostic; sigmoid kernel by default).",
     cost="one (h·w)² eigendecomposition per image",
     paper="Karmani et al. 2024, arXiv:2410.00267",
+    in_default_scan=False,
 )
 def kpcacam(
     scan: Scan,
@@ -134,7 +135,8 @@ def kpcacam(
     description="FEM: each channel weighted by the share of its positions above its mean + "
     "k·std (class-agnostic).",
     cost="free (no backward)",
-    paper="Ahmed Asif Fuad et al. 2020, IPTA (hal-02963298)",
+    paper="Fuad et al. 2020, IPTA (hal-02963298)",
+    in_default_scan=False,
 )
 def fem(
     scan: Scan, targets: torch.Tensor, *, layer: str | None = None, n_std: float = 2.0
@@ -196,6 +198,7 @@ def _nmf(
     "target shows the concept the rest of the network scores most probable for it.",
     cost="one NMF + 1 head-only forward per concept",
     paper="Collins et al. 2018, arXiv:1806.10206",
+    in_default_scan=False,
 )
 def dff(
     scan: Scan,
