@@ -28,19 +28,35 @@ def small_resnet18():
     return cnnscan.load_model(module), x, module, module.layer3, "layer3"
 
 
+@pytest.fixture(scope="module")
+def small_vgg11():
+    """Random vgg11 at 64 px, features (512 channels at 2 × 2)."""
+    torch.manual_seed(0)
+    module = torchvision.models.vgg11(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    return cnnscan.load_model(module), x, module, module.features, "features"
+
+
+# The peers run every channel mask per sample and target: vgg11 and the default model (1,280
+# channels at 224 px, kept to one sample) are marked slow.
 SETUPS = [
     "small_resnet18",
-    pytest.param("cam_vgg11", marks=SLOW),
+    pytest.param("small_vgg11", marks=SLOW),
     pytest.param("cam_default", marks=SLOW),
 ]
+
+
+def _samples(setup: str) -> int:
+    return 1 if setup == "cam_default" else 2
 
 
 @pytest.mark.parametrize("setup", SETUPS)
 def test_iscam_matches_torchcam(setup, request):
     model, x, peer, peer_layer, layer = request.getfixturevalue(setup)
     targets = class_ids(model, x, k=2)
-    attr = cnnscan.explain(model, x, "iscam", targets=targets, layer=layer, n_samples=2)
-    with tcm.ISCAM(peer, target_layer=peer_layer, num_samples=2) as extractor:
+    n = _samples(setup)
+    attr = cnnscan.explain(model, x, "iscam", targets=targets, layer=layer, n_samples=n)
+    with tcm.ISCAM(peer, target_layer=peer_layer, num_samples=n) as extractor:
         for t, class_id in enumerate(targets):
             theirs = extractor(class_idx=class_id, scores=peer(x))[0][0]
             assert pearson(attr.maps[0, t, 0], theirs) > 0.999, (setup, class_id)
@@ -52,8 +68,9 @@ def test_sscam_matches_torchcam_with_the_same_noise(setup, request):
     the map, so the maps agree once both are min-max normalized (torchcam's output)."""
     model, x, peer, peer_layer, layer = request.getfixturevalue(setup)
     targets = class_ids(model, x, k=2)
-    attr = cnnscan.explain(model, x, "sscam", targets=targets, layer=layer, n_samples=2, seed=5)
-    with tcm.SSCAM(peer, target_layer=peer_layer, num_samples=2) as extractor:
+    n = _samples(setup)
+    attr = cnnscan.explain(model, x, "sscam", targets=targets, layer=layer, n_samples=n, seed=5)
+    with tcm.SSCAM(peer, target_layer=peer_layer, num_samples=n) as extractor:
         for t, class_id in enumerate(targets):
             scores = peer(x)
             torch.manual_seed(5)

@@ -216,6 +216,7 @@ def dff(
     its class. Everything is in `extras["concepts"]`: maps (N, n, h, w), embeddings
     (N, n, K), probabilities (N, n, classes); `extras["concept"]` (N, T) is the one shown."""
     n_components = count("n_components", n_components)
+    seed = count("seed", seed, minimum=0)
     layer = layer_name(scan, layer)
     acts = spatial_activations(scan, layer)
     n, k, h, w = acts.shape
