@@ -1,4 +1,5 @@
-"""Shared fixtures: the bundled default model is loaded once per test session."""
+"""Shared fixtures: the bundled default model is loaded once per test session; the CAM
+tests' three setups (model, input, the module the peer libraries hook, that layer, its name)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision
 from helpers import DOMESTIC_CATS
 
 import cnnscan
+from cnnscan.layers import unshare
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -104,3 +108,28 @@ def browser():
         )
         yield chromium
         chromium.close()
+
+
+@pytest.fixture(scope="module")
+def cam_default():
+    model = cnnscan.load_model()
+    x = model.preprocess("sample:chelsea")
+    # Peers hook modules: give the head's call of the shared `_swish` its own module.
+    peer = unshare(model.module, "_swish", x).eval()
+    return model, x, peer, peer._swish.calls[1], "_swish@1"
+
+
+@pytest.fixture(scope="module")
+def cam_resnet18():
+    torch.manual_seed(0)
+    module = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(1, 3, 160, 160, generator=torch.Generator().manual_seed(1))
+    return cnnscan.load_model(module), x, module, module.layer4, "layer4"
+
+
+@pytest.fixture(scope="module")
+def cam_vgg11():
+    torch.manual_seed(0)
+    module = torchvision.models.vgg11(weights=None).eval()
+    x = torch.randn(1, 3, 160, 160, generator=torch.Generator().manual_seed(2))
+    return cnnscan.load_model(module), x, module, module.features, "features"

@@ -1,5 +1,6 @@
 """Shared by the tests: tiny hand-built networks, a model-integrity snapshot, zennit as an
-LRP reference, and readers for the HTML and PNG the library writes."""
+LRP reference, map comparisons with the CAM libraries, and readers for the HTML and PNG the
+library writes."""
 
 from __future__ import annotations
 
@@ -19,6 +20,33 @@ from torch import nn
 from torch.nn.modules import module as module_globals
 
 DOMESTIC_CATS = range(281, 286)  # ImageNet's tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def pearson(a, b) -> float:
+    """Pearson r of two maps (tensors or arrays of any shape), in float64."""
+    a = torch.as_tensor(np.asarray(a), dtype=torch.float64).flatten()
+    b = torch.as_tensor(np.asarray(b), dtype=torch.float64).flatten()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()))
+
+
+def minmax(x: torch.Tensor) -> torch.Tensor:
+    x = x - x.min()
+    return x / x.max().clamp_min(1e-12)
+
+
+def ours_at_input(attr: Any, t: int) -> torch.Tensor:
+    """Our map for target t, upsampled and min-max normalized (what the CAM libraries return)."""
+    return minmax(attr.upsample()[0, t, 0])
+
+
+def class_ids(model: Any, x: torch.Tensor, k: int = 3) -> list[int]:
+    """The model's top-k classes for the first image."""
+    import cnnscan
+
+    return [p["class_id"] for p in cnnscan.predict(model, x, k=k)[0]]
+
+
 RELU_FORMS = ("module", "module_inplace", "functional", "torch", "method", "method_inplace")
 RELU6_FORMS = ("relu6_module", "relu6_functional", "hardtanh")
 

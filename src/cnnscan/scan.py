@@ -433,6 +433,50 @@ class Scan:
             dim=1,
         )
 
+    def layer_gradients_of(
+        self, layer: str | LayerRef, output: torch.Tensor, *, create_graph: bool = False
+    ) -> torch.Tensor:
+        """d Σ output / d activations(layer) for a tensor computed from this scan's `logits`
+        (a contrast of classes, a softmax utility), through the part after the layer; zeros
+        if it does not depend on the layer. `create_graph` keeps the result differentiable
+        (second derivatives w.r.t. the activations)."""
+        acts = self.activations(layer)
+        with self.switch.use("standard"):
+            (grad,) = torch.autograd.grad(
+                output.sum(), acts, retain_graph=True, create_graph=create_graph, allow_unused=True
+            )
+        return torch.zeros_like(acts) if grad is None else grad
+
+    def input_and_layer_gradients(
+        self, targets: torch.Tensor, layers: Sequence[str | LayerRef]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """d logit[target] / d input (N, T, 3, H, W) and / d the output of each of `layers`
+        ((N, T, *shape) each, zeros where a layer does not reach the logit), from one backward
+        per target for all of them (FullGrad reads dozens of layers)."""
+        refs = [LayerRef.parse(layer) for layer in layers]
+        for ref in refs:
+            get_module(self.model.module, ref.name)
+        missing = [ref for ref in refs if ref not in self._layers]
+        self._layers.extend(missing)
+        if missing and not self._capture_all:
+            self._forward()
+        overwritten = {ref.name for ref in refs if self._captured.overwritten(ref)}
+        if overwritten:  # one more forward protects all of them at once
+            self._protected |= overwritten
+            self._forward()
+        acts = [self._captured[ref] for ref in refs]
+        inputs, per_layer = [], [[] for _ in refs]
+        for t in range(targets.shape[1]):
+            selected = self.logits.gather(1, targets[:, t : t + 1]).sum()
+            with self.switch.use("standard"):
+                grads = torch.autograd.grad(
+                    selected, [self._x, *acts], retain_graph=True, allow_unused=True
+                )
+            inputs.append(grads[0])
+            for i, (grad, act) in enumerate(zip(grads[1:], acts, strict=True)):
+                per_layer[i].append(torch.zeros_like(act) if grad is None else grad)
+        return torch.stack(inputs, dim=1), [torch.stack(g, dim=1) for g in per_layer]
+
     # -- running the model ---------------------------------------------------------------
     @contextmanager
     def runner(self) -> Iterator[nn.Module]:

@@ -133,14 +133,22 @@ class Run:
 
 
 def _options(chosen_settings: Settings, info: MethodInfo, scan: Scan) -> dict[str, Any]:
-    """The gallery's options for a method (counts lowered)."""
+    """The gallery's options for a method (counts lowered, never raised: SS-CAM's 35 noise
+    samples per channel are not LIME's 1000 coalitions)."""
     takes = info.options()
     chosen = {key: value for key, value in chosen_settings.quick.items() if key in takes}
     if not info.in_default_scan:
         chosen.update({key: value for key, value in chosen_settings.slow.items() if key in takes})
         if chosen_settings.early_slow_layers and info.space == "layer" and "layer" in takes:
             chosen["layer"] = depth_layers(scan.layer_table())[0]
-    return chosen
+    return {
+        key: min(value, takes[key]) if _is_count(takes[key]) and _is_count(value) else value
+        for key, value in chosen.items()
+    }
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def compute(log: Any = print, chosen: Settings | None = None) -> Run:

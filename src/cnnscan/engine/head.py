@@ -61,9 +61,20 @@ def head_of(runner: nn.Module, ref: LayerRef, inputs: torch.Tensor) -> Head:
         return Head(_hooked_head(runner, ref, inputs), traced=False)
 
     def run(activations: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return split.head(activations, inputs[rows], *(v[rows] for v in per_image), *constant)
+        per_row = (v[rows] for v in per_image)
+        return split.head(activations, _input_rows(inputs, rows), *per_row, *constant)
 
     return Head(run, traced=True)
+
+
+def _input_rows(inputs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """inputs[rows]; a broadcast view instead of a copy when every row is the same image (the
+    usual batch of edited copies of one image: the head reads the input for its sizes, if at
+    all, and copying the image per row cost more than the head itself on the default model).
+    Values saved from before the layer stay copies: the head may write into those."""
+    if len(rows) > 1 and bool((rows == rows[0]).all()):
+        return inputs[rows[:1]].expand(len(rows), *inputs.shape[1:])
+    return inputs[rows]
 
 
 def _split(runner: nn.Module, ref: LayerRef) -> _Split:

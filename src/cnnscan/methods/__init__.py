@@ -1,8 +1,15 @@
-"""Explanation methods: the registry (`registry`), one module per family (`gradient`, `cam`,
-`lrp`, `perturbation`), and the pieces they share (`baselines`, `superpixels`, `options`).
-Importing this package registers every family."""
+"""Explanation methods: the registry (`registry`), one module per family (`gradient`, `cam`
+with `cam_activation` and `cam_perturbation`, `lrp`, `perturbation`), and the pieces they
+share (`baselines`, `superpixels`, `options`). Importing this package registers every family."""
 
-from cnnscan.methods import cam, gradient, lrp, perturbation  # noqa: F401  (register the families)
+from cnnscan.methods import (  # noqa: F401  (register the families)
+    cam,
+    cam_activation,
+    cam_perturbation,
+    gradient,
+    lrp,
+    perturbation,
+)
 from cnnscan.methods.options import check_options
 from cnnscan.methods.registry import (
     FAMILIES,

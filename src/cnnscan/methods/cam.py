@@ -1,10 +1,13 @@
-"""CAM family: class activation maps at a layer, from the scan's shared forward.
+"""CAM family, gradient CAMs: class activation maps at a layer from the scan's shared forward.
 
-Every method here combines the layer's activations A (N, K, h, w) into one map per target.
-The gradient CAMs differ only in how they weigh A with the gradients g of the target logit
-w.r.t. A (taken once per target from the shared forward, through the part of the network
-after the layer); Score-CAM and Ablation-CAM run extra forwards, Ablation-CAM only through
-the part after the layer. Maps are relu'd; the raw map is kept in `extras["raw"]`.
+Every method here combines the layer's activations A (N, K, h, w) with gradients g of a
+target's score w.r.t. A (taken once per target from the shared forward, through the part of
+the network after the layer) into one map per target. Most differ only in that combination
+(a combiner registered by `_register_gradient_cam`); Finer-CAM and Shapley-CAM change what is
+differentiated, Smooth Grad-CAM++ averages the gradients over noisy inputs, FullGrad sums
+gradient × bias over every layer. Maps are relu'd; the raw map is kept in `extras["raw"]`.
+The activation-only CAMs are in `cam_activation`, those that run extra forwards in
+`cam_perturbation`.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from cnnscan.attribution import minmax_maps, resize_maps
 from cnnscan.errors import LayerError, MethodError
+from cnnscan.layers import LayerRef, get_module
+from cnnscan.methods.gradient import NoisyInputs, input_span
+from cnnscan.methods.options import count, generator, number
 from cnnscan.methods.registry import MethodResult, register
 
 if TYPE_CHECKING:
@@ -27,7 +31,8 @@ if TYPE_CHECKING:
 _EPS = 1e-7
 
 
-def _layer_name(scan: Scan, layer: str | None) -> str:
+def layer_name(scan: Scan, layer: str | None) -> str:
+    """`layer`, or the scan's default CAM layer (the last spatial one) when None."""
     return scan.default_layer() if layer is None else str(layer)
 
 
@@ -47,18 +52,32 @@ def _is_spatial(shape: tuple[int, ...] | None) -> bool:
     return shape is not None and len(shape) == 3 and shape[1] * shape[2] > 1
 
 
-def _combine(weights: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+def weighted_sum(weights: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
     """Σ_k w[n, t, k] · A[n, k]: (N, T, h, w)."""
     return torch.einsum("ntk,nkhw->nthw", weights, acts)
 
 
-def _result(raw: torch.Tensor, layer: str, extras: dict[str, Any] | None = None) -> MethodResult:
-    """Relu'd maps (N, T, 1, h, w) with the raw map kept in extras."""
+def cam_result(raw: torch.Tensor, layer: str, extras: dict[str, Any] | None = None) -> MethodResult:
+    """Relu'd maps (N, T, 1, h, w) from raw maps (N, T, h, w), the raw map kept in extras."""
     raw = raw.unsqueeze(2)
     return MethodResult(raw.clamp_min(0), {"raw": raw, **(extras or {})}, layer=layer)
 
 
-def _unused_targets(grads: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+def first_component(x: torch.Tensor) -> torch.Tensor:
+    """Projection of the centred positions of x (..., K, h, w) on their first principal
+    component: (..., h, w). SVD leaves the sign open; it is flipped so that the largest
+    magnitude is positive, as in Seg-Eigen-CAM (Chung & Ying 2025, eq. 13)."""
+    *lead, k, h, w = x.shape
+    flat = x.reshape(-1, k, h * w).transpose(1, 2).double()  # (B, hw, K)
+    centred = flat - flat.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    projection = (centred @ vh[:, 0, :].unsqueeze(-1)).squeeze(-1)  # (B, hw)
+    flip = projection.amin(dim=1).abs() > projection.amax(dim=1).abs()
+    projection = torch.where(flip.unsqueeze(1), -projection, projection)
+    return projection.to(x.dtype).view(*lead, h, w)
+
+
+def unused_targets(grads: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
     """Say so when a target's logit does not depend on the layer (its map is all zeros)."""
     dead = (grads.flatten(2) == 0).all(dim=2)  # (N, T)
     if not bool(dead.any()):
@@ -72,23 +91,39 @@ GradCombiner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _gradcam(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    return _combine(grads.mean(dim=(-2, -1)), acts)
+    return weighted_sum(grads.mean(dim=(-2, -1)), acts)
+
+
+def _gradcam_pp_moments(
+    acts: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, d3: torch.Tensor
+) -> torch.Tensor:
+    """Grad-CAM++ from the first three gradient moments (paper eq. 19: α = g² / (2g² + g³ Σ A));
+    plain Grad-CAM++ has d_p = g^p, Smooth Grad-CAM++ their means over noisy inputs."""
+    total = acts.sum(dim=(-2, -1), keepdim=True).unsqueeze(1)  # Σ_ab A_k(a, b)
+    alpha = torch.where(d2 != 0, d2 / (2 * d2 + total * d3 + 1e-6), 0.0)
+    return weighted_sum((alpha * d1.clamp_min(0)).sum(dim=(-2, -1)), acts)
 
 
 def _gradcam_pp(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     g2 = grads * grads
-    total = acts.sum(dim=(-2, -1), keepdim=True).unsqueeze(1)  # Σ_ab A_k(a, b)
-    alpha = torch.where(grads != 0, g2 / (2 * g2 + total * g2 * grads + 1e-6), 0.0)
-    return _combine((alpha * grads.clamp_min(0)).sum(dim=(-2, -1)), acts)
+    return _gradcam_pp_moments(acts, grads, g2, g2 * grads)
 
 
 def _xgradcam(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     share = acts / (acts.sum(dim=(-2, -1), keepdim=True) + _EPS)
-    return _combine((grads * share.unsqueeze(1)).sum(dim=(-2, -1)), acts)
+    return weighted_sum((grads * share.unsqueeze(1)).sum(dim=(-2, -1)), acts)
 
 
 def _hirescam(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     return (grads * acts.unsqueeze(1)).sum(dim=2)
+
+
+def _gradcam_elementwise(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    return (grads * acts.unsqueeze(1)).clamp_min(0).sum(dim=2)
+
+
+def _eigengradcam(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    return first_component(grads * acts.unsqueeze(1))
 
 
 def _layercam(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -99,16 +134,21 @@ def layer_cam_map(scan: Scan, targets: torch.Tensor, layer: str, combine: GradCo
     """(raw map (N, T, h, w), extras) of a gradient CAM at one layer."""
     acts = spatial_activations(scan, layer)
     grads = scan.layer_gradients(layer, targets)
-    return combine(acts, grads), _unused_targets(grads, targets)
+    return combine(acts, grads), unused_targets(grads, targets)
+
+
+# Every gradient combiner by method name: Finer-CAM applies any of them to its contrast.
+_COMBINERS: dict[str, GradCombiner] = {"layercam": _layercam}
 
 
 def _register_gradient_cam(name: str, combine: GradCombiner, **info: Any) -> None:
     def method(scan: Scan, targets: torch.Tensor, *, layer: str | None = None) -> MethodResult:
-        layer = _layer_name(scan, layer)
+        layer = layer_name(scan, layer)
         raw, extras = layer_cam_map(scan, targets, layer, combine)
-        return _result(raw, layer, extras)
+        return cam_result(raw, layer, extras)
 
     method.__doc__ = info["description"]
+    _COMBINERS[name] = combine
     register(name, family="cam", space="layer", signed=False, cost="1 backward per target", **info)(
         method
     )
@@ -141,6 +181,20 @@ _register_gradient_cam(
     "(faithful to the model for a GAP head).",
     paper="Draelos & Carin 2020, arXiv:2011.08891",
 )
+_register_gradient_cam(
+    "gradcam_elementwise",
+    _gradcam_elementwise,
+    description="Grad-CAM element-wise: relu(gradient × activation) summed over channels.",
+    paper="pytorch-grad-cam's GradCAMElementWise (Gildenblat et al. 2021)",
+    in_default_scan=False,
+)
+_register_gradient_cam(
+    "eigengradcam",
+    _eigengradcam,
+    description="Eigen-Grad-CAM: first principal component of gradient × activation.",
+    paper="Muhammad & Yeasin 2020, arXiv:2008.00299 (with gradients: pytorch-grad-cam)",
+    in_default_scan=False,
+)
 
 
 @register(
@@ -162,15 +216,202 @@ def layercam(
     if not layers:
         raise MethodError("layercam needs at least one layer")
     if len(layers) == 1:
-        name = _layer_name(scan, layers[0])
+        name = layer_name(scan, layers[0])
         raw, extras = layer_cam_map(scan, targets, name, _layercam)
-        return _result(raw, name, extras)
-    names = [_layer_name(scan, name) for name in layers]
+        return cam_result(raw, name, extras)
+    names = [layer_name(scan, name) for name in layers]
     maps = [layer_cam_map(scan, targets, name, _layercam)[0].clamp_min(0) for name in names]
     size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
     scaled = [torch.tanh(2 * minmax_maps(m)) for m in maps]
     fused = torch.stack([resize_maps(m.unsqueeze(2), tuple(size)) for m in scaled]).amax(dim=0)
     return MethodResult(fused, {"layers": names}, layer=",".join(names))
+
+
+# -- CAMs of another score: a contrast of classes, a softmax utility --------------------------
+@register(
+    "finercam",
+    family="cam",
+    space="layer",
+    signed=False,
+    description="Finer-CAM: a gradient CAM of the target's logit minus those of the classes "
+    "scored most like it, Σ_j p_j (y_c − α y_j) / Σ_j p_j.",
+    cost="1 backward per target",
+    paper="Zhang et al. 2025, arXiv:2501.11309",
+    in_default_scan=False,
+)
+def finercam(
+    scan: Scan,
+    targets: torch.Tensor,
+    *,
+    layer: str | None = None,
+    n_similar: int = 3,
+    alpha: float = 1.0,
+    base: str = "gradcam",
+) -> MethodResult:
+    """The compared classes j are the `n_similar` whose logits are closest to the target's;
+    p is the softmax, differentiated too (as pytorch-grad-cam's FinerWeightedTarget does).
+    `base` names the gradient CAM applied to the contrast's gradients."""
+    n_similar = count("n_similar", n_similar)
+    alpha = number("alpha", alpha)
+    if base not in _COMBINERS:
+        raise MethodError(f"base must be one of {', '.join(_COMBINERS)}, got {base!r}")
+    layer = layer_name(scan, layer)
+    acts = spatial_activations(scan, layer)
+    logits = scan.logits
+    n_similar = min(n_similar, logits.shape[1] - 1)
+    if n_similar < 1:
+        raise MethodError("finercam needs a model with at least two classes")
+    columns, compared = [], []
+    for t in range(targets.shape[1]):
+        target = targets[:, t : t + 1]
+        distance = (logits.detach() - logits.detach().gather(1, target)).abs()
+        distance.scatter_(1, target, float("inf"))  # never compare a class with itself
+        similar = distance.topk(n_similar, dim=1, largest=False).indices  # (N, k)
+        p = logits.softmax(dim=1).gather(1, similar)
+        contrast = (p * (logits.gather(1, target) - alpha * logits.gather(1, similar))).sum(1)
+        columns.append(scan.layer_gradients_of(layer, contrast / (p.sum(1) + 1e-9)).detach())
+        compared.append(similar)
+    grads = torch.stack(columns, dim=1)
+    extras = {"compared": torch.stack(compared, dim=1), **unused_targets(grads, targets)}
+    return cam_result(_COMBINERS[base](acts, grads), layer, extras)
+
+
+_UTILITIES = ("rest", "logit")
+
+
+@register(
+    "shapleycam",
+    family="cam",
+    space="layer",
+    signed=False,
+    description="Shapley-CAM: channels weighted by the mean of g − ½ H·A (gradient and "
+    "Hessian-vector product of the ReST utility 2y_c − logsumexp y).",
+    cost="2 backwards per target (one of them second-order)",
+    paper="Cai 2025, arXiv:2501.06261",
+)
+def shapleycam(
+    scan: Scan, targets: torch.Tensor, *, layer: str | None = None, utility: str = "rest"
+) -> MethodResult:
+    """`utility="rest"` (the paper's) explains y_c + log softmax_c(y); `"logit"` explains
+    y_c, whose Hessian is zero through piecewise-linear heads (Shapley-CAM is Grad-CAM there)."""
+    if utility not in _UTILITIES:
+        raise MethodError(f"utility must be one of {_UTILITIES}, got {utility!r}")
+    layer = layer_name(scan, layer)
+    acts = spatial_activations(scan, layer)
+    graph_acts = scan.activations(layer)
+    columns = []
+    for t in range(targets.shape[1]):
+        score = scan.logits.gather(1, targets[:, t : t + 1]).squeeze(1)
+        if utility == "rest":
+            score = 2 * score - scan.logits.logsumexp(dim=1)
+        grad = scan.layer_gradients_of(layer, score, create_graph=True)
+        hvp = None
+        if grad.requires_grad:
+            (hvp,) = torch.autograd.grad(
+                grad, graph_acts, grad_outputs=acts, retain_graph=True, allow_unused=True
+            )
+        columns.append(grad.detach() if hvp is None else (grad - 0.5 * hvp).detach())
+    grads = torch.stack(columns, dim=1)
+    return cam_result(_gradcam(acts, grads), layer, unused_targets(grads, targets))
+
+
+# -- Smooth Grad-CAM++: gradient moments averaged over noisy inputs --------------------------
+@register(
+    "smoothgradcam_pp",
+    family="cam",
+    space="layer",
+    signed=False,
+    description="Smooth Grad-CAM++: Grad-CAM++ with the gradient moments g, g², g³ averaged "
+    "over noisy copies of the input.",
+    cost="n_samples forwards + n_samples backwards per target",
+    paper="Omeiza et al. 2019, arXiv:1908.01224",
+    in_default_scan=False,
+)
+def smoothgradcam_pp(
+    scan: Scan,
+    targets: torch.Tensor,
+    *,
+    layer: str | None = None,
+    n_samples: int = 25,
+    noise_level: float = 0.15,
+    seed: int | None = 0,
+) -> MethodResult:
+    """Noise as in `smoothgrad`: σ = noise_level · (max − min) of each input, ε drawn as
+    torch.randn((n_samples, 3, H, W)) from a generator seeded with `seed`. The maps combine
+    the moments with the clean image's activations; `noise_level=0` is Grad-CAM++."""
+    n_samples = count("n_samples", n_samples)
+    noise_level = number("noise_level", noise_level)
+    layer = layer_name(scan, layer)
+    acts = spatial_activations(scan, layer)
+    inputs = scan.inputs
+    noise = torch.randn((n_samples, *inputs.shape[1:]), generator=generator(seed))
+    points = NoisyInputs(inputs, noise.to(inputs), noise_level * input_span(inputs))
+    repeated = targets.repeat_interleave(n_samples, dim=0)
+    moments = acts.new_zeros((3, *targets.shape, *acts.shape[1:]), dtype=torch.float64)
+    key = ("smoothgradcam_pp", layer, tuple(inputs.shape[1:]), targets.shape[1])
+    for rows in scan.batches(len(points), key):
+        grads = scan.derive(points[rows], relu_rules=False).layer_gradients(layer, repeated[rows])
+        image = torch.arange(len(points), device=acts.device)[rows] // n_samples
+        grads = grads.double()
+        for p in range(3):
+            moments[p].index_add_(0, image, grads ** (p + 1))
+    d1, d2, d3 = (m.div(n_samples).to(acts.dtype) for m in moments)
+    extras = {"n_samples": n_samples, "noise_level": noise_level, "seed": seed}
+    return cam_result(_gradcam_pp_moments(acts, d1, d2, d3), layer, extras)
+
+
+# -- FullGrad: input-gradient and every bias-gradient ---------------------------------------
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    """The bias a layer adds per output channel: a convolution's, or an eval-mode
+    BatchNorm's b − μ·γ / √(σ² + ε); None for other layers."""
+    if isinstance(module, nn.Conv2d):
+        return None if module.bias is None else module.bias.detach()
+    if isinstance(module, nn.BatchNorm2d) and module.running_mean is not None:
+        scale = (module.running_var + module.eps).rsqrt()
+        if module.weight is not None:
+            scale = scale * module.weight.detach()
+        shift = -module.running_mean * scale
+        return shift if module.bias is None else shift + module.bias.detach()
+    return None
+
+
+def _rescaled(maps: torch.Tensor) -> torch.Tensor:
+    """|m| of each (h, w) map shifted to min 0 and divided by max + 1e-7 (ψ of the paper,
+    with pytorch-grad-cam's epsilon)."""
+    maps = maps.abs()
+    maps = maps - maps.amin(dim=(-2, -1), keepdim=True)
+    return maps / (maps.amax(dim=(-2, -1), keepdim=True) + _EPS)
+
+
+@register(
+    "fullgrad",
+    family="cam",
+    signed=False,
+    description="FullGrad: ψ(|x · ∇x|) plus, for every convolution and BatchNorm with a bias, "
+    "ψ(|b · ∂y/∂output|) per channel upsampled to the input (ψ: min-max per channel).",
+    cost="1 backward per target",
+    paper="Srinivas & Fleuret 2019, arXiv:1905.00780",
+    in_default_scan=False,
+)
+def fullgrad(scan: Scan, targets: torch.Tensor) -> MethodResult:
+    """The bias gradients of every layer come from the one backward per target that also
+    gives the input gradient. Upsampling is linear, so each layer's channels are summed at
+    the layer's resolution and the sum upsampled once (bilinear, no corner alignment)."""
+    layers, biases = [], []
+    for row in scan.layer_table():
+        if row.output_shape is None or len(row.output_shape) != 3:
+            continue
+        bias = _bias(get_module(scan.model.module, LayerRef.parse(row.name).name))
+        if bias is not None:
+            layers.append(row.name)
+            biases.append(bias)
+    input_grads, layer_grads = scan.input_and_layer_gradients(targets, layers)
+    size = tuple(scan.inputs.shape[-2:])
+    total = _rescaled(input_grads * scan.inputs.unsqueeze(1)).sum(dim=2, keepdim=True)
+    for bias, grads in zip(biases, layer_grads, strict=True):
+        terms = _rescaled(grads * bias.to(grads).view(1, 1, -1, 1, 1))
+        total = total + resize_maps(terms.sum(dim=2, keepdim=True), size).to(total.dtype)
+    return MethodResult(total, {"bias_layers": len(layers)})
 
 
 # -- CAM: the classifier's own weights --------------------------------------------------------
@@ -185,10 +426,10 @@ def layercam(
     paper="Zhou et al. 2016, arXiv:1512.04150",
 )
 def cam(scan: Scan, targets: torch.Tensor, *, layer: str | None = None) -> MethodResult:
-    layer = _layer_name(scan, layer)
+    layer = layer_name(scan, layer)
     acts = spatial_activations(scan, layer)
     weights = _gap_classifier(scan, acts).detach()[targets]  # (N, T, K)
-    return _result(_combine(weights.to(acts.dtype), acts), layer)
+    return cam_result(weighted_sum(weights.to(acts.dtype), acts), layer)
 
 
 def _linear_parameters(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -222,157 +463,6 @@ def _gap_classifier(scan: Scan, acts: torch.Tensor) -> torch.Tensor:
     )
 
 
-# -- Eigen-CAM: the first principal component, no target needed ---------------------------
-@register(
-    "eigencam",
-    family="cam",
-    space="layer",
-    signed=False,
-    description="Eigen-CAM: projection of the activations on their first principal "
-    "component (class-agnostic: the same map for every target).",
-    cost="one SVD per image",
-    paper="Muhammad & Yeasin 2020, arXiv:2008.00299",
-)
-def eigencam(scan: Scan, targets: torch.Tensor, *, layer: str | None = None) -> MethodResult:
-    """Sign convention (SVD leaves it open): flipped so that the largest magnitude is
-    positive, as in Seg-Eigen-CAM (Chung & Ying 2025, eq. 13)."""
-    layer = _layer_name(scan, layer)
-    acts = spatial_activations(scan, layer)
-    n, _, h, w = acts.shape
-    flat = acts.flatten(2).transpose(1, 2).double()  # (N, hw, K)
-    centred = flat - flat.mean(dim=1, keepdim=True)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    projection = (centred @ vh[:, 0, :].unsqueeze(-1)).squeeze(-1)  # (N, hw)
-    flip = projection.amin(dim=1).abs() > projection.amax(dim=1).abs()
-    projection = torch.where(flip.unsqueeze(1), -projection, projection)
-    raw = projection.to(acts.dtype).view(n, 1, h, w).expand(n, targets.shape[1], h, w)
-    return _result(raw, layer)
-
-
-# -- Score-CAM: channels as input masks -------------------------------------------------------
-class _MaskedInputs:
-    """x[image] · upsampled mask, built chunk by chunk (hundreds of masks at input size
-    never sit in memory at once). Masks are min-max scaled at layer resolution and upsampled
-    without corner alignment (torchcam's convention), or with `align_corners` upsampled
-    with aligned corners and then scaled (pytorch-grad-cam's)."""
-
-    def __init__(
-        self, inputs: torch.Tensor, image: torch.Tensor, maps: torch.Tensor, align_corners: bool
-    ):
-        """`maps` (M, 1, h, w) are min-max scaled already; upsampling is affine-equivariant,
-        so scaling again after an aligned-corner upsampling equals scaling only after it."""
-        self.inputs, self.image, self.maps = inputs, image, maps
-        self.align_corners = align_corners
-
-    def __len__(self) -> int:
-        return len(self.maps)
-
-    def __getitem__(self, rows: slice) -> torch.Tensor:
-        size = tuple(self.inputs.shape[-2:])
-        masks = F.interpolate(
-            self.maps[rows], size=size, mode="bilinear", align_corners=self.align_corners
-        )
-        if self.align_corners:
-            masks = minmax_maps(masks)
-        return self.inputs[self.image[rows]] * masks
-
-
-@register(
-    "scorecam",
-    family="cam",
-    space="layer",
-    signed=False,
-    description="Score-CAM: each channel, upsampled and min-max scaled, masks the input; "
-    "channel weights are the softmax over channels of the masked inputs' target logits.",
-    cost="1 forward per distinct channel mask",
-    paper="Wang et al. 2020, arXiv:1910.01279",
-    in_default_scan=False,
-)
-def scorecam(
-    scan: Scan, targets: torch.Tensor, *, layer: str | None = None, align_corners: bool = False
-) -> MethodResult:
-    """One set of masked forwards serves every target. Work whose result is known is
-    skipped exactly: constant channels all give the same (all-zero) mask and identical
-    channel maps the same scores, so each distinct mask runs once. `align_corners=True`
-    builds the masks as pytorch-grad-cam does (the default is torchcam's way)."""
-    layer = _layer_name(scan, layer)
-    acts = spatial_activations(scan, layer)
-    n, k, h, w = acts.shape
-    # Channels that scale to the same mask (all constant ones give zero) run once.
-    scaled = minmax_maps(acts.float()).flatten(2)  # (N, K, hw)
-    distinct, owners, inverse = [], [], []
-    offset = 0
-    for i in range(n):
-        unique, index = torch.unique(scaled[i], dim=0, return_inverse=True)
-        inverse.append(index + offset)
-        offset += len(unique)
-        distinct.append(unique)
-        owners.append(torch.full((len(unique),), i, device=acts.device))
-    maps = torch.cat(distinct).view(-1, 1, h, w)
-    masked = _MaskedInputs(scan.inputs, torch.cat(owners), maps, align_corners)
-    with tqdm(
-        total=len(masked),
-        desc=f"scorecam: {len(masked)} forwards",
-        disable=None,
-        leave=False,
-        unit="mask",
-    ) as bar:
-        logits = scan.logits_at(masked, progress=bar.update)
-    scores = logits[torch.cat(inverse)].view(n, k, -1)  # (N, K, classes)
-    per_target = scores.gather(2, targets.unsqueeze(1).expand(n, k, -1))  # (N, K, T)
-    weights = per_target.softmax(dim=1).transpose(1, 2)  # softmax over channels
-    extras = {"forwards": len(masked), "channels": k}
-    return _result(_combine(weights.to(acts.dtype), acts), layer, extras)
-
-
-# -- Ablation-CAM: the drop in the logit when a channel is removed ---------------------------
-@register(
-    "ablationcam",
-    family="cam",
-    space="layer",
-    signed=False,
-    description="Ablation-CAM: channel weight = relative drop of the target logit when the "
-    "channel is set to zero, (y − y_k) / y.",
-    cost="1 head-only forward per non-zero channel",
-    paper="Desai & Ramaswamy 2020, WACV",
-)
-def ablationcam(scan: Scan, targets: torch.Tensor, *, layer: str | None = None) -> MethodResult:
-    """Only the part of the network after the layer re-runs (the layer's output is
-    captured once); channels that are already all zero are skipped (their ablation
-    changes nothing, weight 0)."""
-    layer = _layer_name(scan, layer)
-    acts = spatial_activations(scan, layer)
-    n, k = acts.shape[:2]
-    weights = acts.new_zeros((n, targets.shape[1], k))
-    active = [(acts[i].flatten(1) != 0).any(dim=1).nonzero().flatten() for i in range(n)]
-    total = sum(len(a) for a in active)
-    per_item = acts[0].numel() * acts.element_size() * 8
-    with (
-        scan.head(layer) as head,
-        tqdm(
-            total=total,
-            desc=f"ablationcam: {total} head forwards",
-            disable=None,
-            leave=False,
-            unit="channel",
-        ) as bar,
-        torch.no_grad(),
-    ):
-        for i in range(n):
-            rows = torch.full((1,), i, device=acts.device)
-            base = head(acts[i : i + 1], rows)[0, targets[i]]  # (T,)
-            key = ("ablationcam", layer, tuple(acts.shape[1:]))
-            for chunk in scan.batches(len(active[i]), key, per_item=per_item):
-                channels = active[i][chunk]
-                edited = acts[i].repeat(len(channels), 1, 1, 1)
-                edited[torch.arange(len(channels), device=acts.device), channels] = 0
-                ablated = head(edited, rows.expand(len(channels)))[:, targets[i]]  # (B, T)
-                weights[i][:, channels] = ((base - ablated) / base).T
-                bar.update(len(channels))
-    extras = {"forwards": total, "head_only": head.traced, "channels": k}
-    return _result(_combine(weights.to(acts.dtype), acts), layer, extras)
-
-
 # -- Guided Grad-CAM ---------------------------------------------------------------------------
 @register(
     "guided_gradcam",
@@ -384,7 +474,7 @@ def ablationcam(scan: Scan, targets: torch.Tensor, *, layer: str | None = None) 
     paper="Selvaraju et al. 2017, arXiv:1610.02391",
 )
 def guided_gradcam(scan: Scan, targets: torch.Tensor, *, layer: str | None = None) -> MethodResult:
-    layer = _layer_name(scan, layer)
+    layer = layer_name(scan, layer)
     raw, extras = layer_cam_map(scan, targets, layer, _gradcam)
     guided = scan.input_gradients(targets, "guided")
     heat = resize_maps(raw.clamp_min(0).unsqueeze(2), tuple(guided.shape[-2:]))

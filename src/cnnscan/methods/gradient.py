@@ -156,7 +156,7 @@ def _parse_unit(unit: Any) -> tuple[str, int, tuple[int, ...] | None]:
     return unit[0], int(unit[1]), tuple(int(p) for p in unit[2])
 
 
-def _span(inputs: torch.Tensor) -> torch.Tensor:
+def input_span(inputs: torch.Tensor) -> torch.Tensor:
     """max − min of each input: (N,)."""
     return inputs.amax(dim=(1, 2, 3)) - inputs.amin(dim=(1, 2, 3))
 
@@ -197,7 +197,7 @@ class _Accumulator:
 _SMOOTH_MODES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
-class _NoisyInputs:
+class NoisyInputs:
     """input + σ · ε for every image (outer) and sample (inner), built chunk by chunk.
     The noise ε (S, 3, H, W) is shared by every image, so an image gets the same result
     whether it is explained alone or in a batch."""
@@ -255,9 +255,9 @@ def smoothgrad(
     n = len(inputs)
     per_sample = 4 * inputs[0].numel() + 8 * n * targets.shape[1]  # its noise and targets
     within_budget("n_samples", n_samples, n_samples * per_sample, scan.memory_budget)
-    sigma = noise_level * _span(inputs)
+    sigma = noise_level * input_span(inputs)
     noise = torch.randn((n_samples, *inputs.shape[1:]), generator=generator(seed))
-    points = _NoisyInputs(inputs, noise.to(inputs), sigma)
+    points = NoisyInputs(inputs, noise.to(inputs), sigma)
     repeated = targets.repeat_interleave(n_samples, dim=0)
     totals = _Accumulator(n, n_samples)
     if base_info.name in _ONE_BACKWARD and not base_options:  # (unit= takes the general path)
@@ -512,7 +512,7 @@ def gradient_shap(
     noise = None
     if noise_level > 0:
         noise = torch.randn((n_samples, *inputs.shape[1:]), generator=gen).to(inputs)
-    points = _ShapPoints(inputs, pool, choice, alphas, noise, noise_level * _span(inputs))
+    points = _ShapPoints(inputs, pool, choice, alphas, noise, noise_level * input_span(inputs))
     totals = _Accumulator(n, n_samples)
     repeated = targets.repeat_interleave(n_samples, dim=0)
     for rows, grads, _ in scan.iter_gradients(points, repeated):
