@@ -221,3 +221,41 @@ def test_a_graph_free_scan_gives_the_layer_maps_of_a_full_scan(build, engine, mo
         cnnscan.explain(model, x, "gradient", scan=free).maps,
         cnnscan.explain(model, x, "gradient", scan=full).maps,
     )  # a method that needs the graph runs the forward then
+
+
+GRAPH_FREE = [
+    info.name
+    for info in cnnscan.list_methods()
+    if info.space == "layer" and not info.relu_rules and not info.needs_graph
+]
+
+
+@pytest.fixture(scope="module")
+def small_resnet():
+    torch.manual_seed(0)
+    size = cnnscan.Preprocessing(size=(64, 64))
+    model = cnnscan.load_model(torchvision.models.resnet18(weights=None), preprocessing=size)
+    x = torch.cat([model.preprocess("sample:chelsea"), model.preprocess("sample:coffee")])
+    return model, x
+
+
+@pytest.mark.parametrize("method", GRAPH_FREE)
+def test_every_layer_map_not_marked_needs_graph_runs_graph_free(method, small_resnet):
+    """Batch runs these without an autograd graph (`MethodInfo.needs_graph` is False): each
+    gives the map of a full scan, and never asks for the graph."""
+    model, x = small_resnet
+    full = make_scan(model, x)
+    free = cnnscan.Scan(model, x, layers=[full.default_layer()], relu_rules=False, graph=False)
+    ours = cnnscan.explain(model, x, method, targets="top2", scan=free).maps
+    theirs = cnnscan.explain(model, x, method, targets="top2", scan=full).maps
+    scale = float(theirs.abs().max())
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4 * scale), method
+    assert free._x is None
+
+
+def test_a_batch_of_a_method_that_differentiates_the_logits_keeps_the_graph(small_resnet):
+    from cnnscan.batch.compute import Explainer, Settings
+
+    model, _ = small_resnet
+    assert Explainer(model, Settings(methods=("finercam",))).graph
+    assert not Explainer(model, Settings(methods=("gradcam",))).graph

@@ -79,7 +79,9 @@ class Explainer:
         self.relu_rules = any(info.relu_rules for info in self.infos)
         # Layer maps (CAMs) need the layer's output and gradients through the part after it
         # only: their batches run without an autograd graph (ONNX Runtime where it can).
-        self.graph = self.relu_rules or any(info.space != "layer" for info in self.infos)
+        self.graph = self.relu_rules or any(
+            info.space != "layer" or info.needs_graph for info in self.infos
+        )
         self._layer = settings.layer if not isinstance(settings.layer, tuple) else list(layers)
         self._evaluator = None
         if settings.metrics:

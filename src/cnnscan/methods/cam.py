@@ -238,6 +238,7 @@ def layercam(
     cost="1 backward per target",
     paper="Zhang et al. 2025, arXiv:2501.11309",
     in_default_scan=False,
+    needs_graph=True,
 )
 def finercam(
     scan: Scan,
@@ -288,6 +289,7 @@ _UTILITIES = ("rest", "logit")
     "Hessian-vector product of the ReST utility 2y_c − logsumexp y).",
     cost="2 backwards per target (one of them second-order)",
     paper="Cai 2025, arXiv:2501.06261",
+    needs_graph=True,
 )
 def shapleycam(
     scan: Scan, targets: torch.Tensor, *, layer: str | None = None, utility: str = "rest"

@@ -54,6 +54,9 @@ class MethodInfo:
     space: Literal["input", "layer"] = "input"
     signed: bool = True
     relu_rules: bool = False  # its shared forward must use switchable ReLUs
+    # A layer map that differentiates the logits themselves (not only through
+    # Scan.layer_gradients): its scan must keep the whole forward's autograd graph.
+    needs_graph: bool = False
     view: str = "heatmap"  # how reports show it by default (see cnnscan.render.VIEWS)
     cost: str = ""
     paper: str = ""
