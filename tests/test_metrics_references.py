@@ -257,3 +257,25 @@ def test_batch_runs_store_the_new_metrics_and_summarize_them_per_method(tmp_path
             assert summary[method][f"mean_{metric}"] == pytest.approx(np.mean(values))
     with pytest.raises(BatchError, match="sensitivity_n does not give one number per image"):
         cnnscan.batch.run(tmp_path, out=tmp_path / "o2", model=model, metrics=["sensitivity_n"])
+
+
+def test_list_metrics_lists_the_new_metrics_with_their_properties():
+    info = {m.name: m for m in cnnscan.metrics.list_metrics()}
+    expected = {
+        "infidelity": ("faithfulness", False, False, True),
+        "road": ("faithfulness", False, False, True),
+        "sensitivity_n": ("faithfulness", True, False, False),
+        "relevance_rank_accuracy": ("localization", True, True, True),
+        "avg_sensitivity": ("robustness", False, False, True),
+    }
+    for name, (family, higher, region, per_row) in expected.items():
+        m = info[name]
+        assert (m.family, m.higher_is_better, m.needs_region, m.per_row) == (
+            family,
+            higher,
+            region,
+            per_row,
+        ), name
+        assert m.description and m.cost and m.paper and not m.default
+    assert info["avg_sensitivity"].reruns_method and not info["infidelity"].reruns_method
+    assert cnnscan.metrics.get_metric("rank_accuracy").name == "relevance_rank_accuracy"

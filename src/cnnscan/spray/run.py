@@ -86,7 +86,7 @@ def audit(
                 "eigenvalues": spectrum.eigenvalues[: max_clusters + 1].tolist(),
             }
         )
-        position = _embedding(group.maps, seed)
+        position = embedding(group.maps, seed)
         for cluster in range(spectrum.k):
             chosen = np.flatnonzero(spectrum.labels == cluster)
             mean = group.maps[chosen].mean(axis=0).reshape(size, size)
@@ -170,7 +170,7 @@ def _member_row(group: ClassMaps, row: dict, cluster: int, position: np.ndarray)
     }
 
 
-def _embedding(maps: np.ndarray, seed: int) -> np.ndarray:
+def embedding(maps: np.ndarray, seed: int) -> np.ndarray:
     """t-SNE positions (N, 2) of at most EMBED_MAX maps (a seeded sample; NaN for the rest)."""
     TSNE = sklearn_part("manifold", "TSNE")
     n = len(maps)
