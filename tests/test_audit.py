@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import clever_hans_images, clever_hans_model
 from sklearn.metrics import adjusted_rand_score
 
 import cnnscan
 from cnnscan.cli import main
 from cnnscan.errors import AuditError
+from cnnscan.spray.demo import clever_hans_images, clever_hans_model
 from cnnscan.spray.flags import inspect
 from cnnscan.spray.spectral import eigengap, knn_affinity, laplacian_spectrum, spectral_clusters
 
