@@ -149,3 +149,16 @@ def test_affinity_eigenvalues_and_clusters_equal_corelay(groups):
 def test_fewer_than_three_maps_are_one_cluster():
     found = spectral_clusters(np.ones((2, 16), dtype=np.float32))
     assert found.k == 1 and found.labels.tolist() == [0, 0]
+
+
+def test_the_cli_explains_images_first_with_the_labels_as_targets(tmp_path, monkeypatch, capsys):
+    (tmp_path / "images").mkdir()
+    table, _ = clever_hans_images(tmp_path / "images")
+    monkeypatch.setattr("cnnscan.cli._load", lambda args: clever_hans_model())
+    args = ["audit", str(table), "--targets", "label", "--out", str(tmp_path / "a"), "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "class 0 (horse): 24 maps, 2 clusters, 1 suspicious" in out
+    assert "class 1 (other): 8 maps, 1 clusters, 0 suspicious" in out
+    assert (tmp_path / "a" / "batch" / "run.json").exists()
+    assert (tmp_path / "a" / "audit.html").exists()

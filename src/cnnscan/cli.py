@@ -85,7 +85,8 @@ Run the same command again to resume: finished images are skipped.""",
   cnnscan audit results/                         # a finished (or resumed) batch output
   cnnscan audit results/ --classes horse,339 --method gradcam
   cnnscan audit photos/ --method lrp --out audit/   # runs the batch first (audit/batch)
-  cnnscan audit labels.csv --targets label --model resnet50 --out audit/""",
+  cnnscan audit labels.csv --targets label --model resnet50 --out audit/
+  cnnscan audit photos/ --engine ray --workers 8 --out audit/   # the batch on Ray""",
 }
 
 
@@ -396,6 +397,11 @@ def _parser() -> argparse.ArgumentParser:
         "--max-clusters", type=_positive_int, default=10, help="at most this many per class (10)"
     )
     audit.add_argument("--seed", type=int, default=0, help="k-means and t-SNE seed (0)")
+    audit.add_argument(
+        "--engine", choices=("local", "ray"), default="local", help="when explaining: as batch"
+    )
+    audit.add_argument("--address", default=None, help="Ray cluster address (--engine ray)")
+    audit.add_argument("--workers", type=_positive_int, default=None, help="as batch")
     audit.add_argument("--quiet", action="store_true", help="no progress bar")
     model_options(audit)
     return parser
@@ -822,6 +828,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     out = args.out or (args.input if finished else "cnnscan-audit")
     model = _load(args) if args.model is not None or not finished else None
     extra = {} if finished else {"targets": args.targets, "progress": not args.quiet}
+    if not finished:
+        extra |= {"engine": args.engine, "address": args.address, "workers": args.workers}
     found = audit(
         args.input,
         method=args.method,

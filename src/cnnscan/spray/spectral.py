@@ -29,7 +29,8 @@ DENSE_BELOW = 1500  # points: below, a dense eigensolver is faster and as exact
 
 @dataclass
 class Spectrum:
-    """Cluster per point (N,), the Laplacian's smallest eigenvalues and the chosen k."""
+    """Cluster per point (N,), the Laplacian's smallest eigenvalues and the number of
+    clusters (the eigengap's k, unless k-means left a cluster empty)."""
 
     labels: np.ndarray
     eigenvalues: np.ndarray
@@ -103,8 +104,8 @@ def spectral_clusters(
         return Spectrum(np.zeros(n, dtype=int), values, 1)
     rows = vectors[:, :k]
     rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-300)
-    labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(rows)
-    return Spectrum(_by_size(labels), values, k)
+    labels = _by_size(KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(rows))
+    return Spectrum(labels, values, int(labels.max()) + 1)  # k-means may leave one empty
 
 
 def sklearn_part(module: str, name: str):
