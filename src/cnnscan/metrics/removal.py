@@ -97,9 +97,9 @@ def road_curves(
 @register_metric(
     "road",
     family="faithfulness",
-    description="Share of the percentages 1 %..99 % at which the model still predicts the "
-    "target when that share of the most relevant pixels is removed by noisy linear "
-    "imputation (ROAD, most relevant first).",
+    description="Share of the fractions (k + ½)/steps (1 %, 3 %, …, 99 % at 50 steps) at which "
+    "the model still predicts the target when that fraction of the most relevant pixels is "
+    "removed by noisy linear imputation (ROAD, most relevant first).",
     higher_is_better=False,
     default=False,
     title="ROAD↓",
