@@ -238,3 +238,14 @@ def test_a_broken_link_or_anchor_fails_the_strict_build(site, tmp_path, caplog):
     assert any("no-such-page.md" in w for w in warnings), warnings
     assert any("no-such-anchor" in w for w in warnings), warnings
     assert all("broken.md" in w for w in warnings), warnings  # nothing else is wrong
+
+
+def test_the_audit_page_gets_its_clever_hans_example_computed_at_build_time():
+    page = SimpleNamespace(file=SimpleNamespace(src_uri="audit.md"))
+    markdown = hooks.on_page_markdown("# Auditing a model\n", page, {}, None)
+    rows = [line for line in markdown.splitlines() if line.startswith("| horse |")]
+    assert len(rows) == 2
+    flagged = [row for row in rows if "**suspicious**" in row]
+    assert len(flagged) == 1 and "| 16 | 16 | 75% |" in flagged[0]  # all 16 maps stamped
+    assert "audit-example.html" in markdown
+    assert '<div class="cluster suspicious"' in hooks.audit_example.run()[1]

@@ -608,6 +608,9 @@ def test_every_registered_method_can_be_evaluated():
         "model_randomization",
         "target_randomization",
         "max_sensitivity",
+        "avg_sensitivity",
+        "infidelity",
+        "road",
         "completeness",
     ]
     scores = cnnscan.evaluate_many(

@@ -20,6 +20,9 @@ _HOMES = {
     "explain_many": "api",
     "predict": "api",
     "Attribution": "attribution",
+    "Audit": "spray",
+    "audit": "spray",
+    "AuditError": "errors",
     "Picture": "display",
     "Predictions": "display",
     "show_feature_maps": "display",
@@ -63,6 +66,7 @@ if TYPE_CHECKING:  # what static tools (type checkers, the API docs) see
     from cnnscan.attribution import Attribution
     from cnnscan.display import Picture, Predictions, show_feature_maps, show_filters
     from cnnscan.errors import (
+        AuditError,
         CnnscanError,
         ImageError,
         LayerError,
@@ -79,6 +83,7 @@ if TYPE_CHECKING:  # what static tools (type checkers, the API docs) see
     from cnnscan.models.preprocessing import Preprocessing
     from cnnscan.receptive import ReceptiveField, receptive_fields
     from cnnscan.scan import Scan
+    from cnnscan.spray import Audit, audit
     from cnnscan.synthesis import Synthesis, class_image, deepdream, invert, synthesize
 
 
@@ -100,6 +105,8 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Attribution",
+    "Audit",
+    "AuditError",
     "CnnscanError",
     "ImageError",
     "LayerError",
@@ -115,6 +122,7 @@ __all__ = [
     "Scan",
     "Synthesis",
     "TargetError",
+    "audit",
     "batch",
     "class_image",
     "conv_layers",

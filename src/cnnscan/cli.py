@@ -85,6 +85,12 @@ EXAMPLES = {
   cnnscan batch photos/ --engine ray --workers 4          # a local Ray
   cnnscan batch photos/ --engine ray --address ray://head:10001 --workers 32
 Run the same command again to resume: finished images are skipped.""",
+    "audit": """examples:
+  cnnscan audit results/                         # a finished (or resumed) batch output
+  cnnscan audit results/ --classes horse,339 --method gradcam
+  cnnscan audit photos/ --method lrp --out audit/   # runs the batch first (audit/batch)
+  cnnscan audit labels.csv --targets label --model resnet50 --out audit/
+  cnnscan audit photos/ --engine ray --workers 8 --out audit/   # the batch on Ray""",
 }
 
 
@@ -380,6 +386,37 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--label-column", default="label", help="table column with labels")
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
     model_options(batch)
+
+    audit = command(
+        "audit",
+        "Find a model's strategies per class (SpRAy): cluster the maps of a batch output, "
+        "flag clusters whose relevance sits at the border or in a small fixed region, and "
+        "write audit.html.",
+    )
+    audit.add_argument(
+        "input",
+        help="a batch output folder, or images as `cnnscan batch` takes them (explained first)",
+    )
+    audit.add_argument("--method", default="lrp", help="the maps to cluster (default lrp)")
+    audit.add_argument("--classes", default=None, help="comma-separated ids or names (default all)")
+    audit.add_argument(
+        "--out", default=None, help="output folder (default: the batch output, or cnnscan-audit)"
+    )
+    audit.add_argument("--targets", default="top1", help="when explaining: top1 or label")
+    audit.add_argument(
+        "--size", type=_positive_int, default=32, help="maps are shrunk to SIZE×SIZE (32)"
+    )
+    audit.add_argument(
+        "--max-clusters", type=_positive_int, default=10, help="at most this many per class (10)"
+    )
+    audit.add_argument("--seed", type=int, default=0, help="k-means and t-SNE seed (0)")
+    audit.add_argument(
+        "--engine", choices=("local", "ray"), default="local", help="when explaining: as batch"
+    )
+    audit.add_argument("--address", default=None, help="Ray cluster address (--engine ray)")
+    audit.add_argument("--workers", type=_positive_int, default=None, help="as batch")
+    audit.add_argument("--quiet", action="store_true", help="no progress bar")
+    model_options(audit)
     return parser
 
 
@@ -834,6 +871,41 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from cnnscan.spray import audit
+
+    finished = (Path(args.input) / "run.json").exists()
+    out = args.out or (args.input if finished else "cnnscan-audit")
+    model = _load(args) if args.model is not None or not finished else None
+    extra = {} if finished else {"targets": args.targets, "progress": not args.quiet}
+    if not finished:
+        extra |= {"engine": args.engine, "address": args.address, "workers": args.workers}
+    found = audit(
+        args.input,
+        method=args.method,
+        classes=_names(args.classes, "--classes"),
+        out=out,
+        model=model,
+        size=args.size,
+        max_clusters=args.max_clusters,
+        seed=args.seed,
+        **extra,
+    )
+    clusters = found.clusters.to_pylist()
+    for info in found.classes.to_pylist():
+        mine = [c for c in clusters if c["class_id"] == info["class_id"]]
+        flagged = [c for c in mine if c["suspicious"]]
+        name = f" ({info['class_name']})" if info["class_name"] else ""
+        print(
+            f"class {info['class_id']}{name}: {info['maps']} maps, {info['clusters']} clusters, "
+            f"{len(flagged)} suspicious"
+        )
+        for c in flagged:
+            print(f"  cluster {c['cluster']} ({c['size']} maps): {c['reason']}")
+    print(f"audit in {(Path(out) / 'audit.html').resolve()}")
+    return 0
+
+
 _COMMANDS = {
     "scan": _cmd_scan,
     "explain": _cmd_explain,
@@ -846,6 +918,7 @@ _COMMANDS = {
     "evaluate": _cmd_evaluate,
     "app": _cmd_app,
     "batch": _cmd_batch,
+    "audit": _cmd_audit,
 }
 
 

@@ -34,3 +34,7 @@ class MetricError(CnnscanError, ValueError):
 
 class BatchError(CnnscanError, ValueError):
     """A batch run cannot start: bad input listing, options, or an output folder in use."""
+
+
+class AuditError(CnnscanError, ValueError):
+    """An audit cannot run: no batch output, an unknown method or class, too few maps."""

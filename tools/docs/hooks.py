@@ -1,5 +1,6 @@
 """MkDocs hooks (see mkdocs.yml): the navigation from the pages that exist and the method
-registry, generated pages (gallery, trust, CLI reference, tutorials) computed at build time,
+registry, generated pages (gallery, trust, CLI reference, tutorials, the audit example)
+computed at build time,
 and a generated list of each family's registered methods appended to its page.
 
 A registered method without a family page, or not mentioned on its family's page, and a
@@ -18,6 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import audit_example
 import cli_reference
 import gallery
 import trust
@@ -42,7 +44,7 @@ SECTIONS = [
     ("Models", "models.md"),
     ("Jupyter", "jupyter.md"),
     ("Web app", "app.md"),
-    ("Batch", "batch.md"),
+    ("Batch", ["batch.md", "audit.md"]),
 ]
 REFERENCE = ("Reference", ["api.md", "cli.md", "architecture.md"])
 GENERATED = {"gallery.md", "trust.md", "cli.md"}
@@ -101,6 +103,8 @@ def on_files(files: Files, config: Any) -> Files:
     pages = {file.src_uri for file in files if file.src_uri.endswith(".md")}
     generated.update(gallery.files(run, pages))
     generated.update(trust.files(run, log.info))
+    if "audit.md" in pages:
+        generated[audit_example.PAGE] = audit_example.run()[1]
     for path, content in generated.items():
         if files.get_file_from_path(path) is not None:
             raise PluginError(f"generated page {path} would replace a file in docs/")
@@ -151,6 +155,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
         return markdown.rstrip() + "\n" + registry_section(Path(uri).stem, markdown)
     if uri == "evaluation.md":
         return markdown.rstrip() + "\n" + metric_section()
+    if uri == "audit.md":
+        return markdown.rstrip() + "\n" + audit_example.run()[0]
     return markdown
 
 

@@ -38,7 +38,7 @@ class Evaluator:
                 raise BatchError(f"{e}; batch metrics: {', '.join(batch_metrics())}") from None
             if not info.per_row:
                 raise BatchError(
-                    f"{info.name} gives a verdict per randomized block, not one number per image; "
+                    f"{info.name} does not give one number per image ({info.description}); "
                     f"run it with `cnnscan evaluate`. Batch metrics: {', '.join(batch_metrics())}"
                 )
             chosen.append(info)

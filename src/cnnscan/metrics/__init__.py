@@ -7,7 +7,9 @@ registers every metric family.
 from cnnscan.metrics import (  # noqa: F401  (register the metric families)
     completeness,
     faithfulness,
+    infidelity,
     localization,
+    removal,
     robustness,
     sanity,
 )

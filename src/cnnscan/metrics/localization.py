@@ -11,6 +11,10 @@ resize and centre crop (nearest neighbour), so it lands on the input the map exp
 - Energy in box (Wang et al. 2020, Score-CAM's energy-based pointing game): the share of
   the positive relevance inside the region, Σ_region R⁺ / Σ R⁺. A map with no positive
   relevance (all zero, or constant) spreads it evenly: its score is the region's share.
+- Relevance rank accuracy (Arras et al. 2022, arXiv:2003.07258): with K the region's pixel
+  count, the share of the K most relevant pixels inside the region (quantus 0.6's
+  `RelevanceRankAccuracy`). Ties are ordered by the deletion curve's seeded permutation, so
+  a constant map scores about the region's share.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cnnscan.errors import ImageError, MetricError
+from cnnscan.metrics.faithfulness import deletion_order
 from cnnscan.metrics.registry import MetricContext, number_text, register_metric
 from cnnscan.models.preprocessing import Preprocessing
 
@@ -205,3 +210,29 @@ def pointing_game_metric(ctx: MetricContext) -> dict[str, dict[str, Any]]:
 def energy_in_box_metric(ctx: MetricContext) -> dict[str, dict[str, Any]]:
     energy = _located(ctx, energy_in_box)
     return {name: {"energy_in_box": energy[name]} for name in ctx.names}
+
+
+def rank_accuracy(rel: torch.Tensor, region: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Per map (M, H, W): the share of its K most relevant pixels inside the region of K
+    pixels (M,)."""
+    inside = region.bool().expand_as(rel)
+    k = inside.flatten(1).sum(dim=1, keepdim=True)
+    top = deletion_order(rel, seed).flatten(1) < k
+    return (top & inside.flatten(1)).sum(dim=1).double() / k.squeeze(1).double()
+
+
+@register_metric(
+    "relevance_rank_accuracy",
+    family="localization",
+    description="Share of the K most relevant pixels that lie in the object region of K pixels.",
+    higher_is_better=True,
+    needs_region=True,
+    default=False,
+    aliases=("rank_accuracy",),
+    title="rank-acc↑",
+    cost="free",
+    paper="Arras et al. 2022, arXiv:2003.07258",
+)
+def relevance_rank_accuracy_metric(ctx: MetricContext) -> dict[str, dict[str, Any]]:
+    accuracy = _located(ctx, lambda rel, area: rank_accuracy(rel, area, ctx.seed))
+    return {name: {"relevance_rank_accuracy": accuracy[name]} for name in ctx.names}

@@ -36,9 +36,10 @@ class MetricContext:
     `rel` maps each attribution name to its relevance (N, T, H, W); `stacked` holds every
     map of every attribution as one (M, H, W) batch with its image and target per row
     (`image_ids`, `target_ids`), so a metric perturbs the inputs for all maps in one batched
-    pass and `split` turns its (M, ...) results back into (N, T, ...) per attribution.
-    `regions` is the object region (H, W) per image on the model input, or None per image
-    without one. The rest are the options of `evaluate_many`.
+    pass and `split` turns its (M, ...) results back into (N, T, ...) per attribution;
+    `shared` keeps what several metrics of the call compute together (e.g. the re-runs
+    behind max- and avg-sensitivity). `regions` is the object region (H, W) per image on the
+    model input, or None per image without one. The rest are the options of `evaluate_many`.
     """
 
     model: Model
@@ -57,6 +58,7 @@ class MetricContext:
     method_options: Mapping[str, dict[str, Any]] = field(default_factory=dict)
     seed: int = 0
     progress: Callable[[int], object] | None = None
+    shared: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.names = list(self.attrs)

@@ -31,12 +31,19 @@ def relevance(attr: Attribution, reduce: str = "abs") -> torch.Tensor:
             f"{tuple(maps.shape)}"
         )
     check_finite(maps, attr.method)
+    reduced = reduce_channels(maps.flatten(0, 1), reduce).unflatten(0, maps.shape[:2])
+    return resize_maps(reduced, attr.input_size)[:, :, 0].float()
+
+
+def reduce_channels(maps: torch.Tensor, reduce: str = "abs") -> torch.Tensor:
+    """(M, C, h, w) -> (M, 1, h, w): Σ_c |a_c|, Σ_c a_c or Σ_c max(a_c, 0) (see module doc)."""
+    if reduce not in REDUCTIONS:
+        raise MetricError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
     if reduce == "abs":
         maps = maps.abs()
     elif reduce == "positive":
         maps = maps.clamp_min(0)
-    reduced = maps.sum(dim=2, keepdim=True)
-    return resize_maps(reduced, attr.input_size)[:, :, 0].float()
+    return maps.sum(dim=1, keepdim=True)
 
 
 def check_finite(maps: torch.Tensor, method: str) -> None:

@@ -1,12 +1,15 @@
-"""Max-sensitivity (Yeh et al. 2019, arXiv:1901.09392): the largest change of the map when
-the input moves a little, relative to the map,
+"""Max- and avg-sensitivity (Yeh et al. 2019, arXiv:1901.09392): the largest and the mean
+change of the map when the input moves a little, relative to the map,
 
-    max_s ‖R(x + δ_s) − R(x)‖ / ‖R(x)‖,   δ_s ~ U(−r, r) per input value, r = noise_level · span,
+    max_s / mean_s ‖R(x + δ_s) − R(x)‖ / ‖R(x)‖,   δ_s ~ U(−r, r) per input value,
+    r = noise_level · span,
 
 with R the relevance reduction every metric uses, ‖·‖ the Frobenius norm, span the input's
 max − min and the noise seeded (a CPU generator, so every device draws the same δ). The
 method is re-run on the noisy copies in batches of a fixed size, with the original's layer and the
-options given. An all-zero original map makes the ratio undefined: NaN.
+options given; both metrics read the same re-runs (computed once per call). An all-zero
+original map makes the ratio undefined: NaN. captum's `sensitivity_max` with the same δ gives
+the same maxima.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from cnnscan.metrics.sanity import method_layer
 from cnnscan.scan import Scan
 
 
-def max_sensitivity(
+def sensitivity(
     scan: Scan,
     attrs: Mapping[str, Attribution],
     originals: Mapping[str, torch.Tensor],
@@ -37,7 +40,8 @@ def max_sensitivity(
     reduce: str = "abs",
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Per attribution: max-sensitivity (N, T) (see module doc)."""
+    """Per attribution: the relative change of the map for every draw, (N, T, n_samples)
+    (see module doc)."""
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise MetricError(f"n_samples must be an integer >= 1, got {n_samples!r}")
     if not isinstance(noise_level, int | float) or not 0 < noise_level < float("inf"):
@@ -50,7 +54,7 @@ def max_sensitivity(
     image = torch.arange(n, device=inputs.device).repeat_interleave(n_samples)
     sample = torch.arange(n_samples, device=inputs.device).repeat(n)
     noisy = inputs[image] + noise_level * span[image] * noise[sample]
-    worst = {}
+    ratios = {}
     for name, attr in attrs.items():
         info = get_method(attr.method)
         targets = attr.targets.repeat_interleave(n_samples, dim=0)
@@ -64,10 +68,26 @@ def max_sensitivity(
             )
             diff = again - originals[name][image[rows]]
             changes.append(diff.flatten(2).norm(dim=2))
-        change = torch.cat(changes).view(n, n_samples, -1).amax(dim=1)
-        size = originals[name].flatten(2).norm(dim=2)
-        worst[name] = torch.where(size > 0, change / size.clamp_min(1e-30), torch.nan).cpu()
-    return worst
+        change = torch.cat(changes).view(n, n_samples, -1).transpose(1, 2)
+        size = originals[name].flatten(2).norm(dim=2).unsqueeze(2)
+        ratios[name] = torch.where(size > 0, change / size.clamp_min(1e-30), torch.nan).cpu()
+    return ratios
+
+
+def _shared_sensitivity(ctx: MetricContext) -> dict[str, torch.Tensor]:
+    """The re-runs of one call, made once for max- and avg-sensitivity."""
+    if "sensitivity" not in ctx.shared:
+        ctx.shared["sensitivity"] = sensitivity(
+            ctx.scan,
+            ctx.attrs,
+            ctx.rel,
+            n_samples=ctx.n_samples,
+            noise_level=ctx.noise_level,
+            options=ctx.method_options,
+            reduce=ctx.reduce,
+            seed=ctx.seed,
+        )
+    return ctx.shared["sensitivity"]
 
 
 @register_metric(
@@ -83,14 +103,22 @@ def max_sensitivity(
     paper="Yeh et al. 2019, arXiv:1901.09392",
 )
 def max_sensitivity_metric(ctx: MetricContext) -> dict[str, dict[str, Any]]:
-    worst = max_sensitivity(
-        ctx.scan,
-        ctx.attrs,
-        ctx.rel,
-        n_samples=ctx.n_samples,
-        noise_level=ctx.noise_level,
-        options=ctx.method_options,
-        reduce=ctx.reduce,
-        seed=ctx.seed,
-    )
-    return {name: {"max_sensitivity": worst[name]} for name in ctx.names}
+    ratios = _shared_sensitivity(ctx)
+    return {name: {"max_sensitivity": ratios[name].amax(dim=2)} for name in ctx.names}
+
+
+@register_metric(
+    "avg_sensitivity",
+    family="robustness",
+    description="Mean relative change of the map when the input moves by uniform noise of "
+    "noise_level × its span (the same n_samples draws as max-sensitivity).",
+    higher_is_better=False,
+    reruns_method=True,
+    default=False,
+    title="avg-sens↓",
+    cost="the method n_samples times (shared with max_sensitivity)",
+    paper="Yeh et al. 2019, arXiv:1901.09392",
+)
+def avg_sensitivity_metric(ctx: MetricContext) -> dict[str, dict[str, Any]]:
+    ratios = _shared_sensitivity(ctx)
+    return {name: {"avg_sensitivity": ratios[name].mean(dim=2)} for name in ctx.names}
