@@ -267,6 +267,11 @@ def assert_unchanged(before: dict, net: nn.Module) -> None:
     assert torch.equal(after["rng"], before["rng"]), "the global random state was consumed"
 
 
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two maps of any shape."""
+    return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
+
+
 # -- zennit as the LRP reference ------------------------------------------------------------
 def zennit_lrp(module: nn.Module, x: torch.Tensor, targets: list[int], composite: Any):
     """zennit's relevance of the input for each target (relevance at the output = the target

@@ -20,6 +20,8 @@ _HOMES = {
     "explain_many": "api",
     "predict": "api",
     "Attribution": "attribution",
+    "Concepts": "concept",
+    "concepts": "concept",
     "Picture": "display",
     "Predictions": "display",
     "show_feature_maps": "display",
@@ -61,6 +63,7 @@ if TYPE_CHECKING:  # what static tools (type checkers, the API docs) see
     from cnnscan import batch
     from cnnscan.api import explain, explain_many, predict
     from cnnscan.attribution import Attribution
+    from cnnscan.concept import Concepts, concepts
     from cnnscan.display import Picture, Predictions, show_feature_maps, show_filters
     from cnnscan.errors import (
         CnnscanError,
@@ -101,6 +104,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "Attribution",
     "CnnscanError",
+    "Concepts",
     "ImageError",
     "LayerError",
     "MethodError",
@@ -117,6 +121,7 @@ __all__ = [
     "TargetError",
     "batch",
     "class_image",
+    "concepts",
     "conv_layers",
     "deepdream",
     "evaluate",

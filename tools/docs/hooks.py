@@ -38,7 +38,7 @@ SECTIONS = [
     ("Explaining predictions", "methods"),
     ("Gallery", "gallery.md"),
     ("Which method should I trust?", ["trust.md", "evaluation.md"]),
-    ("What the network learned", ["learned.md", "synthesis.md"]),
+    ("What the network learned", ["learned.md", "synthesis.md", "concepts.md"]),
     ("Models", "models.md"),
     ("Jupyter", "jupyter.md"),
     ("Web app", "app.md"),
