@@ -4,15 +4,21 @@ conservation of conditional heatmaps, and the ablation check on the default mode
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import assert_unchanged, pearson, snapshot
+from helpers import SmallConvNet, assert_unchanged, pearson, snapshot
 from torch import nn
 
 import cnnscan
-from cnnscan.errors import LayerError, MethodError
+from cnnscan.concept import pictures
+from cnnscan.errors import BatchError, LayerError, MethodError
+from cnnscan.models.preprocessing import Preprocessing
+from cnnscan.scan import make_scan
+from cnnscan.synthesis import channels
 
 LAYER = "features.14"  # vgg11: the ReLU after the 6th conv, 512 channels
 
@@ -37,7 +43,10 @@ def test_concepts_match_zennit_crp(small):
     from zennit.composites import EpsilonPlus
 
     target = 3
-    ours = cnnscan.concepts(vgg(), small, [target], layer=LAYER, composite="epsilon_plus")[0]
+    found = cnnscan.concepts(
+        vgg(), small, [target], layer=LAYER, composite="epsilon_plus", pictures=False
+    )
+    ours = found[0]
     reference = crp.CondAttribution(vgg_copy())
     x = small.clone().requires_grad_(True)
     whole = reference(x, [{"y": [target]}], EpsilonPlus(), record_layer=[LAYER])
@@ -68,7 +77,9 @@ def test_all_conditional_heatmaps_sum_to_the_unconditional_one(small, method):
     unconditional heatmap (LRP, or gradient × input), and the channels' relevances to the
     layer total."""
     layer = "features.7"  # 256 channels at 4×4
-    found = cnnscan.concepts(vgg(), small, [5], layer=layer, top=256, method=method, check=False)
+    found = cnnscan.concepts(
+        vgg(), small, [5], layer=layer, top=256, method=method, check=False, pictures=False
+    )
     target = found[0]
     assert len(target.concepts) == 256
     total = sum(concept.heatmap for concept in target.concepts)
@@ -87,7 +98,7 @@ def test_all_conditional_heatmaps_sum_to_the_unconditional_one(small, method):
 def test_gradient_x_activation_relevance_is_activation_times_gradient(small):
     """Each channel's relevance is Σ activation × ∂logit/∂activation over its positions."""
     found = cnnscan.concepts(
-        vgg(), small, [1], layer=LAYER, method="gradient_x_activation", check=False
+        vgg(), small, [1], layer=LAYER, method="gradient_x_activation", check=False, pictures=False
     )[0]
     recorded = {}
     handle = vgg().features[14].register_forward_hook(lambda m, i, o: recorded.update(out=o))
@@ -110,7 +121,7 @@ def test_zeroing_the_top_concepts_lowers_the_cat_logit_more_than_random_ones(
     """The faithfulness check on the bundled model and the cat: the three most relevant
     channels of the last block matter more to the logit than any of 20 random triples."""
     before = snapshot(default_model.module)
-    found = cnnscan.concepts(default_model, chelsea, top=3)
+    found = cnnscan.concepts(default_model, chelsea, top=3, pictures=False)
     assert_unchanged(before, default_model.module)
     target = found[0]
     assert found.layer == "_swish@1" and found.shape == (1280, 7, 7)
@@ -150,3 +161,96 @@ def test_bad_requests_are_one_line_errors(small):
         cnnscan.concepts(vgg(), torch.cat([small, small]), layer=LAYER)
     with pytest.raises(MethodError, match="top"):
         cnnscan.concepts(vgg(), small, layer=LAYER, top=0)
+    with pytest.raises(BatchError, match="does not exist"):
+        cnnscan.concepts(vgg(), small, layer=LAYER, references="no/such/folder")
+
+
+# -- what a concept looks like ---------------------------------------------------------------
+def small_model() -> cnnscan.Model:
+    return cnnscan.load_model(SmallConvNet(), preprocessing=Preprocessing(size=(48, 48)))
+
+
+def test_feature_pictures_are_cached_per_channel(monkeypatch, tmp_path):
+    """The first call draws the channels in one batched run and stores them under the cache
+    folder; asking again draws nothing, asking for one more draws only that one."""
+    monkeypatch.setenv("CNNSCAN_CACHE", str(tmp_path))
+    model = small_model()
+    drawn = []
+    real = pictures.synthesize
+
+    def spy(model, objective, **options):
+        drawn.append(objective.name)
+        return real(model, objective, **options)
+
+    monkeypatch.setattr(pictures, "synthesize", spy)
+    first = pictures.feature_pictures(model, "conv3", [1, 4], steps=3, size=24)
+    assert drawn == ["channels(conv3:1,4)"]
+    assert {k: v.shape for k, v in first.items()} == {1: (24, 24, 3), 4: (24, 24, 3)}
+    stored = sorted((tmp_path / "concepts").rglob("*.png"))
+    assert [path.name for path in stored] == ["1.png", "4.png"]
+    again = pictures.feature_pictures(model, "conv3", [4, 1], steps=3, size=24)
+    assert drawn == ["channels(conv3:1,4)"] and list(again) == [4, 1]
+    assert all(np.array_equal(again[k], first[k]) for k in (1, 4))
+    pictures.feature_pictures(model, "conv3", [1, 6], steps=3, size=24)
+    assert drawn == ["channels(conv3:1,4)", "channels(conv3:6)"]
+
+
+def test_channels_objective_draws_one_channel_per_image():
+    """Image i of the batch excites channel ks[i]: each image drives its own channel
+    higher than the other image does."""
+    model = small_model()
+    result = cnnscan.synthesize(model, channels("conv3", [2, 5]), steps=24, size=32, batch=2)
+    x = model.preprocessing.normalize(result.pixels)
+    maps = cnnscan.feature_maps(model, x, "conv3")["conv3"]
+    assert float(maps[0, 2].mean()) > float(maps[1, 2].mean())
+    assert float(maps[1, 5].mean()) > float(maps[0, 5].mean())
+
+
+def test_pictures_excite_the_input_of_an_activation_layer(default_model):
+    scan = make_scan(default_model, torch.zeros(1, 3, 224, 224))
+    assert pictures.picture_layer(scan, "_swish@1") == "_bn1"
+    assert pictures.picture_layer(scan, "_blocks.15") == "_blocks.15"
+    with pytest.raises(LayerError, match="no layer named"):
+        pictures.picture_layer(scan, "_nope")
+
+
+@pytest.mark.parametrize("method", ["lrp", "gradient_x_activation"])
+def test_reference_patches_equal_a_brute_force_loop(tmp_path, method):
+    """The most activating and most relevant images of a folder, per concept, are those a
+    loop of single-image calls finds, and each patch is cut around the channel's peak."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("chelsea", "coffee", "astronaut", "rocket", "coins"):
+        cnnscan.load_image(f"sample:{name}").save(folder / f"{name}.png")
+    model = small_model()
+    found = cnnscan.concepts(
+        model,
+        folder / "coffee.png",
+        layer="conv3",
+        top=3,
+        method=method,
+        check=False,
+        pictures=False,
+        references=folder,
+        reference_count=2,
+    )
+    activation, relevance = {}, {}
+    for path in sorted(folder.iterdir()):
+        maps = cnnscan.feature_maps(model, path, "conv3")["conv3"][0]
+        activation[path.name] = maps.flatten(1).max(dim=1).values
+        alone = cnnscan.concepts(
+            model, path, layer="conv3", top=8, method=method, check=False, pictures=False
+        )
+        relevance[path.name] = alone[0].channels
+    for concept in found[0].concepts:
+        c = concept.channel
+        for kind, values in (("activation", activation), ("relevance", relevance)):
+            expected = sorted(values, key=lambda name: -float(values[name][c]))[:2]
+            patches = concept.references[kind]
+            assert [Path(p.source).name for p in patches] == expected, (kind, c)
+            for patch in patches:
+                assert patch.value == pytest.approx(
+                    float(values[Path(patch.source).name][c]), rel=1e-4, abs=1e-6
+                )
+                left, top, right, bottom = patch.box
+                assert patch.pixels.shape == (bottom - top, right - left, 3)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from cnnscan.batch.inputs import discover
+from cnnscan.concept.pictures import feature_pictures, picture_layer, reference_patches
 from cnnscan.concept.relevance import (
     Method,
     Propagation,
@@ -38,6 +41,9 @@ def concepts(
     composite: str | Composite = "epsilon_plus_depthwise",
     rules: Mapping | None = None,
     check: bool = True,
+    pictures: bool = True,
+    references: str | Path | None = None,
+    reference_count: int = 4,
     device: torch.device | str | None = None,
     batch_size: int | None = None,
     max_memory: int | float | str | None = None,
@@ -52,9 +58,19 @@ def concepts(
     relevance at the layer; all channels' shares sum to the layer total, and all channels'
     conditional heatmaps to the unconditional heatmap. `check` zeroes the top three channels
     at the layer and compares the target logit's drop with that of random channels.
+    `pictures`: each concept's synthesized feature visualization (cached on disk per
+    model, layer and channel: `cnnscan.concept.pictures`). `references`: a folder (or glob,
+    or table) of images; each concept gets the `reference_count` patches where it is most
+    active and those where it is most relevant.
     """
     propagation = Propagation.of(method, composite, rules)
     top = count("top", top)
+    reference_count = count("reference_count", reference_count)
+    items = (
+        [item for item in discover(references) if item.problem is None]
+        if references is not None
+        else []
+    )
     if scan is None:
         scan = make_scan(model, image, device=device, batch_size=batch_size, max_memory=max_memory)
     if len(scan.inputs) != 1:
@@ -94,6 +110,17 @@ def concepts(
                 ablation=ablation(scan, layer, class_id, checked) if check else None,
             )
         )
+    chosen = list(dict.fromkeys(c.channel for t in results for c in t.concepts))
+    drawn = feature_pictures(scan.model, picture_layer(scan, layer), chosen) if pictures else {}
+    patches = (
+        reference_patches(scan.model, items, layer, chosen, propagation, count=reference_count)
+        if items
+        else {}
+    )
+    for target in results:
+        for concept in target.concepts:
+            concept.picture = drawn.get(concept.channel)
+            concept.references = patches.get(concept.channel, {})
     prep = scan.model.preprocessing
     pixels = prep.denormalize(scan.inputs[:1].detach().cpu())[0].clamp(0, 1)
     return Concepts(
