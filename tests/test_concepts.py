@@ -4,16 +4,18 @@ conservation of conditional heatmaps, and the ablation check on the default mode
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import SmallConvNet, assert_unchanged, pearson, snapshot
+from helpers import SmallConvNet, assert_unchanged, decode, parse, pearson, snapshot
 from torch import nn
 
 import cnnscan
+from cnnscan.cli import main
 from cnnscan.concept import pictures
 from cnnscan.errors import BatchError, LayerError, MethodError
 from cnnscan.models.preprocessing import Preprocessing
@@ -254,3 +256,59 @@ def test_reference_patches_equal_a_brute_force_loop(tmp_path, method):
                 )
                 left, top, right, bottom = patch.box
                 assert patch.pixels.shape == (bottom - top, right - left, 3)
+
+
+# -- the page and the command ----------------------------------------------------------------
+def photo_folder(root: Path, names: tuple[str, ...]) -> Path:
+    folder = root / "photos"
+    folder.mkdir()
+    for name in names:
+        cnnscan.load_image(f"sample:{name}").save(folder / f"{name}.png")
+    return folder
+
+
+def test_the_page_is_self_contained_and_shows_every_concept(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNSCAN_CACHE", str(tmp_path / "cache"))
+    folder = photo_folder(tmp_path, ("chelsea", "coffee", "rocket"))
+    found = cnnscan.concepts(
+        small_model(),
+        folder / "coffee.png",
+        [0, 2],
+        layer="conv3",
+        top=3,
+        references=folder,
+        reference_count=2,
+    )
+    page, data = found.save(tmp_path / "out")
+    html = page.read_text()
+    tables = parse(html).tables
+    assert [t["class"] for t in tables] == ["concepts", "concepts"]
+    for table, target in zip(tables, found.targets, strict=True):
+        rows = table["rows"][1:]
+        assert [int(row[1]["text"]) for row in rows] == [c.channel for c in target.concepts]
+        for row, concept in zip(rows, target.concepts, strict=True):
+            # heatmap, footprint, picture, then 2 most activating and 2 most relevant patches
+            assert [len(cell["images"]) for cell in row[3:]] == [1, 1, 1, 2, 2]
+            assert decode(row[5]["images"][0]["src"]).shape[2] == 3
+            assert f"{100 * concept.share:+.1f} %" in row[2]["text"]
+    sources = [img["src"] for img in parse(html).images]
+    assert sources and all(src.startswith("data:image/") for src in sources)
+    assert "<link" not in html and "<script" not in html
+    assert json.loads(data.read_text())["targets"][1]["class_id"] == 2
+    fragment = found._repr_html_()
+    assert "<html" not in fragment and 'class="concepts"' in fragment
+
+
+def test_the_command_writes_the_page(tmp_path, capsys):
+    folder = photo_folder(tmp_path, ("coffee", "chelsea"))
+    out = tmp_path / "out"
+    argv = ["concepts", "sample:coffee", "--top", "2", "--no-pictures", "--out", str(out)]
+    code = main([*argv, "--references", str(folder)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "espresso: " in printed.out and "zeroing the top 2" in printed.out
+    rows = parse((out / "concepts.html").read_text()).tables[0]["rows"]
+    assert len(rows) == 3 and [len(cell["images"]) for cell in rows[1][3:]] == [1, 1, 0, 2, 2]
+    assert main(["concepts", "sample:coffee", "--layer", "_nope", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cnnscan: error: no layer named '_nope'") and err.count("\n") == 1

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
+from cnnscan.choices import CONCEPT_METHODS
 from cnnscan.errors import LayerError, MethodError
 from cnnscan.layers import Capture, LayerRef, StopForward, capture, stop_after
 from cnnscan.lrp.composites import Composite, Params
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     from cnnscan.scan import Scan
 
 Method = Literal["lrp", "gradient_x_activation"]
-METHODS: tuple[str, ...] = ("lrp", "gradient_x_activation")
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class Propagation:
             return cls(method)
         if method != "lrp":
             raise MethodError(
-                f"concepts: method must be one of {', '.join(METHODS)}; got {method!r}"
+                f"concepts: method must be one of {', '.join(CONCEPT_METHODS)}; got {method!r}"
             )
         params = Params()
         return cls(method, resolve_composite(composite, rules, params), params)

@@ -3,12 +3,15 @@ conditional heatmap, where it sits at the layer, and (when asked) its pictures."
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from cnnscan.concept.page import page_html, save_page
 from cnnscan.concept.relevance import Ablation
 
 
@@ -107,6 +110,16 @@ class Concepts:
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def save(self, out: str | Path) -> list[Path]:
+        """Write `concepts.html` (self-contained) and `concepts.json` (`summary`) to `out`."""
+        page = save_page(self, out)
+        data = Path(out) / "concepts.json"
+        data.write_text(json.dumps(self.summary(), indent=1), encoding="utf-8")
+        return [page, data]
+
+    def _repr_html_(self) -> str:  # Jupyter shows the page
+        return page_html(self, fragment=True)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: the settings and, per target, its concepts (no pictures)."""
