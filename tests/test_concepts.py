@@ -16,7 +16,7 @@ from torch import nn
 
 import cnnscan
 from cnnscan.cli import main
-from cnnscan.concept import pictures
+from cnnscan.concept import concept_graph, pictures
 from cnnscan.errors import BatchError, LayerError, MethodError
 from cnnscan.models.preprocessing import Preprocessing
 from cnnscan.scan import make_scan
@@ -312,3 +312,37 @@ def test_the_command_writes_the_page(tmp_path, capsys):
     assert main(["concepts", "sample:coffee", "--layer", "_nope", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("cnnscan: error: no layer named '_nope'") and err.count("\n") == 1
+
+
+# -- the attribution graph -------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_attribution_graph_matches_zennit_crp_two_levels_deep(small):
+    """Each level's children and their relevances are zennit-crp's relevance at the lower
+    layer with the path above as condition ({"y", upper: [k], ...} and record_layer)."""
+    crp = pytest.importorskip("crp.attribution")
+    from zennit.composites import EpsilonPlus
+
+    layers = ["features.14", "features.9", "features.4"]
+    roots = concept_graph(vgg(), small, [3], layers=layers, top=2, composite="epsilon_plus")
+    reference = crp.CondAttribution(vgg_copy())
+    x = small.clone().requires_grad_(True)
+
+    def theirs(condition: dict, layer: str) -> torch.Tensor:
+        found = reference(x, [{"y": [3], **condition}], EpsilonPlus(), record_layer=[layer])
+        return found.relevances[layer][0].sum(dim=(1, 2))
+
+    def check(nodes, expected: torch.Tensor) -> None:
+        assert [n.channel for n in nodes] == expected.argsort(descending=True)[:2].tolist()
+        got = torch.tensor([n.relevance for n in nodes], dtype=expected.dtype)
+        want = expected[[n.channel for n in nodes]]
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+    check(roots, theirs({}, layers[0]))
+    assert [len(root.children) for root in roots] == [2, 2]
+    for root in roots:
+        check(root.children, theirs({layers[0]: [root.channel]}, layers[1]))
+        for child in root.children:
+            path = {layers[0]: [root.channel], layers[1]: [child.channel]}
+            check(child.children, theirs(path, layers[2]))
+    with pytest.raises(LayerError, match="does not feed"):
+        concept_graph(vgg(), small, [3], layers=["features.4", "features.14"])

@@ -163,6 +163,34 @@ def conditional_heatmaps(
     return torch.cat(maps)
 
 
+def lower_backward(
+    scan: Scan, propagation: Propagation, upper: str, lower: str, seeds: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(activations (C', h', w'), backward values (K, C', h', w')) at the earlier layer
+    `lower` of K conditions given as backward values `seeds` (K, C, h, w) at `upper`: the
+    relevance of `lower`'s channels for a concept of `upper` (CRP's attribution graph). One
+    batched forward that stops at `upper` and one backward from it to `lower`."""
+    refs = [LayerRef.parse(upper), LayerRef.parse(lower)]
+    inputs = scan.inputs[:1].expand(len(seeds), -1, -1, -1)
+    with scan.runner() as runner, capture(runner, refs, protect=()) as captured:
+        try:
+            with (
+                stop_after(runner, refs, captured),
+                propagation.forward(scan, runner, inputs) as (
+                    x,
+                    _,
+                ),
+            ):
+                runner(x)
+        except StopForward:
+            pass
+        top, bottom = _recorded(captured, refs[0]), _recorded(captured, refs[1])
+        (grad,) = torch.autograd.grad(top, bottom, grad_outputs=seeds.to(top), allow_unused=True)
+    if grad is None:
+        raise LayerError(f"layer {lower} does not feed layer {upper}: name an earlier layer")
+    return bottom[0].detach(), grad
+
+
 def channel_seeds(backward: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
     """`backward` (C, h, w) kept only at one channel per row: (K, C, h, w) for `channels` (K,)."""
     mask = torch.zeros(len(channels), backward.shape[0], 1, 1, dtype=backward.dtype)
