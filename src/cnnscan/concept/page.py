@@ -54,14 +54,24 @@ def _concept(found: Concepts, concept: Concept, top: float) -> dict[str, Any]:
     return {
         "c": concept,
         "bar": round(100 * abs(concept.share) / top),
-        "heatmap": cell_uri(_over_photo(found.image, concept.heatmap)),
-        "footprint": cell_uri(_over_photo(found.image, _upsampled(concept.footprint, found))),
+        "heatmap": cell_uri(heatmap_picture(found, concept)),
+        "footprint": cell_uri(footprint_picture(found, concept)),
         "picture": None if concept.picture is None else cell_uri(concept.picture),
         "references": {
             kind: [(data_uri(p.pixels), p) for p in patches]
             for kind, patches in concept.references.items()
         },
     }
+
+
+def heatmap_picture(found: Concepts, concept: Concept) -> np.ndarray:
+    """The concept's conditional heatmap over the photo (uint8 RGB)."""
+    return _over_photo(found.image, concept.heatmap)
+
+
+def footprint_picture(found: Concepts, concept: Concept) -> np.ndarray:
+    """The concept's relevance at the layer, each layer cell a block over the photo."""
+    return _over_photo(found.image, _upsampled(concept.footprint, found))
 
 
 def _over_photo(image: np.ndarray, values: torch.Tensor) -> np.ndarray:
