@@ -19,6 +19,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 import cli_reference
+import concept_examples
 import gallery
 import trust
 import tutorials
@@ -145,12 +146,15 @@ def registry_section(family: str, page: str) -> str:
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
-    """Append the registry's list to each family page and to the evaluation page."""
+    """Append the registry's list to each family page and to the evaluation page, and the
+    computed examples to the concepts page."""
     uri = page.file.src_uri
     if uri.startswith("methods/") and Path(uri).stem in families():
         return markdown.rstrip() + "\n" + registry_section(Path(uri).stem, markdown)
     if uri == "evaluation.md":
         return markdown.rstrip() + "\n" + metric_section()
+    if uri == "concepts.md":
+        return markdown.rstrip() + "\n" + concept_examples.section(gallery.settings().mode)
     return markdown
 
 
