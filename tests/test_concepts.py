@@ -3,6 +3,7 @@ conservation of conditional heatmaps, and the ablation check on the default mode
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from pathlib import Path
@@ -11,7 +12,16 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import SmallConvNet, assert_unchanged, decode, parse, pearson, snapshot
+from helpers import (
+    SmallConvNet,
+    assert_unchanged,
+    batchnorm_eps,
+    decode,
+    efficientnet_lite_canonizers,
+    parse,
+    pearson,
+    snapshot,
+)
 from torch import nn
 
 import cnnscan
@@ -346,3 +356,37 @@ def test_the_attribution_graph_matches_zennit_crp_two_levels_deep(small):
             check(child.children, theirs(path, layers[2]))
     with pytest.raises(LayerError, match="does not feed"):
         concept_graph(vgg(), small, [3], layers=["features.4", "features.14"])
+
+
+@pytest.mark.slow
+def test_default_model_concepts_match_zennit_crp(default_model):
+    """The bundled EfficientNet-Lite0 (depthwise convs with ε, merged BatchNorms, skip
+    connections through zennit's Sum) at its last block: the same channel relevances and
+    conditional heatmaps as zennit-crp with the canonizers it needs."""
+    crp = pytest.importorskip("crp.attribution")
+    from zennit.composites import EpsilonPlus, MixedComposite, NameMapComposite
+    from zennit.rules import Epsilon
+
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    layer = "_blocks.15"
+    net = copy.deepcopy(default_model.module).eval()
+    depthwise = tuple(
+        name
+        for name, module in net.named_modules()
+        if isinstance(module, nn.Conv2d) and module.groups == module.in_channels > 1
+    )
+    with batchnorm_eps(net, 1e-12):  # zennit's merge keeps x/√(1+ε) in each BatchNorm
+        found = cnnscan.concepts(net, x, [7], layer=layer, top=4, pictures=False, check=False)
+        composite = MixedComposite(
+            [NameMapComposite([(depthwise, Epsilon(0.25))]), EpsilonPlus()],
+            canonizers=efficientnet_lite_canonizers(net),
+        )
+        reference = crp.CondAttribution(net, no_param_grad=False)
+        leaf = x.clone().requires_grad_(True)
+        whole = reference(leaf, [{"y": [7]}], composite, record_layer=[layer])
+        conditions = [{"y": [7], layer: [c.channel]} for c in found[0].concepts]
+        maps = reference(leaf, conditions, composite).heatmap
+    theirs = whole.relevances[layer][0].sum(dim=(1, 2))
+    assert torch.allclose(found[0].channels, theirs, rtol=1e-3, atol=1e-4 * theirs.abs().max())
+    for concept, theirs_map in zip(found[0].concepts, maps, strict=True):
+        assert pearson(concept.heatmap, theirs_map) > 0.9999, concept.channel
