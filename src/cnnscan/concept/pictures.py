@@ -9,6 +9,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,20 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(partial, path)
 
 
+@dataclass
+class _Seen:
+    """What one reference image showed at the layer, per asked channel (K,): largest and
+    mean activation and where the largest is, relevance and where it peaks."""
+
+    source: str
+    pixels: np.ndarray
+    act_max: torch.Tensor
+    act_mean: torch.Tensor
+    act_peak: torch.Tensor
+    relevance: torch.Tensor
+    rel_peak: torch.Tensor
+
+
 def reference_patches(
     model: Model,
     items: Sequence[Item],
@@ -113,50 +128,54 @@ def reference_patches(
 ) -> dict[int, dict[str, list[Patch]]]:
     """channel -> {"activation": patches, "relevance": patches}: over `items` (the images
     of a folder, glob or table: `cnnscan.batch.inputs.discover`), the `count` images where
-    the channel's largest activation is highest, and those where its relevance for the
-    image's own top-1 class is highest, each cut to the region around the channel's peak
-    at the layer (three layer cells wide). One image at a time: a forward, and the
-    backward to the layer."""
+    the channel's largest activation is highest (ties, e.g. ReLU6 at 6, by the mean), and
+    those where its relevance for the image's own top-1 class is highest, each cut to the
+    region around the channel's peak at the layer (three layer cells wide). One image at a
+    time: a forward, and the backward to the layer."""
     ids = torch.tensor(list(channels))
-    rows: list[tuple[str, np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    seen: list[_Seen] = []
+    grid = torch.Size()
     for done, item in enumerate(items, start=1):
         picture = np.asarray(model.view(item.path))
         pixels = torch.from_numpy(picture.copy()).permute(2, 0, 1)[None].float() / 255
         x = model.preprocessing.normalize(pixels).to(model.device)
         graph = propagation.composite is None  # LRP runs its own forward
         scan = Scan(model, x, layers=[layer], relu_rules=False, graph=graph)
-        top1 = scan.targets("top1")[0]
-        found = layer_relevance(scan, propagation, layer, top1)
+        found = layer_relevance(scan, propagation, layer, scan.targets("top1")[0])
         grid = found.activations.shape[1:]
-        acts = found.activations[ids]  # (K, h, w)
-        relevance = found.relevance[0, ids]  # (K, h, w)
-        rows.append(
-            (
+        acts = found.activations[ids].flatten(1)  # (K, h·w)
+        relevance = found.relevance[0, ids].flatten(1)
+        seen.append(
+            _Seen(
                 item.image_id,
                 picture,
-                acts.flatten(1).max(dim=1).values,
-                acts.flatten(1).argmax(dim=1),
-                relevance.sum(dim=(1, 2)),
-                relevance.flatten(1).argmax(dim=1),
+                acts.max(dim=1).values,
+                acts.mean(dim=1),
+                acts.argmax(dim=1),
+                relevance.sum(dim=1),
+                relevance.argmax(dim=1),
             )
         )
         if progress is not None:
             progress(done, len(items))
     result: dict[int, dict[str, list[Patch]]] = {}
     for k, channel in enumerate(channels):
+        active = sorted(seen, key=lambda s: (-float(s.act_max[k]), -float(s.act_mean[k])))
+        relevant = sorted(seen, key=lambda s: -float(s.relevance[k]))
         result[channel] = {
-            kind: [
-                _patch(row, int(row[peak][k]), float(row[value][k]), grid)
-                for row in sorted(rows, key=lambda r, v=value: -float(r[v][k]))[:count]
-            ]
-            for kind, value, peak in (("activation", 2, 3), ("relevance", 4, 5))
+            "activation": [
+                _patch(s, int(s.act_peak[k]), float(s.act_max[k]), grid) for s in active[:count]
+            ],
+            "relevance": [
+                _patch(s, int(s.rel_peak[k]), float(s.relevance[k]), grid) for s in relevant[:count]
+            ],
         }
     return result
 
 
-def _patch(row: tuple, flat: int, value: float, grid: torch.Size) -> Patch:
+def _patch(seen: _Seen, flat: int, value: float, grid: torch.Size) -> Patch:
     """The region of the picture around layer cell `flat` of an (h, w) grid."""
-    source, pixels = row[0], row[1]
+    pixels = seen.pixels
     height, width = pixels.shape[:2]
     h, w = grid
     cell_y, cell_x = height / h, width / w
@@ -164,4 +183,5 @@ def _patch(row: tuple, flat: int, value: float, grid: torch.Size) -> Patch:
     half_y, half_x = 1.5 * cell_y, 1.5 * cell_x
     top, bottom = max(0, round(y - half_y)), min(height, round(y + half_y))
     left, right = max(0, round(x - half_x)), min(width, round(x + half_x))
-    return Patch(pixels[top:bottom, left:right].copy(), source, (left, top, right, bottom), value)
+    box = (left, top, right, bottom)
+    return Patch(pixels[top:bottom, left:right].copy(), seen.source, box, value)
