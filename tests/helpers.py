@@ -5,6 +5,7 @@ library writes."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import io
 import threading
@@ -294,6 +295,20 @@ def assert_unchanged(before: dict, net: nn.Module) -> None:
     assert after["grad_enabled"] == before["grad_enabled"]
     assert after["function_modes"] == before["function_modes"] == 0
     assert torch.equal(after["rng"], before["rng"]), "the global random state was consumed"
+
+
+@contextlib.contextmanager
+def batchnorm_eps(net: nn.Module, eps: float):
+    """The net with every BatchNorm's ε replaced, for the duration of the block."""
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [m.eps for m in norms]
+    for m in norms:
+        m.eps = eps
+    try:
+        yield net
+    finally:
+        for m, value in zip(norms, saved, strict=True):
+            m.eps = value
 
 
 # -- zennit as the LRP reference ------------------------------------------------------------

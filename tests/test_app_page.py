@@ -349,6 +349,31 @@ def test_filters_and_feature_maps_follow_the_controls(media, default_model, chel
     )
 
 
+def test_concepts_tab_shows_the_picked_concept(media, default_model, chelsea):
+    """Nothing is computed until asked; then each concept's heatmap and footprint are the
+    library's (`cnnscan.concepts` and the concepts page's pictures), for the one picked."""
+    from cnnscan.concept.page import footprint_picture, heatmap_picture
+
+    at = fresh_app()
+    assert not [a for a in pictures_shown(at, media) if a.startswith("heatmap")]
+    at.slider(key="concept_top").set_value(3)
+    at.button(key="concept_go").click()
+    at.run()
+    no_problems(at)
+    found = cnnscan.concepts(default_model, chelsea, top=3, pictures=False)
+    assert "lowers the logit by" in " ".join(m.value for m in at.markdown)
+    for pick in (0, 2):
+        at.radio(key="concept_pick").set_value(pick)
+        at.run()
+        no_problems(at)
+        shown = pictures_shown(at, media)
+        concept = found[0].concepts[pick]
+        heatmap = f"heatmap: relevance only through this channel of channel {concept.channel}"
+        footprint = f"footprint at {found.layer} of channel {concept.channel}"
+        np.testing.assert_array_equal(shown[heatmap], heatmap_picture(found, concept))
+        np.testing.assert_array_equal(shown[footprint], footprint_picture(found, concept))
+
+
 def _wait_for_job(at: AppTest, seconds: float = 300) -> str:
     deadline = time.monotonic() + seconds
     job = at.session_state["job"]

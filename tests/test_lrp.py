@@ -3,7 +3,6 @@ one-layer examples of each rule, conservation on hand-built nets, and LRP-ε →
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import gc
@@ -16,6 +15,7 @@ from helpers import (
     RELU6_FORMS,
     RELU_FORMS,
     SmallConvNet,
+    batchnorm_eps,
     efficientnet_lite_canonizers,
     zennit_lrp,
 )
@@ -78,20 +78,6 @@ def torchvision_net(arch: str) -> nn.Module:
     """A random-weight torchvision model, built once per test session (put back any change)."""
     torch.manual_seed(0)
     return randomize_batchnorm(getattr(torchvision.models, arch)(weights=None).eval())
-
-
-@contextlib.contextmanager
-def batchnorm_eps(net: nn.Module, eps: float):
-    """The net with every BatchNorm's ε replaced, for the duration of the block."""
-    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    saved = [m.eps for m in norms]
-    for m in norms:
-        m.eps = eps
-    try:
-        yield net
-    finally:
-        for m, value in zip(norms, saved, strict=True):
-            m.eps = value
 
 
 @pytest.fixture(scope="module")

@@ -295,3 +295,20 @@ def test_a_scan_samples_lightly_unless_full_and_says_how_many(monkeypatch):
     assert f"{QUICK_OPTIONS['smoothgrad']['n_samples']} samples" in notes
     full = run_scan(model, x, methods=["smoothgrad"], top_k=1, class_image_steps=0, evaluate="full")
     assert full.attributions["smoothgrad"].extras["n_samples"] == 25
+
+
+def test_the_report_shows_the_concepts_of_the_top1_class(top5_report):
+    html, out, result = top5_report
+    found = result.concepts
+    assert found is not None and found[0].class_id == result.predictions[0]["class_id"]
+    assert 'id="concepts"' in html and 'href="#concepts"' in html
+    tables = [t for t in parse(html).tables if t["class"] == "concepts"]
+    assert len(tables) == 1
+    rows = tables[0]["rows"][1:]
+    assert [int(row[1]["text"]) for row in rows] == [c.channel for c in found[0].concepts]
+    assert len(rows) == 6 and all(len(row[3]["images"]) == 1 for row in rows)
+    saved = json.loads((out / "concepts.json").read_text())
+    assert [c["channel"] for c in saved["targets"][0]["concepts"]] == [
+        c.channel for c in found[0].concepts
+    ]
+    assert "Faithfulness check" in html

@@ -23,6 +23,8 @@ _HOMES = {
     "Audit": "spray",
     "audit": "spray",
     "AuditError": "errors",
+    "Concepts": "concept",
+    "concepts": "concept",
     "Picture": "display",
     "Predictions": "display",
     "show_feature_maps": "display",
@@ -64,6 +66,7 @@ if TYPE_CHECKING:  # what static tools (type checkers, the API docs) see
     from cnnscan import batch
     from cnnscan.api import explain, explain_many, predict
     from cnnscan.attribution import Attribution
+    from cnnscan.concept import Concepts, concepts
     from cnnscan.display import Picture, Predictions, show_feature_maps, show_filters
     from cnnscan.errors import (
         AuditError,
@@ -108,6 +111,7 @@ __all__ = [
     "Audit",
     "AuditError",
     "CnnscanError",
+    "Concepts",
     "ImageError",
     "LayerError",
     "MethodError",
@@ -125,6 +129,7 @@ __all__ = [
     "audit",
     "batch",
     "class_image",
+    "concepts",
     "conv_layers",
     "deepdream",
     "evaluate",

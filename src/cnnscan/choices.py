@@ -7,3 +7,4 @@ FILTER_MODES = ("auto", "rgb", "channels", "mean")
 SCALES = ("shared", "per-map")
 DEFAULT_IMAGE = "sample:chelsea"
 CLASS_IMAGE_STEPS = 32  # the top-1 class image of a scan: a preview, about a second on a CPU
+CONCEPT_METHODS = ("lrp", "gradient_x_activation")  # how concepts' relevance flows back

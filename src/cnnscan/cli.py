@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from cnnscan import __version__
-from cnnscan.choices import CLASS_IMAGE_STEPS, DEFAULT_IMAGE, FILTER_MODES, SCALES, VIEWS
+from cnnscan.choices import (
+    CLASS_IMAGE_STEPS,
+    CONCEPT_METHODS,
+    DEFAULT_IMAGE,
+    FILTER_MODES,
+    SCALES,
+    VIEWS,
+)
 from cnnscan.errors import CnnscanError
 
 _STARTED = time.perf_counter()  # about when the command started (nothing heavy loads first)
@@ -55,6 +62,11 @@ EXAMPLES = {
   cnnscan features sample:chelsea --layer _swish@1 --top 32 --out maps/
   cnnscan features cat.jpg --layer _blocks.2 --layer _blocks.8 --scale per-map --out maps/
   cnnscan features cat.jpg --model resnet50 --layer layer3 --out maps/""",
+    "concepts": """examples:
+  cnnscan concepts                               # the bundled cat: concepts of the last block
+  cnnscan concepts photo.jpg --layer _blocks.12 --top 8 --targets top2
+  cnnscan concepts photo.jpg --references photos/ --out concepts/
+  cnnscan concepts photo.jpg --method gradient_x_activation --no-pictures""",
     "dream": """examples:
   cnnscan dream --class 285                      # what the model thinks an Egyptian cat is
   cnnscan dream --class "tiger cat" --param pixel --steps 200   # Simonyan et al.'s setting
@@ -253,6 +265,31 @@ def _parser() -> argparse.ArgumentParser:
     features.add_argument("--scale", default="shared", choices=SCALES, help="colour scale")
     features.add_argument("--out", default="cnnscan-features", help="output folder")
     model_options(features)
+    concepts = command(
+        "concepts",
+        "Which channels of a layer carried the prediction (CRP): a page with each concept's "
+        "share, conditional heatmap, footprint, synthesized picture and reference patches.",
+    )
+    concepts.add_argument(
+        "image", nargs="?", default=DEFAULT_IMAGE, help="image path or sample:NAME"
+    )
+    concepts.add_argument(
+        "--layer", default=None, help="layer name (default: the last convolutional layer)"
+    )
+    concepts.add_argument("--top", type=_positive_int, default=6, help="concepts per target")
+    concepts.add_argument("--targets", default="top1", help="top1 (default), topK, ids or names")
+    concepts.add_argument(
+        "--method", default="lrp", choices=CONCEPT_METHODS, help="how relevance flows back"
+    )
+    concepts.add_argument(
+        "--references", default=None, metavar="DIR", help="folder (or glob) of reference images"
+    )
+    concepts.add_argument(
+        "--no-pictures", action="store_true", help="skip the synthesized feature pictures"
+    )
+    concepts.add_argument("--out", default="cnnscan-concepts", help="output folder")
+    model_options(concepts)
+    memory_option(concepts)
     dream = command(
         "dream",
         "Synthesize images: activation maximization of a class, channel or neuron, DeepDream "
@@ -653,6 +690,40 @@ def _file_name(layer: str) -> str:
     return layer.replace("@", "_call").replace("/", "_")
 
 
+def _cmd_concepts(args: argparse.Namespace) -> int:
+    from cnnscan.concept import concepts
+    from cnnscan.images import load_image
+    from cnnscan.targets import parse_targets
+
+    picture = load_image(args.image)  # bad images fail before the model loads
+    model = _load(args)
+    found = concepts(
+        model,
+        picture,
+        parse_targets(args.targets),
+        layer=args.layer,
+        top=args.top,
+        method=args.method,
+        pictures=not args.no_pictures,
+        references=args.references,
+        device=args.device,
+        max_memory=args.max_memory,
+    )
+    page, _ = found.save(args.out)
+    print(f"{found.model} at {found.layer} ({'×'.join(map(str, found.shape))}), {found.method}")
+    for target in found.targets:
+        listing = ", ".join(f"{c.channel} ({100 * c.share:+.1f} %)" for c in target.concepts)
+        print(f"{target.label}: {listing}")
+        if target.ablation is not None:
+            check = target.ablation
+            print(
+                f"  zeroing the top {len(check.channels)} lowers the logit by {check.top:.3f}; "
+                f"random channels by {check.random_mean:.3f} on average"
+            )
+    print(f"wrote {page.resolve()} and concepts.json")
+    return 0
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     from cnnscan.methods import list_methods
 
@@ -913,6 +984,7 @@ _COMMANDS = {
     "methods": _cmd_methods,
     "filters": _cmd_filters,
     "features": _cmd_features,
+    "concepts": _cmd_concepts,
     "dream": _cmd_dream,
     "models": _cmd_models,
     "evaluate": _cmd_evaluate,

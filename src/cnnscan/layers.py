@@ -236,6 +236,43 @@ def capture(
             handle.remove()
 
 
+_stopping: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "cnnscan_stop_after", default=None
+)
+
+
+class StopForward(Exception):
+    """Raised inside a forward run in `stop_after(...)` once the layers it waits for ran."""
+
+
+@contextmanager
+def stop_after(root: nn.Module, refs: Collection[LayerRef], captured: Capture) -> Iterator[None]:
+    """Within the block, a forward of `root` raises `StopForward` as soon as every call
+    named in `refs` has been recorded in `captured` (a `capture` entered before this
+    block): work that reads a middle layer skips the rest of the network (this thread
+    only; hooks removed on exit, also on errors)."""
+    token = object()
+
+    def done() -> bool:
+        return all(len(captured.outputs(ref.name)) > (ref.call or 0) for ref in refs)
+
+    def hook(_module, _inputs, _output):
+        if _stopping.get() is token and done():
+            raise StopForward
+
+    handles = [
+        get_module(root, name).register_forward_hook(hook)
+        for name in dict.fromkeys(ref.name for ref in refs)
+    ]
+    reset = _stopping.set(token)
+    try:
+        yield
+    finally:
+        _stopping.reset(reset)
+        for handle in handles:
+            handle.remove()
+
+
 def trace_layers(root: nn.Module, x: torch.Tensor) -> list[LayerRow]:
     """Run one forward (no gradients) and list every module call in completion order."""
     with capture(root) as captured, torch.no_grad():

@@ -23,6 +23,8 @@ import cnnscan
 from cnnscan import render
 from cnnscan.attribution import Attribution
 from cnnscan.choices import CLASS_IMAGE_STEPS
+from cnnscan.concept import Concepts, concepts
+from cnnscan.concept.page import page_html
 from cnnscan.engine.memory import trim
 from cnnscan.layers import LayerRow
 from cnnscan.learned import conv_layers, depth_layers, filters, top_channels
@@ -37,6 +39,7 @@ from cnnscan.targets import checked_top_k
 LEARNED_CHANNELS = 16  # feature maps shown per layer in the report
 LEARNED_TILE_PX = 64  # their size in pixels
 CLASS_IMAGE_PX = 128
+CONCEPTS_TOP = 6  # concepts of the top-1 class in a scan
 CLASS_IMAGE_SHOWN_PX = 224  # the class image is shown at least this large (whole multiples)
 
 
@@ -68,6 +71,7 @@ class ScanResult:
     receptive: dict[str, ReceptiveField] = field(default_factory=dict)
     leaderboard: list[dict[str, Any]] = field(default_factory=list)  # see metrics.leaderboard
     leaderboard_options: dict[str, Any] = field(default_factory=dict)
+    concepts: Concepts | None = None  # of the top-1 class at the default layer
 
 
 def default_methods(full: bool = False) -> list[str]:
@@ -119,6 +123,7 @@ def run_scan(
     class_image_steps: int = CLASS_IMAGE_STEPS,
     evaluate: str = "default",
     max_memory: int | float | str | None = None,
+    concepts_top: int = CONCEPTS_TOP,
 ) -> ScanResult:
     """One shared forward, then every method for the `top_k` most probable classes (default
     5, at most the model's classes; more is a TargetError), each timed; `observer` hears the
@@ -128,7 +133,9 @@ def run_scan(
     synthesized image of the top-1 class. `evaluate` ranks the methods' maps of the top-1
     class in a leaderboard: "default" (the cheap checks, `LEADERBOARD`), "full" (also the
     full cascade and the random-class check) or "none". `max_memory` caps the working
-    memory of a batch (see `cnnscan.explain`)."""
+    memory of a batch (see `cnnscan.explain`). `concepts_top` channels of the default
+    layer are the top-1 class's concepts (`cnnscan.concepts`, LRP, without the synthesized
+    pictures); 0 skips them."""
     started = time.perf_counter()
     observer = observer or ScanObserver()
     model = as_model(model)
@@ -162,6 +169,15 @@ def run_scan(
     began = time.perf_counter()
     learned = learned_pictures(scan, layers)
     seconds["what the network learned"] = time.perf_counter() - began
+    found = None
+    if concepts_top > 0:
+        began = time.perf_counter()
+        with observer.stage("concepts", 1, "target") as advance:
+            found = concepts(
+                model, None, targets[:, :1], top=concepts_top, pictures=False, scan=scan
+            )
+            advance(1)
+        seconds["concepts"] = time.perf_counter() - began
     scan.release()  # the graph and activations: what follows needs neither (or runs again)
     trim()
     if class_image_steps > 0:
@@ -205,6 +221,7 @@ def run_scan(
         receptive=receptive,
         leaderboard=board,
         leaderboard_options=board_options,
+        concepts=found,
     )
 
 
@@ -339,6 +356,9 @@ def write_report(result: ScanResult, out: str | Path, *, all_maps: bool = False)
         (out / "leaderboard.json").write_text(
             json.dumps(json_ready(document), indent=2, allow_nan=False)
         )
+    if result.concepts is not None:
+        concepts_json = json.dumps(result.concepts.summary(), indent=1)
+        (out / "concepts.json").write_text(concepts_json, encoding="utf-8")
     html = _template().render(
         model_name=result.model.name,
         image_name=result.image_name,
@@ -364,6 +384,7 @@ def write_report(result: ScanResult, out: str | Path, *, all_maps: bool = False)
         receptive=result.receptive,
         learned=_write_learned(result.learned, out / "learned"),
         board=_board(result),
+        concepts=None if result.concepts is None else page_html(result.concepts, fragment=True),
         colour_bars={name: render.css_gradient(name) for name in BAR_CMAPS},
         outlier_perc=render.OUTLIER_PERC,
     )

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import audit_example
 import cli_reference
+import concept_examples
 import gallery
 import trust
 import tutorials
@@ -40,7 +41,7 @@ SECTIONS = [
     ("Explaining predictions", "methods"),
     ("Gallery", "gallery.md"),
     ("Which method should I trust?", ["trust.md", "evaluation.md"]),
-    ("What the network learned", ["learned.md", "synthesis.md"]),
+    ("What the network learned", ["learned.md", "synthesis.md", "concepts.md"]),
     ("Models", "models.md"),
     ("Jupyter", "jupyter.md"),
     ("Web app", "app.md"),
@@ -149,7 +150,8 @@ def registry_section(family: str, page: str) -> str:
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
-    """Append the registry's list to each family page and to the evaluation page."""
+    """Append the registry's list to each family page and to the evaluation page, and the
+    computed examples to the concepts page."""
     uri = page.file.src_uri
     if uri.startswith("methods/") and Path(uri).stem in families():
         return markdown.rstrip() + "\n" + registry_section(Path(uri).stem, markdown)
@@ -157,6 +159,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
         return markdown.rstrip() + "\n" + metric_section()
     if uri == "audit.md":
         return markdown.rstrip() + "\n" + audit_example.run()[0]
+    if uri == "concepts.md":
+        return markdown.rstrip() + "\n" + concept_examples.section(gallery.settings().mode)
     return markdown
 
 

@@ -321,6 +321,22 @@ class Workspace:
             self.results.put(full, value)
         return value
 
+    def concepts(self, layer: str, target: int, top: int, pictures: bool) -> cnnscan.Concepts:
+        """The `top` concepts of `layer` for class `target` (`cnnscan.concepts`, LRP), from
+        the shared forward; with `pictures`, their synthesized pictures (cached on disk)."""
+        return self.cached(
+            ("concepts", layer, int(target), int(top), bool(pictures)),
+            lambda: cnnscan.concepts(
+                self.model,
+                None,
+                [int(target)],
+                layer=layer,
+                top=top,
+                pictures=pictures,
+                scan=self.scan,
+            ),
+        )
+
     def receptive_fields(self) -> dict[str, cnnscan.ReceptiveField]:
         return self.cached(
             ("receptive", tuple(self.scan.inputs.shape[-2:])),

@@ -8,6 +8,7 @@ import streamlit as st
 import cnnscan
 from cnnscan import render
 from cnnscan.app import core, exports, jobs, pictures, sources
+from cnnscan.concept.page import footprint_picture, heatmap_picture
 from cnnscan.errors import CnnscanError
 from cnnscan.images import sample_names
 from cnnscan.learned import depth_layers
@@ -400,6 +401,72 @@ def learned(ws: core.Workspace) -> None:
             st.error(str(e))
 
 
+# -- concepts -------------------------------------------------------------------------------------
+def concepts_view(ws: core.Workspace) -> None:
+    st.caption(
+        "Which channels (concepts) of a layer carried a class's relevance (CRP): pick one to "
+        "see the relevance flowing only through it, where it sits, and what it looks like."
+    )
+    layers = ws.spatial_layers()
+    if not layers:
+        st.info("This model has no layer with spatial feature maps.")
+        return
+    left, middle, right = st.columns(3)
+    layer = left.selectbox(
+        "Layer", layers, index=layers.index(ws.default_layer()), key="concept_layer"
+    )
+    classes = ws.prediction_rows(ws.top_classes(5))
+    row = middle.selectbox(
+        "Class", classes, format_func=lambda r: f"{r['class_id']} {r['label']}", key="concept_class"
+    )
+    top = right.slider("Concepts", 1, 12, 6, key="concept_top")
+    pictures = st.checkbox(
+        "Synthesized pictures (cached on disk; the first time takes a while)", key="concept_pics"
+    )
+    if not (
+        st.button("Find the concepts", key="concept_go") or st.session_state.get("concepts_on")
+    ):
+        return
+    st.session_state["concepts_on"] = True
+    try:
+        found = ws.concepts(layer, row["class_id"], top, pictures)
+    except CnnscanError as e:
+        st.error(str(e))
+        return
+    target = found[0]
+    check = target.ablation
+    if check is not None:
+        st.markdown(
+            f"Zeroing the top {len(check.channels)} concepts lowers the logit by "
+            f"**{check.top:.3f}**; random channels by {check.random_mean:.3f} on average."
+        )
+    labels = [
+        f"#{rank} · channel {c.channel} · {100 * c.share:+.1f} %"
+        for rank, c in enumerate(target.concepts, 1)
+    ]
+    chosen = st.radio(
+        "Concept",
+        range(len(labels)),
+        format_func=labels.__getitem__,
+        key="concept_pick",
+        horizontal=True,
+    )
+    concept = target.concepts[chosen]
+    shown = [
+        (heatmap_picture(found, concept), "heatmap: relevance only through this channel"),
+        (footprint_picture(found, concept), f"footprint at {layer}"),
+    ]
+    if concept.picture is not None:
+        shown.append((concept.picture, "synthesized picture"))
+    for slot, (picture, caption) in zip(st.columns(3), shown, strict=False):
+        slot.image(
+            picture,
+            caption=caption,
+            output_format="PNG",
+            alt=f"{caption} of channel {concept.channel}",
+        )
+
+
 # -- synthesis ------------------------------------------------------------------------------------
 def synthesis(ws: core.Workspace) -> None:
     kind = st.radio("Synthesize", jobs.KINDS, key="synth_kind", horizontal=True)
@@ -576,7 +643,7 @@ def main() -> None:
     except Exception as e:  # e.g. a model that fails on this picture: say so and stop here
         st.error(str(e) if isinstance(e, CnnscanError) else f"{type(e).__name__}: {e}")
         st.stop()
-    names = ["Explanations", "Layers", "Filters & feature maps", "Synthesis"]
+    names = ["Explanations", "Layers", "Filters & feature maps", "Synthesis", "Concepts"]
     if core.evaluation_available():
         names.append("Evaluation")
     tabs = st.tabs(names)
@@ -588,8 +655,10 @@ def main() -> None:
         learned(ws)
     with tabs[3]:
         synthesis(ws)
-    if len(tabs) > 4:
-        with tabs[4]:
+    with tabs[4]:
+        concepts_view(ws)
+    if len(tabs) > 5:
+        with tabs[5]:
             evaluation_view(ws, run)
 
 

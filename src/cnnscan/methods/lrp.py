@@ -8,14 +8,16 @@ rules other than ε/z⁺-like ones absorb or add relevance, so it is rarely exac
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from torch import nn
 
 from cnnscan.errors import MethodError
 from cnnscan.lrp.composites import Composite, Key, Params, RuleLike, RuleMap, named_composite
-from cnnscan.lrp.tracer import trace
+from cnnscan.lrp.tracer import Record, trace
 from cnnscan.methods.registry import MethodResult, register
 from cnnscan.scan import match_format
 
@@ -32,7 +34,10 @@ def input_bounds(
     return preprocessing.normalize(zeros), preprocessing.normalize(zeros + 1)
 
 
-def _composite(composite: str | Composite, rules: Mapping | None, params: Params) -> Composite:
+def resolve_composite(
+    composite: str | Composite, rules: Mapping | None, params: Params
+) -> Composite:
+    """The composite named or given, with `rules` (layer names or types -> rules) on top."""
     if isinstance(composite, str):
         chosen = named_composite(composite, params)
     elif isinstance(composite, Composite):
@@ -49,6 +54,34 @@ def _composite(composite: str | Composite, rules: Mapping | None, params: Params
             f"{{'features.0': 'zbox', nn.Linear: 'epsilon'}}; got {type(rules).__name__}"
         )
     return chosen.with_rules(rules)
+
+
+@contextmanager
+def lrp_pass(
+    runner: nn.Module,
+    inputs: torch.Tensor,
+    preprocessing: Preprocessing,
+    composite: Composite,
+    params: Params,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, Record]]:
+    """(x, sink, record): forwards of `runner(x)` run in this block have LRP as their
+    backward; the relevance of the input is x ⊙ grad(x) + grad(sink) (see `trace`). `x` is
+    a copy of `inputs` in the runner's memory format."""
+    names = {name for name, _ in runner.named_modules() if name}
+    rule_map = RuleMap(composite, params, names, input_bounds(preprocessing, inputs))
+    x = match_format(inputs, runner).requires_grad_(True)
+    sink = torch.zeros_like(x, requires_grad=True)
+    with trace(runner, rule_map, x, sink) as record:
+        yield x, sink, record
+
+
+def input_relevance(
+    x: torch.Tensor, sink: torch.Tensor, grads: tuple[torch.Tensor | None, ...]
+) -> torch.Tensor:
+    """The relevance of the input from the gradients of (x, sink) of an LRP backward."""
+    grad_x, grad_sink = grads
+    relevance = torch.zeros_like(x) if grad_x is None else x.detach() * grad_x
+    return relevance if grad_sink is None else relevance + grad_sink
 
 
 @register(
@@ -82,26 +115,18 @@ def lrp(
     merged in) out of the rules' normalizers, so no relevance is absorbed by biases.
     """
     params = Params(epsilon, gamma, stabilizer, zero_bias=zero_params == "bias")
-    chosen = _composite(composite, rules, params)
-    inputs = scan.inputs
-    bounds = input_bounds(scan.model.preprocessing, inputs)
+    chosen = resolve_composite(composite, rules, params)
     maps = []
+    preprocessing = scan.model.preprocessing
     with scan.runner() as runner:
-        names = {name for name, _ in runner.named_modules() if name}
-        rule_map = RuleMap(chosen, params, names, bounds)
-        x = match_format(inputs, runner).requires_grad_(True)
-        sink = torch.zeros_like(x, requires_grad=True)
-        with trace(runner, rule_map, x, sink) as record:
+        with lrp_pass(runner, scan.inputs, preprocessing, chosen, params) as (x, sink, record):
             logits = scan.checked_logits(runner(x))
         for t in range(targets.shape[1]):
             selected = logits.gather(1, targets[:, t : t + 1]).sum()
-            grad_x, grad_sink = torch.autograd.grad(
+            grads = torch.autograd.grad(
                 selected, (x, sink), retain_graph=t < targets.shape[1] - 1, allow_unused=True
             )
-            relevance = torch.zeros_like(x) if grad_x is None else x.detach() * grad_x
-            if grad_sink is not None:
-                relevance = relevance + grad_sink
-            maps.append(relevance.contiguous())
+            maps.append(input_relevance(x, sink, grads).contiguous())
     maps_t = torch.stack(maps, dim=1)
     totals = maps_t.sum(dim=(2, 3, 4))
     scores = logits.detach().gather(1, targets)

@@ -8,50 +8,12 @@ so far are all the objective needs.
 
 from __future__ import annotations
 
-import contextvars
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
 from cnnscan.engine.logits import check_logits, logits_of
-from cnnscan.layers import Capture, LayerRef, capture, get_module
+from cnnscan.layers import StopForward, capture, stop_after
 from cnnscan.synthesis.objectives import Objective, Probe
-
-_stopping: contextvars.ContextVar[object | None] = contextvars.ContextVar(
-    "cnnscan_synthesis_stop", default=None
-)
-
-
-class _Stop(Exception):
-    """Raised inside the forward once the objective has what it needs."""
-
-
-@contextmanager
-def _stop_after(runner: nn.Module, refs: tuple[LayerRef, ...], captured: Capture) -> Iterator[None]:
-    """Within the block, a forward of `runner` raises `_Stop` as soon as every call named
-    in `refs` has been recorded in `captured` (hooks removed on exit, also on errors)."""
-    token = object()
-
-    def done() -> bool:
-        return all(len(captured.outputs(ref.name)) > (ref.call or 0) for ref in refs)
-
-    def hook(_module, _inputs, _output):
-        if _stopping.get() is token and done():
-            raise _Stop
-
-    handles = [
-        get_module(runner, name).register_forward_hook(hook)
-        for name in dict.fromkeys(ref.name for ref in refs)
-    ]
-    reset = _stopping.set(token)
-    try:
-        yield
-    finally:
-        _stopping.reset(reset)
-        for handle in handles:
-            handle.remove()
 
 
 def probe(
@@ -78,8 +40,8 @@ def probe(
             runner(seen)
         else:
             try:
-                with _stop_after(runner, refs, captured):
+                with stop_after(runner, refs, captured):
                     runner(seen)
-            except _Stop:
+            except StopForward:
                 pass
     return Probe(model_input, captured, logits)

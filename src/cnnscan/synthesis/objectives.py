@@ -9,7 +9,7 @@ Penalties (`l2`, `alpha_norm`, `total_variation`) return their positive size: su
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -191,6 +191,29 @@ def channel(layer: str | LayerRef, k: int) -> Objective:
         (ref,),
         False,
         (_check_channel(ref, k, spatial=False),),
+    )
+
+
+def channels(layer: str | LayerRef, ks: Sequence[int]) -> Objective:
+    """Image i of the batch excites channel `ks[i]` of `layer` (mean over positions and
+    images): one batched run draws several channels (run with `batch=len(ks)`)."""
+    ref = _layer(layer)
+    ks = [_index("channel", k) for k in ks]
+    if not ks:
+        raise MethodError("channels needs at least one channel")
+
+    def value(p: Probe) -> torch.Tensor:
+        acts = p[ref]
+        if len(acts) != len(ks):
+            raise MethodError(f"channels draws {len(ks)} channels: run with batch={len(ks)}")
+        return acts[torch.arange(len(ks)), ks].mean()
+
+    return Objective(
+        value,
+        f"channels({ref}:{','.join(map(str, ks))})",
+        (ref,),
+        False,
+        tuple(_check_channel(ref, k, spatial=False) for k in dict.fromkeys(ks)),
     )
 
 
