@@ -6,8 +6,9 @@ Relevance reaches a layer's output A as a backward value c (LRP's modified gradi
 plain gradient); its relevance there is A ⊙ c. The conditional heatmap of channel k is the
 backward of c with every other channel zeroed, continued from the layer to the input. The
 backward is linear in c, so the channels' conditional heatmaps sum to the unconditional one
-when all relevance passes through the layer. All conditions run as one batch: the image
-repeated once per condition, a forward that stops at the layer and one backward from it.
+when all relevance passes through the layer. All conditions share one forward that stops at
+the layer, then one backward per condition from it (measured: a batch of the image repeated
+per condition costs K forwards and K times the memory for the same backward work).
 """
 
 from __future__ import annotations
@@ -74,12 +75,18 @@ class Propagation:
 
     @staticmethod
     def to_input(
-        x: torch.Tensor, sink: torch.Tensor | None, output: torch.Tensor, seed: torch.Tensor
+        x: torch.Tensor,
+        sink: torch.Tensor | None,
+        output: torch.Tensor,
+        seed: torch.Tensor,
+        retain_graph: bool = False,
     ) -> torch.Tensor:
         """The relevance of the input (summed over colour) of the backward of `seed` from
-        `output`: (N, H, W)."""
+        `output`: (N, H, W). `retain_graph` keeps the forward for another backward."""
         leaves = (x,) if sink is None else (x, sink)
-        grads = torch.autograd.grad(output, leaves, grad_outputs=seed, allow_unused=True)
+        grads = torch.autograd.grad(
+            output, leaves, grad_outputs=seed, retain_graph=retain_graph, allow_unused=True
+        )
         both = (grads[0], None) if sink is None else grads
         return input_relevance(x, sink, both).sum(dim=1)
 
@@ -142,24 +149,23 @@ def conditional_heatmaps(
 ) -> torch.Tensor:
     """Input-space relevance (K, H, W) of K conditions: `seeds` (K, C, h, w) are the
     backward values to start from at `layer` (a target's, masked to the condition's
-    channels). One batched forward that stops at the layer and one backward per batch."""
+    channels). One forward that stops at the layer, then one backward per condition."""
     ref = LayerRef.parse(layer)
-    maps = []
-    key = ("concepts", tuple(scan.inputs.shape[1:]), propagation.method)
-    for rows in scan.batches(len(seeds), key):
-        chunk = seeds[rows]
-        inputs = scan.inputs[:1].expand(len(chunk), -1, -1, -1)
-        with scan.runner() as runner, capture(runner, [ref], protect=()) as captured:
-            try:
-                with (
-                    stop_after(runner, [ref], captured),
-                    propagation.forward(scan, runner, inputs) as (x, sink),
-                ):
-                    runner(x)
-            except StopForward:
-                pass
-            out = _recorded(captured, ref)
-            maps.append(propagation.to_input(x, sink, out, chunk.to(out)))
+    with scan.runner() as runner, capture(runner, [ref], protect=()) as captured:
+        try:
+            with (
+                stop_after(runner, [ref], captured),
+                propagation.forward(scan, runner, scan.inputs[:1]) as (x, sink),
+            ):
+                runner(x)
+        except StopForward:
+            pass
+        out = _recorded(captured, ref)
+        last = len(seeds) - 1
+        maps = [
+            propagation.to_input(x, sink, out, seed.unsqueeze(0).to(out), retain_graph=k < last)
+            for k, seed in enumerate(seeds)
+        ]
     return torch.cat(maps)
 
 
