@@ -32,16 +32,20 @@ ARCHITECTURES = {
     "squeezenet1_0": (64, "classifier.2", False),  # the class maps are the last conv's
     "shufflenet_v2_x0_5": (64, "conv5", True),
 }
-# Score-CAM runs the whole network once per channel of the layer (440 to 2048 here): it runs
-# on the architecture with the fewest channels (its masked forwards are the same code on every
-# architecture); Ablation-CAM re-runs only the head once per channel, everywhere but AlexNet
+# Score-CAM and its sampling variants (SS-CAM, IS-CAM) run the whole network once or more per
+# channel of the layer (440 to 2048 here): they run on the architecture with the fewest
+# channels (their masked forwards are the same code on every architecture); Ablation-CAM re-runs only the head once per channel, everywhere but AlexNet
 # and VGG16, whose 60- and 120-million-weight heads would take seconds.
 SCORECAM = {"regnet_y_400mf"}
+MASKING_CAMS = {"scorecam", "sscam", "iscam"}
 NO_ABLATIONCAM = {"alexnet", "vgg16"}
 OPTIONS = {  # the fewest samples and steps: these run the network at new inputs
     "smoothgrad": {"n_samples": 1},
     "gradient_shap": {"n_samples": 1},
     "integrated_gradients": {"n_steps": 2},
+    "smoothgradcam_pp": {"n_samples": 1},
+    "sscam": {"n_samples": 1},
+    "iscam": {"n_samples": 1},
 }
 TARGET = 7
 
@@ -51,7 +55,7 @@ def methods_for(name: str) -> list[str]:
     for info in cnnscan.list_methods():
         if info.family not in ("gradient", "cam"):
             continue
-        if info.name == "scorecam" and name not in SCORECAM:
+        if info.name in MASKING_CAMS and name not in SCORECAM:
             continue
         if info.name == "ablationcam" and name in NO_ABLATIONCAM:
             continue
@@ -94,7 +98,8 @@ def test_every_method_on_the_architecture(name):
     model, x = build(name)
     size, expected_layer, gap_linear = ARCHITECTURES[name]
     methods = methods_for(name)
-    results = cnnscan.explain_many(model, x, methods, targets=[TARGET], options=OPTIONS)
+    options = {method: OPTIONS[method] for method in methods if method in OPTIONS}
+    results = cnnscan.explain_many(model, x, methods, targets=[TARGET], options=options)
     assert list(results) == methods
     acts, grad = by_hand(model.module, x, expected_layer)
     for method, attr in results.items():
