@@ -25,6 +25,8 @@ from captum.attr import (
     DeepLift,
     DeepLiftShap,
     FeatureAblation,
+    InternalInfluence,
+    LayerConductance,
     NoiseTunnel,
     Saliency,
     ShapleyValueSampling,
@@ -33,6 +35,7 @@ from timing import best_time
 from torch import nn
 
 import cnnscan
+from cnnscan.layers import unshare
 
 warnings.filterwarnings("ignore")
 
@@ -177,10 +180,40 @@ def bench_ablation(repeat: int) -> None:
         )
 
 
+def bench_layer(repeat: int) -> None:
+    """At the default CAM layer (the head's activation, `_swish@1`; captum hooks a copy in
+    which that call is its own module), zero baseline, 50 Gauss-Legendre steps on both sides;
+    captum with internal_batch_size=16 (its default, all 51 steps of 3 targets in one batch,
+    ran out of this machine's 23 GB)."""
+    model = cnnscan.load_model()
+    x = model.preprocess("sample:chelsea")
+    targets = [p["class_id"] for p in cnnscan.predict(model, x, k=3)[0]]
+    peer = unshare(model.module, "_swish", x).eval()
+    for name, peer_class in [
+        ("layer_conductance", LayerConductance),
+        ("internal_influence", InternalInfluence),
+    ]:
+        compare(
+            name,
+            lambda name=name: cnnscan.explain(
+                model, x, name, targets=[targets], layer="_swish@1", baseline="zero"
+            ),
+            lambda peer_class=peer_class: per_target(
+                lambda t: peer_class(peer, peer._swish.calls[1]).attribute(
+                    x, target=t, internal_batch_size=16
+                ),
+                targets,
+            ),
+            repeat,
+            reduce=lambda maps: maps.sum(dim=-3) if maps.shape[-3] > 1 else maps,
+        )
+
+
 BENCHES = {
     "deeplift": bench_deeplift,
     "smoothgrad": bench_smoothgrad,
     "ablation": bench_ablation,
+    "layer": bench_layer,
 }
 
 

@@ -1,7 +1,7 @@
 """Explanation methods: the registry (`registry`), one module per family (`gradient` with
-`deeplift`, `cam` with `cam_activation` and `cam_perturbation`, `lrp`, `perturbation`), and the
-pieces they share (`baselines`, `superpixels`, `options`). Importing this package registers
-every family."""
+`deeplift` and `layer_attribution`, `cam` with `cam_activation` and `cam_perturbation`, `lrp`,
+`perturbation`), and the pieces they share (`baselines`, `superpixels`, `options`). Importing
+this package registers every family."""
 
 from cnnscan.methods import (  # noqa: F401  (register the families)
     cam,
@@ -9,6 +9,7 @@ from cnnscan.methods import (  # noqa: F401  (register the families)
     cam_perturbation,
     deeplift,
     gradient,
+    layer_attribution,
     lrp,
     perturbation,
 )

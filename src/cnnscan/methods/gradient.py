@@ -304,7 +304,7 @@ def path_points(n_steps: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
     return alphas, torch.full((n_steps,), 1 / n_steps, dtype=torch.float64)
 
 
-class _PathInputs:
+class PathInputs:
     """baseline + α (input − baseline) for every image (outer) and step (inner), built
     chunk by chunk so that hundreds of steps never sit in memory at once."""
 
@@ -332,7 +332,7 @@ def _integrate(
 ) -> torch.Tensor:
     """(input − baseline) · Σ_s w_s ∇f(baseline + α_s (input − baseline)): (N, T, 3, H, W)."""
     alphas, weights = path_points(n_steps, rule)
-    points = _PathInputs(inputs, baselines, alphas)
+    points = PathInputs(inputs, baselines, alphas)
     weights = weights.to(inputs.device, inputs.dtype)
     total = inputs.new_zeros((*targets.shape, *inputs.shape[1:]))
     repeated = targets.repeat_interleave(n_steps, dim=0)
