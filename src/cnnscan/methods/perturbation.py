@@ -571,13 +571,13 @@ def feature_ablation(
     segmenter: str = "slic",
     fill: str | float | torch.Tensor = "zero",
     space: str = "logit",
-    seed: int = 0,
 ) -> MethodResult:
     """captum's FeatureAblation with the superpixels as its feature mask: f(x) − f(x with
     superpixel j set to `fill`) for every j. `fill` "zero" (0 in model space) is captum's
-    default baseline; `space` "logit" is what captum differentiates, the model's output."""
+    default baseline; `space` "logit" is what captum differentiates, the model's output.
+    Deterministic: quickshift segments with its seed 0."""
     space = _space(space)
-    labels = segment(scan, segments, segmenter, seed)
+    labels = segment(scan, segments, segmenter)
     fills = _surrogate_fill(scan, fill, labels)
     device = scan.inputs.device
     weights = []
