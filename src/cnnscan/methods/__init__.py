@@ -1,15 +1,15 @@
 """Explanation methods: the registry (`registry`), one module per family (`gradient` with
-`deeplift`, `layer_attribution` and `blur_path`, `cam` with `cam_activation` and
+`deeplift`, `layer_attribution` and `ig_blur`, `cam` with `cam_activation` and
 `cam_perturbation`, `lrp`, `perturbation`), and the pieces they share (`baselines`,
 `superpixels`, `options`). Importing this package registers every family."""
 
 from cnnscan.methods import (  # noqa: F401  (register the families)
-    blur_path,
     cam,
     cam_activation,
     cam_perturbation,
     deeplift,
     gradient,
+    ig_blur,
     layer_attribution,
     lrp,
     perturbation,
