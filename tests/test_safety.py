@@ -218,9 +218,11 @@ def test_seeded_methods_are_deterministic_and_leave_the_global_rng_alone(method)
         options["noise_level"] = 0.2
     if method == "lime":  # from 3 samples of the few superpixels, seeds 7 and 8 draw the same
         options["n_samples"] = 8
-    if method == "kernel_shap":  # few superpixels give exact Shapley values: no seed in them
+    if method in ("kernel_shap", "shapley_sampling"):  # few superpixels: exact Shapley values
         rows, cols = torch.arange(X.shape[-2]) * 4 // X.shape[-2], torch.arange(X.shape[-1])
         options["segments"] = rows[:, None] * 4 + cols[None, :] * 4 // X.shape[-1]  # 16 cells
+    if method == "internal_influence":  # the default layer feeds a linear head: a constant
+        options["layer"] = "conv2"  # gradient; an earlier layer sees the baseline
     rng = torch.random.get_rng_state()
     first = cnnscan.explain(net, X, method, targets=TARGETS, seed=7, **options).maps
     torch.manual_seed(12345)  # the global generator must not matter

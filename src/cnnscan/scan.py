@@ -24,6 +24,7 @@ from cnnscan.engine.incremental import PatchedForward, patched_forward
 from cnnscan.engine.inference import Forward, engine_for
 from cnnscan.engine.logits import check_logits, logits_of
 from cnnscan.engine.relu_rules import ReluRule, RuleSwitch, switchable_relus
+from cnnscan.engine.rescale import rescaled_nonlinearities
 from cnnscan.engine.working_copy import memory_format_of, runnable
 from cnnscan.errors import MethodError
 from cnnscan.layers import LayerRef, LayerRow, capture, default_layer, get_module, trace_layers
@@ -252,6 +253,33 @@ class Scan:
         for rows, chunk_grads, chunk_scores in self.iter_gradients(inputs, targets, rule):
             grads[rows], scores[rows] = chunk_grads, chunk_scores
         return grads, scores
+
+    def iter_multipliers(
+        self, inputs: Indexable, references: Indexable, targets: torch.Tensor
+    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+        """DeepLIFT's multipliers of the target logits at other inputs against references,
+        chunk by chunk: yields (rows, multipliers (b, T, 3, H, W), target logits of the
+        inputs minus those of the references (b, T)). Each chunk is one forward of
+        [inputs[rows]; references[rows]] whose nonlinearities backpropagate Δout/Δin
+        (`cnnscan.engine.rescale`), BatchNorm folded; `targets` is (M, T)."""
+        shape = tuple(inputs[0:1].shape[1:])
+        key = ("multipliers", shape, targets.shape[1])
+        with self._folded_runner() as runner:
+            for rows in self.batches(len(inputs), key, per_item=2 * self.bytes_per_item):
+                pair = torch.cat([inputs[rows], references[rows]])
+                with rescaled_nonlinearities():
+                    x = match_format(pair, runner).requires_grad_(True)
+                    logits = logits_of(runner(x))
+                check_logits(logits)
+                b = len(pair) // 2
+                selected = logits.gather(1, targets[rows].repeat(2, 1))
+                grads = x.new_empty((b, selected.shape[1], *shape))
+                for t in range(selected.shape[1]):
+                    last = t == selected.shape[1] - 1
+                    (grad,) = torch.autograd.grad(selected[:, t].sum(), x, retain_graph=not last)
+                    grads[:, t] = grad[:b]
+                scores = selected.detach()
+                yield rows, grads, scores[:b] - scores[b:]
 
     def derive(self, inputs: torch.Tensor, *, relu_rules: bool | None = None) -> Scan:
         """A scan of other inputs (e.g. noisy copies) with this scan's model and settings;

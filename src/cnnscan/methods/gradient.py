@@ -313,7 +313,7 @@ def path_points(n_steps: int, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
     return alphas, torch.full((n_steps,), 1 / n_steps, dtype=torch.float64)
 
 
-class _PathInputs:
+class PathInputs:
     """baseline + α (input − baseline) for every image (outer) and step (inner), built
     chunk by chunk so that hundreds of steps never sit in memory at once."""
 
@@ -341,7 +341,7 @@ def _integrate(
 ) -> torch.Tensor:
     """(input − baseline) · Σ_s w_s ∇f(baseline + α_s (input − baseline)): (N, T, 3, H, W)."""
     alphas, weights = path_points(n_steps, rule)
-    points = _PathInputs(inputs, baselines, alphas)
+    points = PathInputs(inputs, baselines, alphas)
     weights = weights.to(inputs.device, inputs.dtype)
     total = inputs.new_zeros((*targets.shape, *inputs.shape[1:]))
     repeated = targets.repeat_interleave(n_steps, dim=0)
@@ -352,7 +352,7 @@ def _integrate(
     return total * (inputs - baselines).unsqueeze(1)
 
 
-def _completeness(maps: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def completeness(maps: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Σattr − (f(x) − f(x′)) and its size relative to |f(x) − f(x′)|, each (N, T)."""
     error = maps.sum(dim=(2, 3, 4)) - delta
     return error, error.abs() / delta.abs().clamp_min(1e-12)
@@ -400,7 +400,7 @@ def integrated_gradients(
     delta = scan.scores(targets) - scan.logits_at(baselines).gather(1, targets)
     maps = _integrate(scan, inputs, baselines, targets, steps, rule)
     used = torch.full(targets.shape, steps)
-    error, relative = _completeness(maps, delta)
+    error, relative = completeness(maps, delta)
     while auto and steps < max_steps and bool((relative > tolerance).any()):
         steps = min(steps * 2, max_steps)
         over = (relative > tolerance).cpu()
@@ -417,7 +417,7 @@ def integrated_gradients(
                 scan, inputs[chosen], baselines[chosen], targets[rows, cols], steps, rule
             )
             used[rows.cpu(), cols.cpu()] = steps
-        error, relative = _completeness(maps, delta)
+        error, relative = completeness(maps, delta)
     extras: dict[str, Any] = {
         "baseline": baseline if isinstance(baseline, str) else "tensor",
         "rule": rule,
@@ -436,6 +436,30 @@ def integrated_gradients(
 
 
 # -- GradientSHAP ------------------------------------------------------------------------------
+def baseline_pool(
+    scan: Scan,
+    baselines: str | tuple[str, ...] | list[str] | torch.Tensor,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """The reference inputs of the SHAP methods, per image: (N, B, 3, H, W) from kinds (see
+    `make_baseline`) or a tensor (B, 3, H, W) of reference inputs shared by every image."""
+    inputs = scan.inputs
+    if isinstance(baselines, torch.Tensor):
+        pool = baselines.detach().to(inputs.device, inputs.dtype)
+        pool = pool.unsqueeze(0) if pool.ndim == 3 else pool
+        if pool.ndim != 4 or pool.shape[1:] != inputs.shape[1:] or len(pool) == 0:
+            raise MethodError(
+                f"baselines tensor must be (B, {', '.join(map(str, inputs.shape[1:]))}), "
+                f"got {tuple(baselines.shape)}"
+            )
+        return pool.unsqueeze(0).expand(len(inputs), *pool.shape)
+    if isinstance(baselines, str):
+        baselines = (baselines,)
+    if len(baselines) == 0:
+        raise MethodError(f"baselines is empty; give kinds from {BASELINES} or a tensor")
+    return torch.stack([make_baseline(scan, kind, gen) for kind in baselines], dim=1)
+
+
 class _ShapPoints:
     """b + α (x − b) (+ σ ε) for every image (outer) and sample (inner), built lazily; the
     baseline choices, α and ε are shared by every image."""
@@ -492,21 +516,7 @@ def gradient_shap(
     n = len(inputs)
     per_sample = 12 + 8 * n * targets.shape[1] + (4 * inputs[0].numel() if noise_level else 0)
     within_budget("n_samples", n_samples, n_samples * per_sample, scan.memory_budget)
-    if isinstance(baselines, torch.Tensor):
-        pool = baselines.detach().to(inputs.device, inputs.dtype)
-        pool = pool.unsqueeze(0) if pool.ndim == 3 else pool
-        if pool.ndim != 4 or pool.shape[1:] != inputs.shape[1:] or len(pool) == 0:
-            raise MethodError(
-                f"baselines tensor must be (B, {', '.join(map(str, inputs.shape[1:]))}), "
-                f"got {tuple(baselines.shape)}"
-            )
-        pool = pool.unsqueeze(0).expand(n, *pool.shape)
-    else:
-        if isinstance(baselines, str):
-            baselines = (baselines,)
-        if len(baselines) == 0:
-            raise MethodError(f"baselines is empty; give kinds from {BASELINES} or a tensor")
-        pool = torch.stack([make_baseline(scan, kind, gen) for kind in baselines], dim=1)
+    pool = baseline_pool(scan, baselines, gen)
     choice = torch.randint(pool.shape[1], (n_samples,), generator=gen).to(inputs.device)
     alphas = torch.rand((n_samples,), generator=gen).to(inputs)
     noise = None
