@@ -34,8 +34,9 @@ ARCHITECTURES = {
 }
 # Score-CAM and its sampling variants (SS-CAM, IS-CAM) run the whole network once or more per
 # channel of the layer (440 to 2048 here): they run on the architecture with the fewest
-# channels (their masked forwards are the same code on every architecture); Ablation-CAM re-runs only the head once per channel, everywhere but AlexNet
-# and VGG16, whose 60- and 120-million-weight heads would take seconds.
+# channels (their masked forwards are the same code on every architecture); Ablation-CAM
+# re-runs only the head once per channel, everywhere but AlexNet and VGG16, whose 60- and
+# 120-million-weight heads would take seconds.
 SCORECAM = {"regnet_y_400mf"}
 MASKING_CAMS = {"scorecam", "sscam", "iscam"}
 NO_ABLATIONCAM = {"alexnet", "vgg16"}
@@ -46,6 +47,9 @@ OPTIONS = {  # the fewest samples and steps: these run the network at new inputs
     "smoothgradcam_pp": {"n_samples": 1},
     "sscam": {"n_samples": 1},
     "iscam": {"n_samples": 1},
+    "blur_ig": {"n_steps": 2},
+    "layer_conductance": {"n_steps": 2},
+    "internal_influence": {"n_steps": 2},
 }
 TARGET = 7
 
