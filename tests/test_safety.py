@@ -221,8 +221,9 @@ def test_seeded_methods_are_deterministic_and_leave_the_global_rng_alone(method)
     if method in ("kernel_shap", "shapley_sampling"):  # few superpixels: exact Shapley values
         rows, cols = torch.arange(X.shape[-2]) * 4 // X.shape[-2], torch.arange(X.shape[-1])
         options["segments"] = rows[:, None] * 4 + cols[None, :] * 4 // X.shape[-1]  # 16 cells
-    if method == "internal_influence":  # the default layer feeds a linear head: a constant
-        options["layer"] = "conv2"  # gradient; an earlier layer sees the baseline
+    if method in ("internal_influence", "smoothgradcam_pp"):  # the default layer feeds a
+        options["layer"] = "conv2"  # linear head: a constant gradient; an earlier layer sees
+        # the baseline or the noise
     rng = torch.random.get_rng_state()
     first = cnnscan.explain(net, X, method, targets=TARGETS, seed=7, **options).maps
     torch.manual_seed(12345)  # the global generator must not matter
