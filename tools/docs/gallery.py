@@ -194,6 +194,11 @@ def _fit(rgb: np.ndarray) -> np.ndarray:
     return render.enlarge(rgb[None], TILE_PX)[0]
 
 
+def table_cell(text: str) -> str:
+    """`text` safe inside a Markdown table cell (a literal | would end the cell)."""
+    return text.replace("|", "&#124;")
+
+
 def _options_text(options: dict[str, Any]) -> str:
     return ", ".join(f"`{key}={value!r}`" for key, value in options.items())
 
@@ -223,7 +228,7 @@ def method_section(run: Run, pages: set[str]) -> tuple[list[str], dict[str, byte
             if relative is not None:
                 notes.append(f"{photo.name} {float(relative.flatten()[0]):.1%}")
         options = run.shots[info.name][run.photos[0].name].options
-        described = f"`{info.name}`<br/>{info.description}"
+        described = f"`{info.name}`<br/>{table_cell(info.description)}"
         if options:
             described += f"<br/>options: {_options_text(options)}"
         if notes:

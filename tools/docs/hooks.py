@@ -143,8 +143,8 @@ def registry_section(family: str, page: str) -> str:
         if not info.in_default_scan:
             cost += " (not in the default scan: `--full`)"
         lines.append(
-            f"| `{info.name}` | {info.description} | {options or '–'} | {cost} | "
-            f"{info.paper or '–'} |"
+            f"| `{info.name}` | {gallery.table_cell(info.description)} | {options or '–'} | "
+            f"{cost} | {info.paper or '–'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -181,7 +181,7 @@ def metric_section() -> str:
     ]
     for info in list_metrics():
         lines.append(
-            f"| `{info.name}` | {info.family} | {info.description} | "
+            f"| `{info.name}` | {info.family} | {gallery.table_cell(info.description)} | "
             f"{better[info.higher_is_better]} | {'yes' if info.needs_region else 'no'} | "
             f"{info.cost or '–'} | {info.paper or '–'} |"
         )
