@@ -6,6 +6,7 @@ by calling the library directly (`cnnscan.explain`, `render`, `filters`, `featur
 from __future__ import annotations
 
 import io
+import re
 import time
 
 import numpy as np
@@ -507,7 +508,8 @@ def test_evaluation_ranks_the_grids_methods_like_the_library(default_model, chel
     expected = leaderboard(
         default_model, None, attrs, ["deletion_auc", "insertion_auc", "completeness"], steps=12
     )
-    assert [m.removesuffix(" (chance)") for m in table["method"]] == [r["method"] for r in expected]
+    shown = [re.sub(r"( \(chance\))?( [✗⚠])?$", "", m) for m in table["method"]]
+    assert shown == [r["method"] for r in expected]
     np.testing.assert_allclose(
         table["deletion↓"], [r["deletion_auc"] for r in expected], rtol=1e-4, atol=1e-6
     )
