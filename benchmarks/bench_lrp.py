@@ -4,7 +4,7 @@
 
 Default model (EfficientNet-Lite0, ImageNet weights) on sample:chelsea, CPU, 224×224.
 zennit gets the canonizers it needs for this model (BatchNorm merged into each conv, skip
-connections through its Sum module; tests/zennit_refs.py) and runs one forward and backward
+connections through its Sum module; tests/helpers.py) and runs one forward and backward
 per target, as its attributors do; cnnscan runs one forward and one backward per target.
 The plain gradient of the 5 targets (one forward, 5 backwards) is printed as the floor.
 Timings are medians of `--repeats` runs after one warm-up, wall-clock and CPU time (steadier
@@ -28,7 +28,7 @@ import cnnscan
 from cnnscan.methods.lrp import input_bounds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from zennit_refs import efficientnet_lite_canonizers, zennit_lrp
+from helpers import efficientnet_lite_canonizers, zennit_lrp
 
 
 def median_time(fn, repeats: int) -> tuple[float, float]:
