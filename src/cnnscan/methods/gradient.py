@@ -353,8 +353,9 @@ def _integrate(
 
 
 def completeness(maps: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σattr − (f(x) − f(x′)) and its size relative to |f(x) − f(x′)|, each (N, T)."""
-    error = maps.sum(dim=(2, 3, 4)) - delta
+    """Σattr − (f(x) − f(x′)) and its size relative to |f(x) − f(x′)|, each (N, T), for
+    (N, T, ...) attributions of any shape (input maps, a layer's units)."""
+    error = maps.flatten(2).sum(dim=2) - delta
     return error, error.abs() / delta.abs().clamp_min(1e-12)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from cnnscan.methods.baselines import make_baseline
 from cnnscan.methods.cam import layer_name
-from cnnscan.methods.gradient import PathInputs, path_points
+from cnnscan.methods.gradient import PathInputs, completeness, path_points
 from cnnscan.methods.options import count, generator
 from cnnscan.methods.registry import MethodResult, register
 
@@ -81,8 +81,7 @@ def layer_conductance(
     steps = (acts[:, 1:] - acts[:, :-1]).unsqueeze(2)  # (N, S-1, 1, *shape)
     units = (grads[:, :-1] * steps).sum(dim=1)
     delta = scan.scores(targets) - scan.logits_at(baselines).gather(1, targets)
-    error = units.flatten(2).sum(dim=2) - delta
-    relative = error.abs() / delta.abs().clamp_min(1e-12)
+    error, relative = completeness(units, delta)
     extras = {
         "n_steps": n_steps,
         "rule": rule,
