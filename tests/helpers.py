@@ -8,8 +8,11 @@ import base64
 import contextlib
 import copy
 import io
+import struct
 import threading
+import zlib
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -448,3 +451,29 @@ def png_pixels(data: bytes | memoryview) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as picture:
         picture.load()
         return np.asarray(picture.convert("RGB"))
+
+
+def header_only_png(width: int, height: int) -> bytes:
+    """A PNG that claims width × height pixels but holds almost no data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+class UnpickleMarker:
+    """Unpickling this object would create a file: proof that the app never unpickles."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))

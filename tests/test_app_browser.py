@@ -13,6 +13,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from helpers import header_only_png
 from PIL import Image
 
 import cnnscan
@@ -160,7 +161,6 @@ def _truncated() -> bytes:
 
 
 def _bomb() -> bytes:
-    from test_app_core import header_only_png
 
     return header_only_png(10_000, 10_000)
 

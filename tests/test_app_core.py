@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import io
 import json
-import struct
 import zipfile
-import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import SmallConvNet
+from helpers import SmallConvNet, UnpickleMarker, header_only_png
 from PIL import Image
 
 import cnnscan
@@ -31,22 +28,6 @@ def png_bytes(array: np.ndarray, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format=fmt)
     return buffer.getvalue()
-
-
-def header_only_png(width: int, height: int) -> bytes:
-    """A PNG that claims width × height pixels but holds almost no data."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 @pytest.fixture(scope="module")
@@ -154,20 +135,10 @@ def test_only_existing_weight_files_are_read(tmp_path):
         sources.weights_file(str(tmp_path / "missing.pth"), allowed)
 
 
-class _Marker:
-    """Unpickling this object would create a file: proof that the app never unpickles."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __reduce__(self):
-        return (Path.touch, (self.path,))
-
-
 def test_a_pickled_object_is_never_unpickled(tmp_path):
     marker = tmp_path / "unpickled"
     file = tmp_path / "model.pt"
-    torch.save(_Marker(marker), file)
+    torch.save(UnpickleMarker(marker), file)
     choice = sources.ModelChoice("squeezenet1_1", "file", str(file))
     with pytest.raises(ModelError, match="not a plain state_dict"):
         sources.load_choice(choice, sources.AppConfig(allow_local_files=True))

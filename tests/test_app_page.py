@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import UnpickleMarker, header_only_png
 from PIL import Image
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
@@ -244,7 +245,6 @@ def _truncated() -> bytes:
 
 
 def _bomb() -> bytes:
-    from test_app_core import header_only_png
 
     return header_only_png(10_000, 10_000)
 
@@ -288,10 +288,9 @@ def test_no_server_files_unless_started_with_allow_local_files(monkeypatch, tmp_
         "'passwd' is not a weights file; name a state dict (.pt, .pth, .safetensors)"
     ]
     assert not at.tabs  # nothing runs on a model that did not load
-    from test_app_core import _Marker
 
     marker, file = tmp_path / "unpickled", tmp_path / "model.pt"
-    torch.save(_Marker(marker), file)
+    torch.save(UnpickleMarker(marker), file)
     at.text_input(key="weights_path").set_value(str(file)).run()
     assert "not a plain state_dict" in at.error[0].value
     assert not marker.exists()

@@ -154,6 +154,23 @@ def test_no_module_imports_a_private_name_of_another():
     assert not offenders, offenders
 
 
+def test_no_test_module_imports_another():
+    """Shared test code lives in tests/helpers.py: a test module imported by another runs
+    its module-level set-up twice and ties two files' fixtures together."""
+    offenders = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            offenders += [f"{path.name}: {name}" for name in names if name.startswith("test_")]
+    assert not offenders, offenders
+
+
 def test_methods_reach_the_engine_only_through_the_scan():
     offenders = [
         f"{name} imports {target}"
