@@ -108,6 +108,13 @@ def shown_picture(page, url: str, alt: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
 
 
+def assert_same_overlay(shown: np.ndarray, reference: np.ndarray) -> None:
+    """The app's overlay is the library's: the map's last float bits depend on the batch it
+    was computed in, which can move a colour by a level or two on a handful of pixels."""
+    difference = np.abs(shown[: reference.shape[0]].astype(int) - reference.astype(int))
+    assert difference.max() <= 3 and np.mean(difference > 0) < 1e-3, difference.max()
+
+
 def gradcam_overlay(model, image, target):
     attr = cnnscan.explain(model, image, "gradcam", targets=[target])
     return render.overlay(model.view(image), attr.view(0, 0, "heatmap"))
@@ -120,7 +127,7 @@ def test_sample_gradcam_and_upload(server, browser, default_model, chelsea, cat_
     expect(page.get_by_role("cell", name=cat_top1[1]).first).to_be_visible()
     cat = shown_picture(page, server, f"gradcam for {cat_top1[1]}")
     reference = gradcam_overlay(default_model, chelsea, cat_top1[0])
-    np.testing.assert_array_equal(cat[: reference.shape[0]], reference)
+    assert_same_overlay(cat, reference)
     page.screenshot(path=tmp_path / "first-screen.png", full_page=True)
 
     coffee = cnnscan.sample_image("coffee")
@@ -128,7 +135,7 @@ def test_sample_gradcam_and_upload(server, browser, default_model, chelsea, cat_
     expect(page.get_by_role("cell", name="espresso").first).to_be_visible()
     cup = shown_picture(page, server, "gradcam for espresso")
     reference = gradcam_overlay(default_model, coffee, 967)
-    np.testing.assert_array_equal(cup[: reference.shape[0]], reference)
+    assert_same_overlay(cup, reference)
     page.screenshot(path=tmp_path / "uploaded.png", full_page=True)
     assert (tmp_path / "uploaded.png").stat().st_size > 10_000
     page.context.close()
@@ -151,7 +158,7 @@ def test_two_sessions_at_once(server, browser, default_model, cat_top1):
         alt = f"gradcam for {top['label']}"
         shown = shown_picture(page, server, alt)
         reference = gradcam_overlay(default_model, image, top["class_id"])
-        np.testing.assert_array_equal(shown[: reference.shape[0]], reference)
+        assert_same_overlay(shown, reference)
         page.context.close()
 
 
