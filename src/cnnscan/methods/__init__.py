@@ -1,5 +1,5 @@
 """Explanation methods: the registry (`registry`), one module per family (`gradient` with
-`deeplift`, `layer_attribution` and `ig_blur`, `cam` with `cam_activation` and
+`deeplift`, `layer_attribution`, `ig_blur`, `ig_guided` and `xrai`, `cam` with `cam_activation` and
 `cam_perturbation`, `lrp`, `perturbation`), and the pieces they share (`baselines`,
 `superpixels`, `options`). Importing this package registers every family."""
 
@@ -10,6 +10,7 @@ from cnnscan.methods import (  # noqa: F401  (register the families)
     deeplift,
     gradient,
     ig_blur,
+    ig_guided,
     layer_attribution,
     lrp,
     perturbation,
