@@ -106,11 +106,10 @@ def xrai(
     given = _given_masks(scan, segments)
     inputs = scan.inputs
     ig = get_method("integrated_gradients").fn
-    attr = 0
-    for extreme in (inputs.amin(dim=(1, 2, 3)), inputs.amax(dim=(1, 2, 3))):
-        baseline = extreme.view(-1, 1, 1, 1).expand_as(inputs)
-        attr = attr + ig(scan, targets, n_steps=n_steps, baseline=baseline).maps
-    attr = (attr / 2).amax(dim=2).cpu()
+    extremes = (inputs.amin(dim=(1, 2, 3)), inputs.amax(dim=(1, 2, 3)))
+    black, white = (e.view(-1, 1, 1, 1).expand_as(inputs) for e in extremes)
+    both = [ig(scan, targets, n_steps=n_steps, baseline=b).maps for b in (black, white)]
+    attr = ((both[0] + both[1]) / 2).amax(dim=2).cpu()
     maps = torch.empty(attr.shape, dtype=torch.float64)
     ranks = torch.empty(attr.shape, dtype=torch.long)
     pictures = inputs.detach().permute(0, 2, 3, 1).cpu().numpy()  # PAIR segments model input
