@@ -1,18 +1,22 @@
 """The methods of PAIR saliency 0.2.1 that cnnscan has: cnnscan vs `saliency.core`.
 
-    python benchmarks/bench_pair.py [--repeat 2]
+    python benchmarks/bench_pair.py [--repeat 2] [--methods blur_ig,guided_ig,xrai]
 
 Default model on sample:chelsea, its top-3 classes, CPU, 2 threads, both sides at PAIR's
-defaults (Blur IG: 100 steps to σ = 50). PAIR explains one image and one class per call and
-takes the gradients from a `call_model_function` (here: the module in float32, batches of
-`batch_size` path points, 1 by default and 16 as well). Prints the best time of `--repeat`,
-the speed-up (PAIR / cnnscan) and the Pearson r of the maps.
+defaults (Blur IG: 100 steps to σ = 50; Guided IG: 200 steps, fraction 0.25, max_dist 0.02;
+XRAI: 100 IG steps from black and from white, cnnscan with n_steps=100 as well). PAIR explains
+one image and one class per call and takes the gradients from a `call_model_function` (here:
+the module in float32, batches of `batch_size` path points, 1 by default and 16 as well;
+Guided IG's path is one point at a time). Prints the best time of `--repeat`, the speed-up
+(PAIR / cnnscan) and the Pearson r of the maps.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import saliency.core as pair
@@ -20,6 +24,9 @@ import torch
 from timing import best_time
 
 import cnnscan
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import pair_gradients, pair_guided_ig
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -30,7 +37,9 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--methods", default="blur_ig,guided_ig,xrai")
     args = parser.parse_args()
+    chosen = args.methods.split(",")
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, 2 threads, load {os.getloadavg()}")
     model = cnnscan.load_model()
@@ -51,15 +60,43 @@ def main() -> None:
         ]
         return torch.from_numpy(np.stack(masks)).permute(0, 3, 1, 2)
 
-    ours_s, attr = best_time(lambda: cnnscan.explain(model, x, "blur_ig", targets=[targets]), 1)
-    for batch_size in (1, 16):
-        theirs_s, maps = best_time(lambda batch_size=batch_size: theirs(batch_size), args.repeat)
+    def report(name: str, ours_s: float, theirs_s: float, ours, theirs, batch: str) -> None:
         print(
-            f"blur_ig (PAIR batch {batch_size:2d})  cnnscan {ours_s:7.3f} s   "
-            f"PAIR {theirs_s:7.3f} s   speed-up {theirs_s / ours_s:5.2f}x   "
-            f"r = {pearson(attr.maps[0], maps):.6f}",
+            f"{name:9s} (PAIR {batch})  cnnscan {ours_s:7.3f} s   PAIR {theirs_s:7.3f} s   "
+            f"speed-up {theirs_s / ours_s:5.2f}x   r = {pearson(ours, theirs):.6f}",
             flush=True,
         )
+
+    cnnscan.explain(model, x, "gradient", targets=[targets])  # working copy, batch sizes
+    if "blur_ig" in chosen:
+        ours_s, attr = best_time(lambda: cnnscan.explain(model, x, "blur_ig", targets=[targets]), 1)
+        for batch_size in (1, 16):
+            theirs_s, maps = best_time(lambda b=batch_size: theirs(b), args.repeat)
+            report("blur_ig", ours_s, theirs_s, attr.maps[0], maps, f"batch {batch_size:2d}")
+
+    if "guided_ig" in chosen:
+        ours_s, attr = best_time(
+            lambda: cnnscan.explain(model, x, "guided_ig", targets=[targets]), args.repeat
+        )
+        theirs_s, maps = best_time(
+            lambda: torch.stack([pair_guided_ig(module, x, t) for t in targets]), args.repeat
+        )
+        report("guided_ig", ours_s, theirs_s, attr.maps[0], maps, "one point")
+
+    def pair_xrai(batch_size: int) -> torch.Tensor:
+        masks = [
+            pair.XRAI().GetMask(image, pair_gradients(module, t), batch_size=batch_size)
+            for t in targets
+        ]
+        return torch.from_numpy(np.stack(masks))
+
+    if "xrai" in chosen:
+        ours_s, attr = best_time(
+            lambda: cnnscan.explain(model, x, "xrai", targets=[targets], n_steps=100), args.repeat
+        )
+        for batch_size in (1, 16):
+            theirs_s, maps = best_time(lambda b=batch_size: pair_xrai(b), args.repeat)
+            report("xrai", ours_s, theirs_s, attr.maps[0, :, 0], maps, f"batch {batch_size:2d}")
 
 
 if __name__ == "__main__":

@@ -314,6 +314,44 @@ def batchnorm_eps(net: nn.Module, eps: float):
             m.eps = value
 
 
+# -- PAIR saliency as the Guided IG and XRAI reference ----------------------------------------
+def pair_gradients(module: nn.Module, target: int):
+    """PAIR's `call_model_function` for one target: the module's input gradient of the target
+    logit, batches in PAIR's (B, H, W, C), cast to the module's dtype."""
+    import saliency.core as pair
+
+    dtype = next(module.parameters()).dtype
+
+    def call(batch, call_model_args=None, expected_keys=None):
+        x = torch.tensor(np.asarray(batch), dtype=dtype).permute(0, 3, 1, 2).requires_grad_(True)
+        (grad,) = torch.autograd.grad(module(x)[:, target].sum(), x)
+        return {pair.base.INPUT_OUTPUT_GRADIENTS: grad.permute(0, 2, 3, 1).numpy()}
+
+    return call
+
+
+def pair_guided_ig(module: nn.Module, x: torch.Tensor, target: int, **options) -> torch.Tensor:
+    """PAIR saliency 0.2.1's GuidedIG on one image (x: (1, 3, H, W)), back as (3, H, W). PAIR
+    calls np.quantile(interpolation=), a keyword numpy 2 removed (it is method= now): its
+    module sees, for the call, a numpy whose quantile takes the old keyword."""
+    import types
+
+    import saliency.core as pair
+    from saliency.core import guided_ig
+
+    def quantile(a, q, interpolation):
+        return np.quantile(a, q, method=interpolation)
+
+    saved = guided_ig.np
+    guided_ig.np = types.SimpleNamespace(**{**vars(np), "quantile": quantile})
+    try:
+        image = x[0].permute(1, 2, 0).detach().numpy()
+        mask = pair.GuidedIG().GetMask(image, pair_gradients(module, target), **options)
+    finally:
+        guided_ig.np = saved
+    return torch.from_numpy(mask).permute(2, 0, 1)
+
+
 # -- zennit as the LRP reference ------------------------------------------------------------
 def zennit_lrp(module: nn.Module, x: torch.Tensor, targets: list[int], composite: Any):
     """zennit's relevance of the input for each target (relevance at the output = the target

@@ -48,6 +48,8 @@ OPTIONS = {  # the fewest samples and steps: these run the network at new inputs
     "sscam": {"n_samples": 1},
     "iscam": {"n_samples": 1},
     "blur_ig": {"n_steps": 2},
+    "guided_ig": {"n_steps": 2},
+    "xrai": {"n_steps": 2},
     "layer_conductance": {"n_steps": 2},
     "internal_influence": {"n_steps": 2},
 }

@@ -1,6 +1,6 @@
 """Explanation methods: the registry (`registry`), one module per family (`gradient` with
-`deeplift`, `layer_attribution` and `ig_blur`, `cam` with `cam_activation` and
-`cam_perturbation`, `lrp`, `perturbation`), and the pieces they share (`baselines`,
+`deeplift`, `layer_attribution`, `ig_blur`, `ig_guided` and `xrai`, `cam` with `cam_activation`
+and `cam_perturbation`, `lrp`, `perturbation`), and the pieces they share (`baselines`,
 `superpixels`, `options`). Importing this package registers every family."""
 
 from cnnscan.methods import (  # noqa: F401  (register the families)
@@ -10,9 +10,11 @@ from cnnscan.methods import (  # noqa: F401  (register the families)
     deeplift,
     gradient,
     ig_blur,
+    ig_guided,
     layer_attribution,
     lrp,
     perturbation,
+    xrai,
 )
 from cnnscan.methods.options import check_options
 from cnnscan.methods.registry import (

@@ -1,8 +1,10 @@
-"""Superpixels: the interpretable features of LIME and KernelSHAP (and region-based metrics).
+"""Superpixels: the interpretable features of LIME and KernelSHAP (and region-based metrics),
+and XRAI's overlapping multi-scale regions.
 
 A segmentation is an integer label map (H, W) with labels 0..M-1. `segment` computes one per
 input with scikit-image (SLIC or quickshift, on the picture as the model sees it), or checks
-one the user gives; `coalition_masks` turns rows of on/off features into pixel masks.
+one the user gives; `coalition_masks` turns rows of on/off features into pixel masks;
+`felzenszwalb_masks` makes XRAI's regions as boolean masks (they overlap).
 """
 
 from __future__ import annotations
@@ -90,3 +92,47 @@ def segment_means(image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     sums = image.new_zeros((image.shape[0], count)).index_add_(1, flat, image.flatten(1))
     sizes = torch.bincount(flat, minlength=count).to(image.dtype)
     return (sums / sizes)[:, labels]
+
+
+FELZENSZWALB_SCALES = (50, 100, 150, 250, 500, 1200)  # PAIR saliency's XRAI settings
+
+
+def felzenszwalb_masks(image: np.ndarray, dilation: int = 5) -> torch.Tensor:
+    """XRAI's regions of an image (H, W, C) as PAIR saliency 0.2.1 makes them: the image
+    scaled to [-1, 1] and resized to 224 × 224, Felzenszwalb's segmentation at six scales (σ
+    0.8, min size 150), the label maps resized back; each label of each scale one mask,
+    dilated by a disk of radius `dilation`. Masks (M, H, W), scale by scale, label order."""
+    from skimage.segmentation import felzenszwalb
+    from skimage.transform import resize
+
+    shape = image.shape[:2]
+    scaled = (image - image.min()) / (image.max() - image.min()) * 2.0 + -1.0
+    scaled = resize(
+        scaled, (224, 224), order=3, mode="constant", preserve_range=True, anti_aliasing=True
+    )
+    masks = []
+    for scale in FELZENSZWALB_SCALES:
+        labels = felzenszwalb(scaled, scale=scale, sigma=0.8, min_size=150)
+        labels = resize(
+            labels, shape, order=0, preserve_range=True, mode="constant", anti_aliasing=False
+        ).astype(int)
+        masks.append(dilated_masks(torch.from_numpy(labels - labels.min()), dilation))
+    return torch.cat(masks)
+
+
+def dilated_masks(labels: torch.Tensor, radius: int) -> torch.Tensor:
+    """One mask per label 0..max of a label map (H, W), each dilated by a disk of `radius`
+    (x² + y² <= radius², scikit-image's `disk`): pixel p is in label l's mask when a pixel
+    of label l lies within the disk around p. (L, H, W) bool, one scatter a disk offset."""
+    height, width = labels.shape
+    count = int(labels.max()) + 1
+    outside = count  # the label of the padding: a scratch mask, dropped at the end
+    masks = torch.zeros((count + 1) * height * width, dtype=torch.bool)
+    padded = torch.nn.functional.pad(labels, (radius,) * 4, value=outside)
+    pixels = torch.arange(height * width).view(height, width)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if dy * dy + dx * dx <= radius * radius:
+                near = padded[radius + dy : radius + dy + height, radius + dx : radius + dx + width]
+                masks[near * (height * width) + pixels] = True
+    return masks.view(count + 1, height, width)[:count]
