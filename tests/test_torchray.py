@@ -94,6 +94,18 @@ def test_extremal_perturbation_equals_torchray(variant):
     assert ours.extras["area_loss"].shape == (1, 2)
 
 
+def test_extremal_masks_optimized_one_at_a_time_are_those_optimized_together():
+    """Masks are independent: a batch of one (batch_size=1 cuts the optimization into one
+    group per mask) gives the masks of every image's targets optimized in one batch."""
+    net, x = _net("resnet18"), torch.cat([_image(), _image().flip(-1)])
+    settings = {"targets": [3, 7], "max_iter": 4, "step": 4, "sigma": 8.0}
+    together = cnnscan.explain(net, x, "extremal_perturbation", **settings)
+    apart = cnnscan.explain(net, x, "extremal_perturbation", batch_size=1, **settings)
+    assert together.maps.shape == (2, 2, 1, 64, 64)
+    torch.testing.assert_close(together.maps, apart.maps, rtol=0, atol=1e-4)
+    torch.testing.assert_close(together.extras["reward"], apart.extras["reward"])
+
+
 def test_smooth_masks_and_area_loss_are_torchray_s():
     ours = SmoothMasks((20, 27), 3, 5.0, "cpu")
     theirs = ep.MaskGenerator((20, 27), 3, 5.0)

@@ -150,55 +150,91 @@ def extremal_perturbation(
     n, t = targets.shape
     inputs = scan.inputs
     masks = SmoothMasks(tuple(inputs.shape[-2:]), step, sigma, inputs.device)
-    pyramid = blur_pyramid(inputs, levels, max_blur).repeat_interleave(t, dim=0)
-    rows = targets.reshape(-1, 1)
-    if variant == "dual":
-        rows = torch.cat([rows, rows])
-    params = inputs.new_ones((n * t, 1, *masks.shape_in)).requires_grad_(True)
-    optimizer = torch.optim.SGD(
-        [params], lr=_LEARNING_RATE, momentum=_MOMENTUM, dampening=_MOMENTUM
-    )
-    weight = _AREA_WEIGHT
-    bar = tqdm(
-        total=max_iter, desc=f"extremal_perturbation: {max_iter} steps", disable=None, leave=False
-    )
-    with bar:
-        for it in range(max_iter):
-            cropped, full = masks(params)
-            if variant == "preserve":
-                x = perturbed(pyramid, cropped)
-            elif variant == "delete":
-                x = perturbed(pyramid, 1 - cropped)
-            else:
-                x = torch.cat([perturbed(pyramid, cropped), perturbed(pyramid, 1 - cropped)])
-            if jitter and it % 2 == 0:
-                x = torch.flip(x, dims=(3,))
-            grads, scores = _target_gradients(scan, x.detach(), rows)
-            sign = x.new_tensor([-1.0 if variant == "delete" else 1.0] * (n * t))
-            if variant == "dual":
-                sign = torch.cat([sign, -sign])
-            loss = area_loss(full, area)
-            optimizer.zero_grad()
-            # −(reward − weight · loss): the reward's gradient at x from the batched backward
-            torch.autograd.backward(
-                [x, loss.sum()], [-sign.view(-1, 1, 1, 1) * grads, loss.new_tensor(weight)]
+    pyramids = blur_pyramid(inputs, levels, max_blur)
+    images = torch.arange(n, device=inputs.device).repeat_interleave(t)
+    flat = targets.reshape(-1)
+    # what one mask holds during a step: its bumps before pooling (a few copies kept for
+    # the backward), its pyramid and perturbed images; the model's forwards batch apart
+    side = 2 * masks.radius + 1
+    per_mask = 4 * (6 * side * side * math.prod(masks.shape_up) + (levels + 4) * inputs[0].numel())
+    key = ("extremal_perturbation", tuple(inputs.shape[1:]), step, sigma, levels)
+    groups = list(scan.batches(n * t, key, per_item=per_mask))
+    maps = inputs.new_empty((n * t, 1, *inputs.shape[-2:]))
+    reward, loss = inputs.new_empty(n * t), inputs.new_empty(n * t)
+    total = max_iter * len(groups)
+    with tqdm(
+        total=total, desc=f"extremal_perturbation: {total} steps", disable=None, leave=False
+    ) as bar:
+        for rows in groups:
+            maps[rows], reward[rows], loss[rows] = _optimize(
+                scan,
+                masks,
+                pyramids[images[rows]],
+                flat[rows],
+                area,
+                max_iter,
+                variant,
+                jitter,
+                bar,
             )
-            optimizer.step()
-            with torch.no_grad():
-                params.clamp_(0, 1)
-            weight *= _AREA_GROWTH
-            bar.update()
-    reward = (sign * scores).view(-1, n * t)
     extras = {
         "area": area,
         "max_iter": max_iter,
         "variant": variant,
-        "reward": reward.sum(dim=0).view(n, t).cpu(),
-        "area_loss": loss.detach().view(n, t).cpu(),
-        "forwards": max_iter * len(rows),
+        "reward": reward.view(n, t).cpu(),
+        "area_loss": loss.view(n, t).cpu(),
+        "forwards": max_iter * n * t * (2 if variant == "dual" else 1),
     }
-    maps = cropped.detach().view(n, t, 1, *inputs.shape[-2:]).to(inputs.dtype)
-    return MethodResult(maps, extras)
+    return MethodResult(maps.view(n, t, 1, *inputs.shape[-2:]), extras)
+
+
+def _optimize(
+    scan: Scan,
+    masks: SmoothMasks,
+    pyramid: torch.Tensor,
+    targets: torch.Tensor,
+    area: float,
+    max_iter: int,
+    variant: str,
+    jitter: bool,
+    bar: tqdm,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(masks (B, 1, H, W), rewards (B,), area losses (B,)) of the last step for B masks
+    optimized together, one per pyramid (B, L, C, H, W) and target (B,)."""
+    b = len(targets)
+    rows = targets.view(-1, 1)
+    sign = pyramid.new_full((b,), -1.0 if variant == "delete" else 1.0)
+    if variant == "dual":
+        rows, sign = torch.cat([rows, rows]), torch.cat([sign, -sign])
+    params = pyramid.new_ones((b, 1, *masks.shape_in)).requires_grad_(True)
+    optimizer = torch.optim.SGD(
+        [params], lr=_LEARNING_RATE, momentum=_MOMENTUM, dampening=_MOMENTUM
+    )
+    weight = _AREA_WEIGHT
+    for it in range(max_iter):
+        cropped, full = masks(params)
+        if variant == "preserve":
+            x = perturbed(pyramid, cropped)
+        elif variant == "delete":
+            x = perturbed(pyramid, 1 - cropped)
+        else:
+            x = torch.cat([perturbed(pyramid, cropped), perturbed(pyramid, 1 - cropped)])
+        if jitter and it % 2 == 0:
+            x = torch.flip(x, dims=(3,))
+        grads, scores = _target_gradients(scan, x.detach(), rows)
+        loss = area_loss(full, area)
+        optimizer.zero_grad()
+        # −(reward − weight · loss): the reward's gradient at x from the batched backward
+        torch.autograd.backward(
+            [x, loss.sum()], [-sign.view(-1, 1, 1, 1) * grads, loss.new_tensor(weight)]
+        )
+        optimizer.step()
+        with torch.no_grad():
+            params.clamp_(0, 1)
+        weight *= _AREA_GROWTH
+        bar.update()
+    reward = (sign * scores).view(-1, b).sum(dim=0)
+    return cropped.detach(), reward, loss.detach()
 
 
 def _target_gradients(
