@@ -159,6 +159,7 @@ def test_the_extremal_mask_finds_the_region_the_logit_sums():
         ("extremal_perturbation", {"sigma": -1.0}, "sigma"),
         ("excitation_backprop", {"contrastive": "yes"}, "contrastive"),
         ("excitation_backprop", {"layer": "nope"}, "nope"),
+        ("excitation_backprop", {"layer": "fc"}, "spatial"),
     ],
 )
 def test_bad_options_are_refused(method, options, match):

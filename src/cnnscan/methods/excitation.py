@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from cnnscan.errors import MethodError
+from cnnscan.errors import LayerError, MethodError
 from cnnscan.layers import LayerRef, capture
 from cnnscan.lrp.composites import Composite, Conv, Params
 from cnnscan.lrp.rules import Backward, Layer, Rule, ZPlus
@@ -62,6 +62,11 @@ def _probabilities(
     ):
         logits = scan.checked_logits(runner(x))
     acts = captured[LayerRef.parse(layer)]
+    if acts.ndim != 4:
+        raise LayerError(
+            f"layer {layer!r} outputs shape {tuple(acts.shape[1:])}; excitation backprop maps "
+            "a spatial (C, H, W) layer"
+        )
     maps = []
     for t in range(targets.shape[1]):
         selected = logits.gather(1, targets[:, t : t + 1])
