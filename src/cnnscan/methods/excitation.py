@@ -32,15 +32,25 @@ _STABILIZER = 1e-20
 _PARAMS = Params(stabilizer=_STABILIZER, zero_bias=True)
 
 
-@dataclass(frozen=True)
-class NegatedZPlus(Rule):
-    """z⁺ of the layer with its weights negated: the dual of every output unit, which
-    contrastive excitation backprop subtracts (torchray flips the classifier's weights)."""
+class _Side:
+    """Which side of the classifier the backward passes take (read at backward time)."""
 
-    name: ClassVar[str] = "negated_zplus"
+    negated = False
+
+
+@dataclass(frozen=True)
+class DualZPlus(Rule):
+    """z⁺ of the layer, or while `side.negated` is set z⁺ of the layer with its weights
+    negated: the dual of every output unit, which contrastive excitation backprop subtracts
+    (torchray flips the classifier's weights and runs the model again)."""
+
+    side: _Side
+    name: ClassVar[str] = "dual_zplus"
 
     def prepare(self, layer: Layer) -> Backward:
-        return ZPlus(_STABILIZER).prepare(replace(layer, weight=-layer.weight))
+        plain = ZPlus(_STABILIZER).prepare(layer)
+        dual = ZPlus(_STABILIZER).prepare(replace(layer, weight=-layer.weight))
+        return lambda c: dual(c) if self.side.negated else plain(c)
 
 
 def classifier(module: nn.Module) -> str:
@@ -52,12 +62,15 @@ def classifier(module: nn.Module) -> str:
 
 
 def _probabilities(
-    scan: Scan, runner: nn.Module, composite: Composite, layer: str, targets: torch.Tensor
+    scan: Scan, runner: nn.Module, rules: dict, layer: str, targets: torch.Tensor, side: _Side
 ) -> torch.Tensor:
-    """(N, T, 1, h, w): each target's winning probabilities at `layer`, summed over channels."""
-    preprocessing = scan.model.preprocessing
+    """(N, T, 1, h, w): each target's winning probabilities at `layer`, summed over channels,
+    from one traced forward; with a `DualZPlus` classifier in `rules`, (N, T, 2, h, w): the
+    target's and its dual's, one backward each."""
+    composite = Composite(rules, name="excitation")
+    dual = any(isinstance(rule, DualZPlus) for rule in rules.values())
     with (
-        lrp_pass(runner, scan.inputs, preprocessing, composite, _PARAMS) as (x, _, _),
+        lrp_pass(runner, scan.inputs, scan.model.preprocessing, composite, _PARAMS) as (x, _, _),
         capture(runner, [layer]) as captured,
     ):
         logits = scan.checked_logits(runner(x))
@@ -72,11 +85,12 @@ def _probabilities(
         selected = logits.gather(1, targets[:, t : t + 1])
         # the tracer's backward carries relevance / activation: 1 / logit is probability 1
         seed = 1 / torch.where(selected >= 0, selected + _STABILIZER, selected - _STABILIZER)
-        (grad,) = torch.autograd.grad(
-            selected, acts, seed.detach(), retain_graph=t < targets.shape[1] - 1
-        )
-        maps.append((acts.detach() * grad).sum(dim=1, keepdim=True))
-    return torch.stack(maps, dim=1)
+        for negated in (False, True) if dual else (False,):
+            side.negated = negated
+            (grad,) = torch.autograd.grad(selected, acts, seed.detach(), retain_graph=True)
+            maps.append((acts.detach() * grad).sum(dim=1))
+    side.negated = False
+    return torch.stack(maps, dim=1).view(len(acts), targets.shape[1], -1, *acts.shape[2:])
 
 
 @register(
@@ -85,7 +99,7 @@ def _probabilities(
     space="layer",
     description="Excitation backprop: the top-down winning probability of a layer's units "
     "(z⁺ without bias above it); contrastive: minus the probability of the target's dual.",
-    cost="1 forward + 1 backward per target (twice with contrastive)",
+    cost="1 forward + 1 backward per target (2 with contrastive)",
     paper="Zhang et al. 2016, arXiv:1608.00507 (ECCV); IJCV 2018",
     in_default_scan=False,
 )
@@ -103,10 +117,12 @@ def excitation_backprop(
     if not isinstance(contrastive, bool):
         raise MethodError(f"contrastive must be True or False, got {contrastive!r}")
     layer = layer_name(scan, layer)
-    rules = {Conv: ZPlus(_STABILIZER), nn.Linear: ZPlus(_STABILIZER)}
+    rules: dict = {Conv: ZPlus(_STABILIZER), nn.Linear: ZPlus(_STABILIZER)}
+    side = _Side()
     with scan.runner() as runner:
-        maps = _probabilities(scan, runner, Composite(rules, name="excitation"), layer, targets)
         if contrastive:
-            dual = Composite({classifier(runner): NegatedZPlus(), **rules}, name="excitation")
-            maps = (maps - _probabilities(scan, runner, dual, layer, targets)).clamp(min=0)
+            rules = {classifier(runner): DualZPlus(side), **rules}
+        maps = _probabilities(scan, runner, rules, layer, targets, side)
+    if contrastive:
+        maps = (maps[:, :, :1] - maps[:, :, 1:]).clamp(min=0)
     return MethodResult(maps, {"contrastive": contrastive}, layer=layer)
