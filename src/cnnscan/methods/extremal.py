@@ -3,7 +3,8 @@
 gradient descent on the mask's parameters (torchray's `extremal_perturbation`).
 
 Every target of every image is one mask of the same optimization: each step runs one
-batched forward and backward (`Scan.iter_gradients`) for all of them, however many there are.
+batched forward and backward (`Scan.iter_gradients`) for all of them, in groups of masks
+that fit the memory budget.
 """
 
 from __future__ import annotations
