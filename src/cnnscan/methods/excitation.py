@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from cnnscan.errors import LayerError, MethodError
-from cnnscan.layers import LayerRef, capture
-from cnnscan.lrp.composites import Composite, Conv, Params
+from cnnscan.layers import LayerRef
+from cnnscan.lrp.composites import Composite, Conv, Params, RuleMap
 from cnnscan.lrp.rules import Backward, Layer, Rule, ZPlus
+from cnnscan.lrp.tracer import trace
 from cnnscan.methods.cam import layer_name
-from cnnscan.methods.lrp import lrp_pass
 from cnnscan.methods.registry import MethodResult, register
 
 if TYPE_CHECKING:
@@ -64,22 +64,24 @@ def classifier(module: nn.Module) -> str:
 def _probabilities(
     scan: Scan, runner: nn.Module, rules: dict, layer: str, targets: torch.Tensor, side: _Side
 ) -> torch.Tensor:
-    """(N, T, 1, h, w): each target's winning probabilities at `layer`, summed over channels,
-    from one traced forward; with a `DualZPlus` classifier in `rules`, (N, T, 2, h, w): the
-    target's and its dual's, one backward each."""
-    composite = Composite(rules, name="excitation")
-    dual = any(isinstance(rule, DualZPlus) for rule in rules.values())
-    with (
-        lrp_pass(runner, scan.inputs, scan.model.preprocessing, composite, _PARAMS) as (x, _, _),
-        capture(runner, [layer]) as captured,
-    ):
-        logits = scan.checked_logits(runner(x))
-    acts = captured[LayerRef.parse(layer)]
+    """(N, T, 1, h, w): each target's winning probabilities at `layer`, summed over channels;
+    with a `DualZPlus` classifier in `rules`, (N, T, 2, h, w): the target's and its dual's.
+    Only the part of the network after the layer runs again (`Scan.head`), traced, on the
+    layer's output from the scan's forward; then one backward per map."""
+    ref = LayerRef.parse(layer)
+    acts = scan.activations(ref).detach()
     if acts.ndim != 4:
         raise LayerError(
             f"layer {layer!r} outputs shape {tuple(acts.shape[1:])}; excitation backprop maps "
             "a spatial (C, H, W) layer"
         )
+    names = {name for name, _ in runner.named_modules() if name}
+    rule_map = RuleMap(Composite(rules, name="excitation"), _PARAMS, names, (acts, acts))
+    dual = any(isinstance(rule, DualZPlus) for rule in rules.values())
+    with scan.head(ref) as head:
+        x = acts.clone().requires_grad_(True)
+        with trace(runner, rule_map, x, torch.zeros_like(x, requires_grad=True)):
+            logits = scan.checked_logits(head(x, torch.arange(len(x), device=x.device)))
     maps = []
     for t in range(targets.shape[1]):
         selected = logits.gather(1, targets[:, t : t + 1])
@@ -87,8 +89,8 @@ def _probabilities(
         seed = 1 / torch.where(selected >= 0, selected + _STABILIZER, selected - _STABILIZER)
         for negated in (False, True) if dual else (False,):
             side.negated = negated
-            (grad,) = torch.autograd.grad(selected, acts, seed.detach(), retain_graph=True)
-            maps.append((acts.detach() * grad).sum(dim=1))
+            (grad,) = torch.autograd.grad(selected, x, seed.detach(), retain_graph=True)
+            maps.append((acts * grad).sum(dim=1))
     side.negated = False
     return torch.stack(maps, dim=1).view(len(acts), targets.shape[1], -1, *acts.shape[2:])
 
