@@ -595,7 +595,7 @@ def test_every_registered_method_can_be_evaluated():
     model = cnnscan.load_model(SmallConvNet())
     x = torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(0))
     small = {"n_samples": 2, "n_steps": 4, "max_steps": 8}
-    small |= {"window": 4, "stride": 4, "n_masks": 8, "segments": 4}  # perturbation methods
+    small |= {"window": 4, "stride": 4, "n_masks": 8, "segments": 4, "max_iter": 2}  # perturbation
     options = {}
     attrs = {}
     for info in cnnscan.list_methods():

@@ -17,7 +17,7 @@ TARGETS = [1, 3]
 
 # Small settings so that every method runs in well under a second on the tiny net.
 SMALL = {"n_samples": 3, "n_steps": 4, "max_steps": 8}
-SMALL |= {"window": 8, "stride": 8, "n_masks": 8, "segments": 4}  # perturbation methods
+SMALL |= {"window": 8, "stride": 8, "n_masks": 8, "segments": 4, "max_iter": 2}  # perturbation
 
 
 def small_options(info: cnnscan.MethodInfo) -> dict:

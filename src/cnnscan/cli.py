@@ -760,7 +760,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], wrap: Sequence[
     widths[last] = max(room, len(header[last]))
     lines = []
     for row in cells:
-        parts = [textwrap.wrap(text, widths[c]) or [""] for c, text in enumerate(row)]
+        # no break after a hyphen: a wrapped cell reads back joined by spaces ("class-agnostic")
+        parts = [
+            textwrap.wrap(text, widths[c], break_on_hyphens=False) or [""]
+            for c, text in enumerate(row)
+        ]
         for pieces in itertools.zip_longest(*parts, fillvalue=""):
             line = "  ".join(f"{p:<{widths[c]}}" for c, p in enumerate(pieces))
             lines.append(line.rstrip())

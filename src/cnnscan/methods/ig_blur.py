@@ -15,12 +15,15 @@ if TYPE_CHECKING:
     from cnnscan.scan import Scan
 
 
-def _blur_matrix(size: int, sigma: float, dtype: torch.dtype, device) -> torch.Tensor:
+def _blur_matrix(
+    size: int, sigma: float, dtype: torch.dtype, device, radius: int | None = None
+) -> torch.Tensor:
     """(size, size): a 1-d Gaussian blur with zero outside the image, scipy.ndimage's
-    `gaussian_filter(mode="constant")` kernel (radius int(4σ + 0.5), normalized over it)."""
+    `gaussian_filter(mode="constant")` kernel (radius int(4σ + 0.5), normalized over it),
+    or cut at another `radius` (torchray's imsmooth: ⌈4σ⌉)."""
     if sigma == 0:
         return torch.eye(size, dtype=dtype, device=device)
-    radius = int(4.0 * sigma + 0.5)
+    radius = int(4.0 * sigma + 0.5) if radius is None else radius
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     kernel = kernel / kernel.sum()
@@ -30,10 +33,11 @@ def _blur_matrix(size: int, sigma: float, dtype: torch.dtype, device) -> torch.T
     return matrix.to(dtype=dtype, device=device)
 
 
-def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur of (B, C, H, W) with zero outside the image (separable, as matrices)."""
-    rows = _blur_matrix(images.shape[-2], sigma, images.dtype, images.device)
-    cols = _blur_matrix(images.shape[-1], sigma, images.dtype, images.device)
+def blur(images: torch.Tensor, sigma: float, radius: int | None = None) -> torch.Tensor:
+    """Gaussian blur of (B, C, H, W) with zero outside the image (separable, as matrices);
+    `radius` as in `_blur_matrix`."""
+    rows = _blur_matrix(images.shape[-2], sigma, images.dtype, images.device, radius)
+    cols = _blur_matrix(images.shape[-1], sigma, images.dtype, images.device, radius)
     return rows @ images @ cols.T
 
 
