@@ -21,10 +21,7 @@ SMALL |= {"window": 8, "stride": 8, "n_masks": 8, "segments": 4, "max_iter": 2} 
 
 
 def small_options(info: cnnscan.MethodInfo) -> dict:
-    options = {key: value for key, value in SMALL.items() if key in info.options()}
-    if info.name == "xrai":  # its `segments` are region masks, not a superpixel count
-        options.pop("segments", None)
-    return options
+    return {key: value for key, value in SMALL.items() if key in info.options()}
 
 
 METHODS = [info.name for info in cnnscan.list_methods()]

@@ -69,5 +69,5 @@ def test_bad_options_are_refused():
     x = torch.zeros(1, 3, 32, 32)
     with pytest.raises(MethodError, match="area_threshold"):
         cnnscan.explain(net, x, "xrai", area_threshold=2)
-    with pytest.raises(MethodError, match="segments"):
-        cnnscan.explain(net, x, "xrai", segments=torch.zeros(4, 32, 32))
+    with pytest.raises(MethodError, match="regions"):
+        cnnscan.explain(net, x, "xrai", regions=torch.zeros(4, 32, 32))

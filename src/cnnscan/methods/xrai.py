@@ -60,20 +60,20 @@ def xrai_regions(
     return gain[pick].view(shape), rank[pick].view(shape)
 
 
-def _given_masks(scan: Scan, segments: torch.Tensor | None) -> list[torch.Tensor] | None:
+def _given_masks(scan: Scan, regions: torch.Tensor | None) -> list[torch.Tensor] | None:
     """The user's region masks per input, from boolean masks (M, H, W) shared by every input
     or (N, M, H, W); None when XRAI makes its own."""
-    if segments is None:
+    if regions is None:
         return None
     n, _, height, width = scan.inputs.shape
-    given = torch.as_tensor(segments)
+    given = torch.as_tensor(regions)
     if given.dtype != torch.bool or given.ndim not in (3, 4) or given.shape[-2:] != (height, width):
         raise MethodError(
-            f"segments must be boolean region masks (M, {height}, {width}) or "
+            f"regions must be boolean region masks (M, {height}, {width}) or "
             f"({n}, M, {height}, {width}), got {given.dtype} {tuple(given.shape)}"
         )
     if given.ndim == 4 and len(given) != n:
-        raise MethodError(f"segments holds masks for {len(given)} images, the call has {n}")
+        raise MethodError(f"regions holds masks for {len(given)} images, the call has {n}")
     return [given.cpu()] * n if given.ndim == 3 else list(given.cpu())
 
 
@@ -91,19 +91,21 @@ def xrai(
     targets: torch.Tensor,
     *,
     n_steps: int = 50,
-    segments: torch.Tensor | None = None,
+    regions: torch.Tensor | None = None,
     area_threshold: float = 1.0,
     min_pixel_diff: int = 50,
 ) -> MethodResult:
     """PAIR saliency 0.2.1's XRAI: IG (`integrated_gradients`, `n_steps`) from a black and a
     white baseline (each input's minimum and maximum value), averaged, the channels' maximum
-    taken, then the greedy regions of `xrai_regions`. Maps (N, T, 1, H, W); the ranks of the
+    taken, then the greedy regions of `xrai_regions` (`regions`: the user's own boolean
+    region masks instead of Felzenszwalb's; not `segments`, which perturbation methods take as
+    a count or a label map). Maps (N, T, 1, H, W); the ranks of the
     regions (1 = most important) in `extras["ranks"]` (N, T, H, W)."""
     area_threshold = number("area_threshold", area_threshold)
     if area_threshold > 1:
         raise MethodError(f"area_threshold must be in [0, 1], got {area_threshold!r}")
     min_pixel_diff = count("min_pixel_diff", min_pixel_diff)
-    given = _given_masks(scan, segments)
+    given = _given_masks(scan, regions)
     inputs = scan.inputs
     ig = get_method("integrated_gradients").fn
     extremes = (inputs.amin(dim=(1, 2, 3)), inputs.amax(dim=(1, 2, 3)))
