@@ -126,7 +126,7 @@ def bench_smoothgrad(repeat: int) -> None:
         compare(
             f"smoothgrad {mode}",
             lambda mode=mode: cnnscan.explain(
-                model, x, "smoothgrad", targets=[targets], mode=mode, seed=0
+                model, x, "smoothgrad", targets=[targets], kind=mode, seed=0
             ),
             lambda mode=mode: theirs(mode),
             repeat,

@@ -235,7 +235,7 @@ def test_smoothgrad_modes_from_the_same_noise_on_square_sum():
         "vargrad": grads.var(dim=2, unbiased=False),
     }
     for mode, want in expected.items():
-        attr = explain(net, X_SQ, "smoothgrad", n_samples=n_samples, mode=mode, seed=5)
+        attr = explain(net, X_SQ, "smoothgrad", n_samples=n_samples, kind=mode, seed=5)
         close(attr.maps, want, rel=1e-4, msg=mode)
     torch.testing.assert_close(attr.extras["sigma"], _sigma(X_SQ).flatten())
 
@@ -246,7 +246,7 @@ def test_smoothgrad_in_expectation_on_square_sum():
     scale = 2 * (TARGETS + 1).view(2, 3, 1, 1, 1).float()
     sigma = _sigma(X_SQ).view(2, 1, 1, 1, 1)
     maps = {
-        m: explain(net, X_SQ, "smoothgrad", n_samples=n_samples, mode=m, seed=11).maps
+        m: explain(net, X_SQ, "smoothgrad", n_samples=n_samples, kind=m, seed=11).maps
         for m in ("smoothgrad", "smoothgrad_sq", "vargrad")
     }
     eps_mean = (maps["smoothgrad"] / scale - X_SQ.unsqueeze(1)) / sigma  # ~ N(0, 1/S) per pixel
@@ -261,7 +261,7 @@ def test_smoothgrad_of_linear_is_exact_and_generic_bases_agree(linear):
     net, w = linear
     close(explain(net, X_LIN, "smoothgrad", n_samples=6).maps, per_target(w))
     assert (
-        float(explain(net, X_LIN, "smoothgrad", n_samples=6, mode="vargrad").maps.abs().max())
+        float(explain(net, X_LIN, "smoothgrad", n_samples=6, kind="vargrad").maps.abs().max())
         < 1e-5
     )
     # IG from a zero baseline of a linear net is W ⊙ z: the generic (derived-scan) path must
@@ -418,7 +418,7 @@ def test_smoothgrad_equals_captum_saliency_at_the_same_noise(
             ("vargrad", lambda g: g.var(0, unbiased=False)),
         ]:
             ours = explain(
-                model, x, "smoothgrad", targets=[285], n_samples=n_samples, seed=3, mode=mode
+                model, x, "smoothgrad", targets=[285], n_samples=n_samples, seed=3, kind=mode
             ).maps[0, 0]
             if x.dtype == torch.float32:
                 assert pearson(ours, reduce(saliency)) > 0.9999, mode
@@ -455,7 +455,7 @@ def test_every_smoothgrad_mode_equals_captum_noise_tunnel_at_the_same_seed(arch)
     for mode in ("smoothgrad", "smoothgrad_sq", "vargrad"):
         for target in (3, 500):
             ours = explain(
-                module, x, "smoothgrad", targets=[target], n_samples=5, seed=7, mode=mode
+                module, x, "smoothgrad", targets=[target], n_samples=5, seed=7, kind=mode
             ).maps[0, 0]
             torch.manual_seed(7)
             theirs = NoiseTunnel(Saliency(module)).attribute(
@@ -646,7 +646,7 @@ BAD_OPTIONS = [
     ("integrated_gradients", {"tolerance": "1%"}),
     ("integrated_gradients", {"max_steps": 0}),
     ("integrated_gradients", {"steps": 10}),
-    ("smoothgrad", {"mode": "average"}),
+    ("smoothgrad", {"kind": "average"}),
     ("smoothgrad", {"n_samples": 0}),
     ("smoothgrad", {"n_samples": 2.5}),
     ("smoothgrad", {"noise_level": -0.1}),

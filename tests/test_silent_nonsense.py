@@ -41,7 +41,7 @@ def test_values_of_the_right_kind_pass():
         ("integrated_gradients", {"n_steps": "auto", "baseline": torch.zeros(1, 3, 32, 32)}),
         ("gradient", {"unit": ("conv1", 0, [1, 2])}),
         ("lrp", {"epsilon": 1, "rules": {"fc": "epsilon"}, "zero_params": None}),
-        ("smoothgrad", {"seed": None, "noise_level": 0.1, "mode": "vargrad"}),
+        ("smoothgrad", {"seed": None, "noise_level": 0.1, "kind": "vargrad"}),
     ]:
         check_options(get_method(method), options)
 

@@ -218,7 +218,7 @@ class NoisyInputs:
     "smoothgrad",
     family="gradient",
     description="A method averaged over noisy copies of the input "
-    "(modes: smoothgrad, smoothgrad_sq, vargrad).",
+    "(kind: smoothgrad, smoothgrad_sq, vargrad).",
     cost="n_samples × the base method",
     paper="Smilkov et al. 2017, arXiv:1706.03825; VarGrad: Adebayo et al. 2018",
 )
@@ -229,7 +229,7 @@ def smoothgrad(
     base: str = "gradient",
     n_samples: int = 25,
     noise_level: float = 0.15,
-    mode: str = "smoothgrad",
+    kind: str = "smoothgrad",
     seed: int | None = 0,
     base_options: dict[str, Any] | None = None,
 ) -> MethodResult:
@@ -245,8 +245,8 @@ def smoothgrad(
     base_info = get_method(base)
     if base_info.name == "smoothgrad":
         raise MethodError("smoothgrad cannot wrap itself; pick another base method")
-    if mode not in _SMOOTH_MODES:
-        raise MethodError(f"mode must be one of {_SMOOTH_MODES}, got {mode!r}")
+    if kind not in _SMOOTH_MODES:
+        raise MethodError(f"kind must be one of {_SMOOTH_MODES}, got {kind!r}")
     n_samples = count("n_samples", n_samples)
     noise_level = number("noise_level", noise_level)
     base_options = dict(base_options or {})
@@ -269,14 +269,14 @@ def smoothgrad(
         for rows in scan.batches(len(points), key):
             sub = scan.derive(points[rows], relu_rules=base_info.relu_rules)
             totals.add(rows, base_info.fn(sub, repeated[rows], **base_options).maps)
-    maps = totals.result(mode, inputs.dtype)
+    maps = totals.result(kind, inputs.dtype)
     unit = None
     if base_options.get("unit") is not None:  # the base explained a layer unit, not classes
         layer, channel, _ = _parse_unit(base_options["unit"])
         unit = torch.full((n, 1), channel, dtype=torch.long, device=inputs.device)
     extras = {
         "base": base_info.name,
-        "mode": mode,
+        "kind": kind,
         "n_samples": n_samples,
         "noise_level": noise_level,
         "sigma": sigma.cpu(),
