@@ -26,12 +26,7 @@ from timing import best_time
 import cnnscan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import pair_gradients, pair_guided_ig
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    stacked = torch.stack([a.flatten().double(), b.flatten().double()])
-    return float(torch.corrcoef(stacked)[0, 1])
+from helpers import pair_gradients, pair_guided_ig, pearson
 
 
 def main() -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 import torch
 from timing import best_time
@@ -28,10 +30,8 @@ from torchray.attribution.extremal_perturbation import extremal_perturbation
 import cnnscan
 from cnnscan.methods.excitation import classifier
 
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    stacked = torch.stack([a.flatten().double(), b.flatten().double()])
-    return float(torch.corrcoef(stacked)[0, 1])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import pearson
 
 
 def main() -> None:

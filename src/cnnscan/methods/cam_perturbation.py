@@ -14,19 +14,15 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from cnnscan.attribution import minmax_maps
 from cnnscan.methods.cam import cam_result, layer_name, spatial_activations, weighted_sum
 from cnnscan.methods.options import count, generator, number
+from cnnscan.methods.progress import progress_bar
 from cnnscan.methods.registry import MethodResult, register
 
 if TYPE_CHECKING:
     from cnnscan.scan import Scan
-
-
-def _bar(name: str, total: int, unit: str) -> tqdm:
-    return tqdm(total=total, desc=f"{name}: {total} forwards", disable=None, leave=False, unit=unit)
 
 
 # -- Score-CAM and its variants: channels as input masks -----------------------------------
@@ -112,7 +108,7 @@ def scorecam(
     n, k = acts.shape[:2]
     maps, owners, inverse = _distinct_masks(acts)
     masked = _MaskedInputs(scan.inputs, owners, maps, align_corners)
-    with _bar("scorecam", len(masked), "mask") as bar:
+    with progress_bar("scorecam", len(masked), "mask") as bar:
         logits = scan.logits_at(masked, progress=bar.update)
     weights = _softmax_weights(logits[inverse].view(n, k, -1), targets)
     extras = {"forwards": len(masked), "channels": k}
@@ -149,7 +145,7 @@ def iscam(
     step = torch.arange(len(mask_of_row), device=maps.device) - starts[mask_of_row]
     scale = strengths.to(maps.device)[step]
     masked = _MaskedInputs(scan.inputs, owners[mask_of_row], maps[mask_of_row], scale=scale)
-    with _bar("iscam", len(masked), "mask") as bar:
+    with progress_bar("iscam", len(masked), "mask") as bar:
         logits = scan.logits_at(masked, progress=bar.update)
     mean = logits.new_zeros((len(maps), logits.shape[1])).index_add_(0, mask_of_row, logits)
     mean = mean / repeats.to(mean).unsqueeze(1)
@@ -201,7 +197,7 @@ def sscam(
     chunk = max(1, _NOISE_CHUNK_BYTES // (4 * size[0] * size[1]))
     sums = torch.zeros((n, k, targets.shape[1]), dtype=torch.float64, device=acts.device)
     total = n_samples * int(active.sum())
-    with _bar("sscam", total, "mask") as bar:
+    with progress_bar("sscam", total, "mask") as bar:
         for _ in range(n_samples):
             for start in range(0, k, chunk):
                 channels = torch.arange(start, min(start + chunk, k), device=acts.device)
@@ -246,7 +242,7 @@ def ablationcam(scan: Scan, targets: torch.Tensor, *, layer: str | None = None) 
     per_item = acts[0].numel() * acts.element_size() * 8
     with (
         scan.head(layer) as head,
-        _bar("ablationcam", total, "channel") as bar,
+        progress_bar("ablationcam", total, "channel") as bar,
         torch.no_grad(),
     ):
         for i in range(n):
@@ -286,7 +282,7 @@ def reciprocam(scan: Scan, targets: torch.Tensor, *, layer: str | None = None) -
     key = ("reciprocam", layer, tuple(acts.shape[1:]))
     with (
         scan.head(layer) as head,
-        _bar("reciprocam", n * h * w, "position") as bar,
+        progress_bar("reciprocam", n * h * w, "position") as bar,
         torch.no_grad(),
     ):
         for i in range(n):

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from cnnscan.errors import MethodError
 from cnnscan.methods.ig_blur import blur
 from cnnscan.methods.options import count, number
+from cnnscan.methods.progress import progress_bar
 from cnnscan.methods.registry import MethodResult, register
 
 if TYPE_CHECKING:
@@ -163,9 +164,7 @@ def extremal_perturbation(
     maps = inputs.new_empty((n * t, 1, *inputs.shape[-2:]))
     reward, loss = inputs.new_empty(n * t), inputs.new_empty(n * t)
     total = max_iter * len(groups)
-    with tqdm(
-        total=total, desc=f"extremal_perturbation: {total} steps", disable=None, leave=False
-    ) as bar:
+    with progress_bar("extremal_perturbation", total, counted="steps") as bar:
         for rows in groups:
             maps[rows], reward[rows], loss[rows] = _optimize(
                 scan,

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from cnnscan.errors import MethodError
 from cnnscan.methods.baselines import make_baseline
 from cnnscan.methods.options import count, generator, number, within_budget
+from cnnscan.methods.progress import progress_bar
 from cnnscan.methods.registry import MethodResult, register
 from cnnscan.methods.superpixels import coalition_masks, segment, segment_means
 
@@ -62,10 +63,6 @@ def fill_values(scan: Scan, fill: Any, extra: tuple[str, ...] = ()) -> torch.Ten
         return make_baseline(scan, fill)
     kinds = ", ".join((*FILLS, *extra))
     raise MethodError(f"unknown fill {fill!r}; use one of {kinds}, a number or a tensor")
-
-
-def _bar(name: str, total: int, unit: str) -> tqdm:
-    return tqdm(total=total, desc=f"{name}: {total} forwards", disable=None, leave=False, unit=unit)
 
 
 class _Blended:
@@ -194,7 +191,7 @@ def occlusion(
     fills = fill_values(scan, fill)
     drops = scan.inputs.new_empty((n, per_image, targets.shape[1]))
     used = []
-    with _bar("occlusion", n * per_image, "window") as bar:
+    with progress_bar("occlusion", n * per_image, "window") as bar:
         for i in range(n):
             copies = _Occluded(scan.inputs[i : i + 1], fills[i : i + 1], rows, cols, (wh, ww))
             with scan.patched(i) if incremental else nullcontext() as forward:
@@ -305,7 +302,7 @@ def rise(
     masks = _RiseMasks(n_masks, cell, p, (height, width), seed)
     device = scan.inputs.device
     maps = torch.zeros((n, targets.shape[1], height * width), dtype=torch.float64, device=device)
-    with _bar("rise", n * n_masks, "mask") as bar:
+    with progress_bar("rise", n * n_masks, "mask") as bar:
         for i in range(n):
             image = scan.inputs[i : i + 1]
             blended = _Blended(
@@ -446,7 +443,7 @@ def lime(
         drawn[0] = 1
         coalitions.append(torch.from_numpy(drawn).to(scan.inputs.device))
     weights, intercepts, scores_r2 = [], [], []
-    with _bar("lime", sum(_forwards(z) for z in coalitions), "sample") as bar:
+    with progress_bar("lime", sum(_forwards(z) for z in coalitions), "sample") as bar:
         for i, z in enumerate(coalitions):
             y = _coalition_scores(scan, i, z, labels[i], fills[i : i + 1], targets[i], space, bar)
             kernel = lime_kernel(z, kernel_width, distance)
@@ -524,7 +521,7 @@ def kernel_shap(
     device = scan.inputs.device
     weights, bases, errors = [], [], []
     total = sum(_forwards(z) + 1 for z, _ in plans)  # + the baseline
-    with _bar("kernel_shap", total, "sample") as bar:
+    with progress_bar("kernel_shap", total, "sample") as bar:
         for i, (z, exact) in enumerate(plans):
             z = z.to(device)
             empty = torch.zeros((1, z.shape[1]), dtype=z.dtype, device=device)
@@ -595,7 +592,7 @@ def feature_ablation(
     device = scan.inputs.device
     weights = []
     total = sum(int(m.max()) + 1 for m in labels)
-    with _bar("feature_ablation", total, "segment") as bar:
+    with progress_bar("feature_ablation", total, "segment") as bar:
         for i, m in enumerate(labels):
             count_i = int(m.max()) + 1
             one_off = 1 - torch.eye(count_i, dtype=torch.int64, device=device)
@@ -653,7 +650,7 @@ def shapley_sampling(
         plans.append((orders, prefixes.reshape(-1, count_m)))
     weights, errors = [], []
     total = sum(_forwards(z) for _, z in plans)
-    with _bar("shapley_sampling", total, "coalition") as bar:
+    with progress_bar("shapley_sampling", total, "coalition") as bar:
         for i, (orders, z) in enumerate(plans):
             count_i = orders.shape[1]
             y = _coalition_scores(
