@@ -21,6 +21,7 @@ from cnnscan.methods.ig_blur import blur
 from cnnscan.methods.options import count, number
 from cnnscan.methods.progress import progress_bar
 from cnnscan.methods.registry import MethodResult, register
+from cnnscan.optimizers import SGD
 
 if TYPE_CHECKING:
     from cnnscan.scan import Scan
@@ -207,9 +208,7 @@ def _optimize(
     if variant == "dual":
         rows, sign = torch.cat([rows, rows]), torch.cat([sign, -sign])
     params = pyramid.new_ones((b, 1, *masks.shape_in)).requires_grad_(True)
-    optimizer = torch.optim.SGD(
-        [params], lr=_LEARNING_RATE, momentum=_MOMENTUM, dampening=_MOMENTUM
-    )
+    optimizer = SGD([params], lr=_LEARNING_RATE, momentum=_MOMENTUM, dampening=_MOMENTUM)
     weight = _AREA_WEIGHT
     for it in range(max_iter):
         cropped, full = masks(params)

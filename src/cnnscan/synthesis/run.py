@@ -24,6 +24,7 @@ from cnnscan.engine.working_copy import memory_format_of, runnable
 from cnnscan.errors import MethodError, ModelError
 from cnnscan.methods.options import count, generator, number
 from cnnscan.models import Model, ModelLike, as_model
+from cnnscan.optimizers import Adam
 from cnnscan.synthesis.forward import probe
 from cnnscan.synthesis.objectives import (
     Objective,
@@ -92,7 +93,7 @@ def synthesize(
     if init is not None:
         start = photo_pixels(model, init, (height, width), device)
         image.set_pixels(start.expand(batch, -1, -1, -1))
-    optimizer = torch.optim.Adam(image.parameters, lr=lr)
+    optimizer = Adam(image.parameters, lr=lr)
     history: list[float] = []
     bar = tqdm(
         total=steps, desc=objective.name[:40], unit="step", disable=None if progress else True
@@ -111,7 +112,7 @@ def synthesize(
                 model.preprocessing.normalize(pixels),
             )
             value = objective(found)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             (-value).backward()
             optimizer.step()
             history.append(finite(value, step))
