@@ -11,10 +11,12 @@ import cnnscan.engine.batch_size
 import cnnscan.scan
 from cnnscan.engine.batch_size import (
     PREFERRED,
+    PREFERRED_SINGLE,
     fixed_batches,
     max_batch_for,
     memory_budget_bytes,
     parse_memory,
+    preferred_batch,
 )
 from cnnscan.errors import MethodError
 
@@ -68,10 +70,23 @@ def sizes(slices) -> list[int]:
 def test_fixed_batches_cover_the_range_in_order_at_a_size_that_depends_on_the_work_only():
     slices = list(fixed_batches(37, limit=64))
     assert [i for s in slices for i in range(s.start, s.stop)] == list(range(37))
-    assert sizes(slices) == [PREFERRED] * (37 // PREFERRED) + [37 % PREFERRED]
+    assert sizes(slices) == [preferred_batch()] * (37 // preferred_batch()) + (
+        [37 % preferred_batch()] if 37 % preferred_batch() else []
+    )
     assert sizes(fixed_batches(10, limit=8, size=3)) == [3, 3, 3, 1]  # a chosen size
     assert sizes(fixed_batches(5, limit=2, size=3)) == [2, 2, 1]  # cut to the memory budget
     assert sizes(fixed_batches(3, limit=1)) == [1, 1, 1]
+
+
+def test_the_preferred_batch_follows_torchs_thread_count():
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert preferred_batch() == PREFERRED_SINGLE == 1
+        torch.set_num_threads(2)
+        assert preferred_batch() == PREFERRED == 4
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_max_memory_limits_the_batches_of_a_method(monkeypatch):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from cnnscan.choices import CLASS_IMAGE_STEPS
 from cnnscan.concept import Concepts, concepts
 from cnnscan.concept.page import page_html
 from cnnscan.engine.memory import trim
+from cnnscan.engine.threads import beside, single_threaded
 from cnnscan.layers import LayerRow
 from cnnscan.learned import conv_layers, depth_layers, filters, top_channels
 from cnnscan.methods import MethodInfo, get_method, get_methods, list_methods, run_method
@@ -146,68 +148,60 @@ def run_scan(
         options = {} if evaluate == "full" else QUICK_OPTIONS
     options = {info.name: dict(options.get(info.name, {})) for info in infos}
     picture = cnnscan.load_image(image)
-    scan = make_scan(
-        model, model.preprocessing(picture), infos, device=device, max_memory=max_memory
-    )
-    seconds = {"load + forward": time.perf_counter() - started}
-    scan.prepare_inference()  # the fast engine for the leaderboard builds while methods run
-    targets = scan.targets(f"top{top_k}")
-    view = np.asarray(model.preprocessing.view(picture))
-    observer.predictions(scan.predictions(top_k)[0])
-    attributions = {}
-    with observer.stage("methods", len(infos), "method") as advance:
-        for done, info in enumerate(infos, 1):
-            began = time.perf_counter()
-            attributions[info.name] = run_method(scan, info, targets, options=options[info.name])
-            seconds[info.name] = time.perf_counter() - began
-            if done == 1:
-                observer.first_map(attributions[info.name], view)
-            advance(done)
-    began = time.perf_counter()
-    layers = scan.layer_table()
-    seconds["layer table"] = time.perf_counter() - began
-    began = time.perf_counter()
-    learned = learned_pictures(scan, layers)
-    seconds["what the network learned"] = time.perf_counter() - began
-    found = None
-    if concepts_top > 0:
-        began = time.perf_counter()
-        with observer.stage("concepts", 1, "target") as advance:
-            found = concepts(
-                model, None, targets[:, :1], top=concepts_top, pictures=False, scan=scan
-            )
-            advance(1)
-        seconds["concepts"] = time.perf_counter() - began
-    scan.release()  # the graph and activations: what follows needs neither (or runs again)
-    trim()
-    if class_image_steps > 0:
-        began = time.perf_counter()
-        top1 = int(targets[0, 0])
-        with observer.stage("class image", class_image_steps, "step") as advance:
-            synthesized = class_image(
-                model,
-                top1,
-                steps=class_image_steps,
-                size=CLASS_IMAGE_PX,
-                device=device,
-                callback=lambda step, _: advance(step),
-            )
-        learned.class_image = synthesized.image
-        learned.class_image_steps = len(synthesized.history)
-        pixels = model.preprocessing.normalize(synthesized.pixels[:1].to(scan.device))
-        learned.class_image_probability = float(scan.logits_at(pixels).softmax(1)[0, top1])
-        seconds["class image"] = time.perf_counter() - began
-    began = time.perf_counter()
-    receptive = receptive_fields(model, scan.inputs[:1])
-    seconds["receptive fields"] = time.perf_counter() - began
-    board, board_options = [], {}
-    trim()
-    if evaluate != "none":
-        parts: dict[str, float] = {}
-        board, board_options = _leaderboard(
-            model, picture, scan, attributions, evaluate, parts, observer, options
+    with single_threaded() as lane:
+        scan = make_scan(
+            model, model.preprocessing(picture), infos, device=device, max_memory=max_memory
         )
-        seconds.update({f"leaderboard: {name}": value for name, value in parts.items()})
+        seconds = {"load + forward": time.perf_counter() - started}
+        scan.prepare_inference()  # the fast engine for the leaderboard builds while methods run
+        targets = scan.targets(f"top{top_k}")
+        view = np.asarray(model.preprocessing.view(picture))
+        observer.predictions(scan.predictions(top_k)[0])
+        attributions: dict[str, Attribution] = {}
+        with observer.stage("methods", len(infos), "method") as advance:
+            done = _Counter(advance)
+
+            def run(group: Sequence[MethodInfo]) -> None:
+                for info in group:
+                    began = time.perf_counter()
+                    attr = run_method(scan, info, targets, options=options[info.name])
+                    attributions[info.name] = attr
+                    seconds[info.name] = time.perf_counter() - began
+                    if info is infos[0]:
+                        observer.first_map(attr, view)
+                    done.add()
+
+            run(infos[:1])
+            apart = [info for info in infos[1:] if info.runs_apart(options[info.name])]
+            with beside(lane, run, apart):  # on the other core while this one goes on
+                run([info for info in infos[1:] if info not in apart])
+                layers, learned, found = _learned_and_concepts(
+                    model, scan, targets, concepts_top, seconds, observer
+                )
+                if class_image_steps > 0:
+                    _add_class_image(
+                        model,
+                        scan,
+                        int(targets[0, 0]),
+                        class_image_steps,
+                        learned,
+                        seconds,
+                        observer,
+                        device,
+                    )
+        scan.release()  # the graph and activations: what follows needs neither (or runs again)
+        trim()
+        began = time.perf_counter()
+        receptive = receptive_fields(model, scan.inputs[:1])
+        seconds["receptive fields"] = time.perf_counter() - began
+        board, board_options = [], {}
+        trim()
+        if evaluate != "none":
+            parts: dict[str, float] = {}
+            board, board_options = _leaderboard(
+                model, picture, scan, attributions, evaluate, parts, observer, options, lane
+            )
+            seconds.update({f"leaderboard: {name}": value for name, value in parts.items()})
     return ScanResult(
         model=model,
         image_name=image_name,
@@ -223,6 +217,73 @@ def run_scan(
         leaderboard_options=board_options,
         concepts=found,
     )
+
+
+class _Counter:
+    """Counts finished units from any thread and reports the count to a stage."""
+
+    def __init__(self, advance: Callable[[int], object]):
+        self.advance, self.done, self.lock = advance, 0, threading.Lock()
+
+    def add(self) -> None:
+        with self.lock:
+            self.done += 1
+            self.advance(self.done)
+
+
+def _learned_and_concepts(
+    model: Model,
+    scan: Scan,
+    targets: torch.Tensor,
+    concepts_top: int,
+    seconds: dict[str, float],
+    observer: ScanObserver,
+) -> tuple[list[LayerRow], Learned, Concepts | None]:
+    """The layer table, what the network learned and the top-1 class's concepts, timed."""
+    began = time.perf_counter()
+    layers = scan.layer_table()
+    seconds["layer table"] = time.perf_counter() - began
+    began = time.perf_counter()
+    learned = learned_pictures(scan, layers)
+    seconds["what the network learned"] = time.perf_counter() - began
+    found = None
+    if concepts_top > 0:
+        began = time.perf_counter()
+        with observer.stage("concepts", 1, "target") as advance:
+            found = concepts(
+                model, None, targets[:, :1], top=concepts_top, pictures=False, scan=scan
+            )
+            advance(1)
+        seconds["concepts"] = time.perf_counter() - began
+    return layers, learned, found
+
+
+def _add_class_image(
+    model: Model,
+    scan: Scan,
+    top1: int,
+    steps: int,
+    learned: Learned,
+    seconds: dict[str, float],
+    observer: ScanObserver,
+    device: torch.device | str | None,
+) -> None:
+    """Synthesize the top-1 class's image into `learned`, with its probability, timed."""
+    began = time.perf_counter()
+    with observer.stage("class image", steps, "step") as advance:
+        synthesized = class_image(
+            model,
+            top1,
+            steps=steps,
+            size=CLASS_IMAGE_PX,
+            device=device,
+            callback=lambda step, _: advance(step),
+        )
+    learned.class_image = synthesized.image
+    learned.class_image_steps = len(synthesized.history)
+    pixels = model.preprocessing.normalize(synthesized.pixels[:1].to(scan.device))
+    learned.class_image_probability = float(scan.logits_at(pixels).softmax(1)[0, top1])
+    seconds["class image"] = time.perf_counter() - began
 
 
 def _registry_order(infos: Sequence[MethodInfo]) -> list[MethodInfo]:
@@ -270,7 +331,15 @@ LEADERBOARD = {
 
 
 def _leaderboard(
-    model, picture, scan, attributions, mode: str, timings: dict[str, float], observer, options
+    model,
+    picture,
+    scan,
+    attributions,
+    mode: str,
+    timings: dict[str, float],
+    observer,
+    options,
+    lane,
 ):
     """The top-1 class's leaderboard rows and the options that produced them."""
     from cnnscan.errors import MetricError
@@ -306,6 +375,7 @@ def _leaderboard(
             progress=progress,
             timings=timings,
             method_options=options,
+            lane=lane,
             **settings,
         )
     options = {"mode": mode, "metrics": metrics, "threshold": THRESHOLD, "note": note}

@@ -1,10 +1,10 @@
 """Batch sizes of the extra passes at other inputs: fixed by the work, within a memory budget.
 
 The size of a batch can change the last bits of what is computed (a kernel splits its work
-among threads by the size of the tensor), so it depends on nothing but the work: a size
-measured once as the fastest per item on the default model (`PREFERRED`,
-docs/measurements.md), cut to what fits the memory budget. Sizes found by timing each run
-(as an earlier version did) varied with the machine's load, and the results with them.
+among threads by the size of the tensor), so it depends on nothing but the work and torch's
+thread count: a size measured once as the fastest per item on the default model
+(`preferred_batch`, docs/measurements.md), cut to what fits the memory budget. Sizes found
+by timing each run (as an earlier version did) varied with the load, and the results too.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import torch
+
 _DEFAULT_BUDGET_MB = 2048
-PREFERRED = 4  # items per batch: per-item time is flat from 2 to 8, worse at 16 (measured)
-
-
-_UNITS = {"": 2**20, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30}
+PREFERRED = 4  # items per batch with several torch threads: flat from 2 to 8, worse at 16
+PREFERRED_SINGLE = 1  # with one thread per op (scans): fastest and the least memory
 
 
 _UNITS = {"": 2**20, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30}
@@ -58,9 +58,15 @@ def max_batch_for(bytes_per_item: int, ceiling: int = 64, budget: int | None = N
     return max(1, min(ceiling, budget // bytes_per_item))
 
 
+def preferred_batch() -> int:
+    """The batch size of extra passes at torch's current thread count (measured)."""
+    return PREFERRED_SINGLE if torch.get_num_threads() == 1 else PREFERRED
+
+
 def fixed_batches(total: int, limit: int, size: int | None = None) -> Iterator[slice]:
-    """Slices covering range(total) in order, `size` items each (default `PREFERRED`), at
-    most `limit` (what fits the memory budget), at least one; the last may be shorter."""
-    size = max(1, min(size or PREFERRED, limit))
+    """Slices covering range(total) in order, `size` items each (default
+    `preferred_batch()`), at most `limit` (what fits the memory budget), at least one; the
+    last may be shorter."""
+    size = max(1, min(size or preferred_batch(), limit))
     for start in range(0, total, size):
         yield slice(start, min(start + size, total))

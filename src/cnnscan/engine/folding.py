@@ -8,6 +8,7 @@ function and input gradients up to float rounding; the source model is never mod
 from __future__ import annotations
 
 import copy
+import threading
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -23,6 +24,7 @@ _FOLDABLE_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _folded: weakref.WeakKeyDictionary[nn.Module, dict[frozenset[str], nn.Module]] = (
     weakref.WeakKeyDictionary()
 )
+_folded_lock = threading.Lock()  # two threads asking at once fold once
 
 
 class _LayerLeaves(Tracer):
@@ -52,13 +54,14 @@ def folded(module: nn.Module, keep: Iterable[str] = ()) -> nn.Module:
     `module` itself when nothing folds or the model does not trace. The modules named in
     `keep` (layers a caller will hook) stay whole, as called modules at the same names."""
     keep = frozenset(keep)
-    cache = _folded.setdefault(module, {})
-    if keep not in cache:
-        try:
-            cache[keep] = fold_layers(module, keep)
-        except _TRACE_ERRORS:
-            cache[keep] = module
-    return cache[keep]
+    with _folded_lock:
+        cache = _folded.setdefault(module, {})
+        if keep not in cache:
+            try:
+                cache[keep] = fold_layers(module, keep)
+            except _TRACE_ERRORS:
+                cache[keep] = module
+        return cache[keep]
 
 
 def folded_working_copy(

@@ -214,6 +214,11 @@ class NoisyInputs:
         return self.inputs[image] + self.sigma[image].view(-1, 1, 1, 1) * self.noise[sample]
 
 
+def _one_backward_base(options: dict[str, Any]) -> bool:
+    """SmoothGrad runs apart when its base is a one-backward method (no derived scans)."""
+    return options.get("base", "gradient") in _ONE_BACKWARD and not options.get("base_options")
+
+
 @register(
     "smoothgrad",
     family="gradient",
@@ -221,6 +226,7 @@ class NoisyInputs:
     "(kind: smoothgrad, smoothgrad_sq, vargrad).",
     cost="n_samples × the base method",
     paper="Smilkov et al. 2017, arXiv:1706.03825; VarGrad: Adebayo et al. 2018",
+    own_passes=_one_backward_base,
 )
 def smoothgrad(
     scan: Scan,
@@ -366,6 +372,7 @@ def completeness(maps: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor,
     "the completeness error Σattr − (f(x) − f(x′)).",
     cost="n_steps forwards + backwards per target",
     paper="Sundararajan et al. 2017, arXiv:1703.01365",
+    own_passes=True,
 )
 def integrated_gradients(
     scan: Scan,
@@ -497,6 +504,7 @@ class _ShapPoints:
     "random baselines and the input, times (input − baseline), averaged.",
     cost="n_samples forwards + backwards per target",
     paper="Lundberg & Lee 2017, arXiv:1705.07874; Erion et al. 2021, arXiv:1906.10670",
+    own_passes=True,
 )
 def gradient_shap(
     scan: Scan,

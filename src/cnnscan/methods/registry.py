@@ -61,6 +61,14 @@ class MethodInfo:
     cost: str = ""
     paper: str = ""
     in_default_scan: bool = True  # False: too slow for `cnnscan scan` unless --full/--methods
+    # Its passes are its own, at other inputs (`Scan.iter_gradients` / `logits_at`), never the
+    # shared forward's graph or ReLU switch: a scan may run it beside its other methods. A
+    # function of the options where that depends on them.
+    own_passes: bool | Callable[[dict[str, Any]], bool] = False
+
+    def runs_apart(self, options: dict[str, Any]) -> bool:
+        """True if, with `options`, the method may run beside the scan's other methods."""
+        return self.own_passes(options) if callable(self.own_passes) else self.own_passes
 
     def options(self) -> dict[str, Any]:
         """Keyword options and their defaults."""

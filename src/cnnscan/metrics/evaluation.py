@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
 from typing import Any
 
 import torch
 from PIL import Image
 
 from cnnscan.attribution import Attribution
+from cnnscan.engine.threads import beside
 from cnnscan.errors import MethodError, MetricError
 from cnnscan.images import load_image
 from cnnscan.methods import get_method
@@ -66,6 +68,7 @@ def evaluate_many(
     progress: Any = None,
     timings: dict[str, float] | None = None,
     regions: Sequence[torch.Tensor | None] | None = None,
+    lane: Executor | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Scores of several attributions of the same image(s): {name: {metric: value}}.
 
@@ -83,7 +86,8 @@ def evaluate_many(
     `progress(n)` after each chunk of perturbed forwards; `timings`, a dict that gets the
     seconds spent per metric added; `regions` one region (H, W) on the model input per
     image, or None for an image without one (its localization scores are NaN), instead of
-    `box`/`mask`.
+    `box`/`mask`; `lane` an executor (`cnnscan.engine.threads`) that runs the metrics made
+    of forwards only (deletion, insertion) while the others run here.
     """
     timings = {} if timings is None else timings
     if not isinstance(attrs, Mapping):
@@ -150,13 +154,21 @@ def evaluate_many(
         seed=seed,
         progress=progress,
     )
+    found: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def run(group: Sequence[MetricInfo], clock: _Clock) -> None:
+        for info in group:
+            clock.start(info.name)
+            found[info.name] = info.fn(ctx)
+        clock.start(None)
+
+    apart = [info for info in chosen if info.forwards_only] if lane is not None else []
+    with beside(lane if apart else None, run, apart, _Clock(timings)):  # distinct keys
+        run([info for info in chosen if info not in apart], _Clock(timings))
     results: dict[str, dict[str, Any]] = {name: {} for name in attrs}
-    clock = _Clock(timings)
-    for info in chosen:
-        clock.start(info.name)
-        for name, values in info.fn(ctx).items():
+    for info in chosen:  # merged in the metrics' order, whichever finished first
+        for name, values in found[info.name].items():
             _merge(results[name], values)
-    clock.start(None)
     return results
 
 

@@ -226,6 +226,7 @@ register_metric(
     description="Area under the target's probability as the most relevant pixels are removed "
     "first (replaced by the substrate, zeros by default).",
     higher_is_better=False,
+    forwards_only=True,
     reference=True,
     aliases=("deletion",),
     title="deletion↓",
@@ -238,6 +239,7 @@ register_metric(
     description="Area under the target's probability as the most relevant pixels are inserted "
     "first into the substrate (a blurred copy by default).",
     higher_is_better=True,
+    forwards_only=True,
     reference=True,
     aliases=("insertion",),
     title="insertion↑",

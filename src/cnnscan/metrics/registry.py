@@ -106,7 +106,8 @@ class MetricInfo:
     `columns`: the keys of its result shown in tables (batch columns too when `per_row`:
     one number per (image, target); False for a check's per-block verdicts). `reference`:
     scored on the chance-level random maps of the leaderboard too. `default`: evaluated
-    when no metrics are named.
+    when no metrics are named. `forwards_only`: its work is forwards without gradients
+    (`Scan.logits_at`), so it may run in a lane beside other metrics.
     """
 
     name: str
@@ -119,6 +120,7 @@ class MetricInfo:
     per_row: bool = True
     reference: bool = False
     default: bool = True
+    forwards_only: bool = False
     columns: tuple[Column, ...] = ()
     aliases: tuple[str, ...] = ()
     cost: str = ""
