@@ -27,7 +27,7 @@ from cnnscan.choices import CLASS_IMAGE_STEPS
 from cnnscan.concept import Concepts, concepts
 from cnnscan.concept.page import page_html
 from cnnscan.engine.memory import trim
-from cnnscan.engine.threads import beside, single_threaded
+from cnnscan.engine.threads import SharedWork, beside, single_threaded
 from cnnscan.layers import LayerRow
 from cnnscan.learned import conv_layers, depth_layers, filters, top_channels
 from cnnscan.methods import MethodInfo, get_method, get_methods, list_methods, run_method
@@ -161,23 +161,27 @@ def run_scan(
         with observer.stage("methods", len(infos), "method") as advance:
             done = _Counter(advance)
 
-            def run(group: Sequence[MethodInfo]) -> None:
-                for info in group:
-                    began = time.perf_counter()
-                    attr = run_method(scan, info, targets, options=options[info.name])
-                    attributions[info.name] = attr
-                    seconds[info.name] = time.perf_counter() - began
-                    if info is infos[0]:
-                        observer.first_map(attr, view)
-                    done.add()
+            def run(info: MethodInfo) -> None:
+                began = time.perf_counter()
+                attr = run_method(scan, info, targets, options=options[info.name])
+                attributions[info.name] = attr
+                seconds[info.name] = time.perf_counter() - began
+                if info is infos[0]:
+                    observer.first_map(attr, view)
+                done.add()
 
-            run(infos[:1])
-            apart = [info for info in infos[1:] if info.runs_apart(options[info.name])]
-            with beside(lane, run, apart):  # on the other core while this one goes on
-                run([info for info in infos[1:] if info not in apart])
+            run(infos[0])
+            # Methods with passes of their own go in both lanes: the other core starts them
+            # while this one runs the rest (sharing the scan's forward), then helps.
+            apart = SharedWork((i for i in infos[1:] if i.runs_apart(options[i.name])), run)
+            with beside(lane, apart.drain):
+                for info in infos[1:]:
+                    if not info.runs_apart(options[info.name]):
+                        run(info)
                 layers, learned, found = _learned_and_concepts(
                     model, scan, targets, concepts_top, seconds, observer
                 )
+                apart.drain()
                 if class_image_steps > 0:
                     _add_class_image(
                         model,

@@ -9,7 +9,9 @@ core runs an independent task in a lane beside it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any
@@ -44,3 +46,26 @@ def beside(lane: Executor | None, fn: Callable[..., object], *args: Any) -> Iter
     finally:
         wait([future])
     future.result()
+
+
+class SharedWork:
+    """Items that both lanes take, one at a time and in order, calling `fn(item)`: the
+    first free lane takes the next, so the lanes finish together whichever items are slow.
+    After an error no lane starts another item."""
+
+    def __init__(self, items: Iterable[Any], fn: Callable[[Any], object]):
+        self._items, self._fn = deque(items), fn
+        self._lock, self._failed = threading.Lock(), False
+
+    def drain(self) -> None:
+        """Take and do items until none is left (or one failed, here or in the other lane)."""
+        while True:
+            with self._lock:
+                if self._failed or not self._items:
+                    return
+                item = self._items.popleft()
+            try:
+                self._fn(item)
+            except BaseException:
+                self._failed = True
+                raise
