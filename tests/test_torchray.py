@@ -113,11 +113,30 @@ def test_smooth_masks_and_area_loss_are_torchray_s():
     params = torch.rand(2, 1, *ours.shape_in, generator=torch.Generator().manual_seed(0))
     for a, b in zip(ours(params), theirs.generate(params), strict=True):
         torch.testing.assert_close(a, b)
+    # the hand-written backward of the pooling is autograd's through torchray's generator
+    weights = torch.rand(1, 1, 20, 27, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for generate in (ours, theirs.generate):
+        leaf = params.clone().requires_grad_(True)
+        cropped, full = generate(leaf)
+        ((cropped * weights).sum() + (full**2).sum()).backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(*grads)
     full = ours(params)[1]
     reference = torch.ones_like(full.flatten(1))
     reference[:, : int(reference.shape[1] * 0.7)] = 0
     expected = ((full.flatten(1).sort(dim=1)[0] - reference) ** 2).mean(dim=1)
     torch.testing.assert_close(area_loss(full, 0.3), expected)
+
+
+def test_the_first_smooth_mask_is_torchray_s_to_the_bit():
+    """Masks start at all ones, where the mask repeats every `step` pixels: the area loss
+    sorts thousands of tied values, so its gradient goes where torchray's goes only if the
+    values are the same bits."""
+    ours, theirs = SmoothMasks((224, 224), 7, 21.0, "cpu"), ep.MaskGenerator((224, 224), 7, 21)
+    params = torch.ones(1, 1, *ours.shape_in)
+    for a, b in zip(ours(params), theirs.generate(params), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_the_extremal_mask_finds_the_region_the_logit_sums():

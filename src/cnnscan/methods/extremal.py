@@ -61,20 +61,58 @@ class SmoothMasks:
             (uy - (sigma + step * iy)) ** 2 + (ux - (sigma + step * ix)) ** 2
         )  # (side, side, H', W'): distance of each pixel to the parameters around it
         bump = torch.exp(-2 * ((delta / sigma - 0.5).clamp(min=0) ** 2))
-        self.weight = bump.reshape(1, side * side, *out).to(device)
+        # the bumps on the upsampled grid (zeros past the output), cut in step × step blocks:
+        # a block times its parameter is torchray's nearest upsampling times the bump
+        blocks = F.pad(bump.reshape(1, side * side, *out), (0, step - 1, 0, step - 1))
+        self.blocks = blocks.view(
+            1, side * side, self.shape_mid[0], step, self.shape_mid[1], step
+        ).to(device)
 
     def __call__(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cropped (B, 1, H, W), full with margin) masks of parameters (B, 1, *shape_in)."""
+        """(cropped (B, 1, H, W), full with margin) masks of parameters (B, 1, *shape_in),
+        one mask at a time: its bumps fit the cache, and the smooth max of one mask is
+        torchray's to the bit (its softmax rounds differently in a batch), which the area
+        loss's sort of tied values needs."""
         side = 2 * self.radius + 1
-        mask = F.unfold(params, (side, side), padding=(self.padding, self.padding))
-        mask = mask.reshape(len(params), -1, *self.shape_mid)
-        mask = F.interpolate(mask, size=self.shape_up, mode="nearest")
-        mask = F.pad(mask, (0, -self.step + 1, 0, -self.step + 1))
-        mask = self.weight * mask
-        mask = (mask * F.softmax(_COLDNESS * mask, dim=1)).sum(dim=1, keepdim=True)
-        mask = mask.clamp(0, 1)
+        bumps = F.unfold(params, (side, side), padding=(self.padding, self.padding))
+        bumps = bumps.view(len(params), -1, *self.shape_mid)
+        out = tuple(z - self.step + 1 for z in self.shape_up)
+        pooled = [_SmoothMax.apply(one, self.blocks, out) for one in bumps.split(1)]
+        mask = torch.cat(pooled).clamp(0, 1)
         m = round(self.sigma)
         return mask[:, :, m : m + self.shape[0], m : m + self.shape[1]], mask
+
+
+class _SmoothMax(torch.autograd.Function):
+    """Σ_k a_k · softmax(20 a)_k over the bumps a = blocks · parameter of each pixel of one
+    mask, cropped to `out`, with its backward by hand, s_k (1 + 20 (a_k − pooled)): a few
+    passes over the bumps where autograd's chain through softmax, upsampling and padding
+    makes three times as many."""
+
+    @staticmethod
+    def forward(ctx, bumps: torch.Tensor, blocks: torch.Tensor, out: tuple[int, int]):
+        k, up = (
+            bumps.shape[1],
+            (blocks.shape[2] * blocks.shape[3], blocks.shape[4] * blocks.shape[5]),
+        )
+        a = (blocks * bumps[:, :, :, None, :, None]).view(1, k, *up)
+        a = a[..., : out[0], : out[1]].contiguous()  # torchray's layout: its softmax's bits
+        s = F.softmax(_COLDNESS * a, dim=1)
+        pooled = (a * s).sum(dim=1, keepdim=True)
+        ctx.save_for_backward(a, s, pooled, blocks)
+        return pooled
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, s, pooled, blocks = ctx.saved_tensors
+        sg = s * grad
+        grad_a = torch.addcmul(sg, sg, a - pooled, value=_COLDNESS)
+        k, h, w = a.shape[1:]
+        up = blocks.new_zeros((1, *blocks.shape[1:]), dtype=grad_a.dtype)
+        flat = up.view(1, k, blocks.shape[2] * blocks.shape[3], -1)
+        weight = blocks.view(flat.shape)[..., :h, :w]
+        torch.mul(grad_a, weight, out=flat[..., :h, :w])
+        return up.sum(dim=(3, 5)), None, None
 
 
 def blur_pyramid(images: torch.Tensor, levels: int, max_blur: float) -> torch.Tensor:
@@ -156,10 +194,10 @@ def extremal_perturbation(
     pyramids = blur_pyramid(inputs, levels, max_blur)
     images = torch.arange(n, device=inputs.device).repeat_interleave(t)
     flat = targets.reshape(-1)
-    # what one mask holds during a step: its bumps before pooling (a few copies kept for
-    # the backward), its pyramid and perturbed images; the model's forwards batch apart
+    # what one mask holds during a step: its bumps and their softmax (kept for the
+    # backward), its pyramid and perturbed images; the model's forwards batch apart
     side = 2 * masks.radius + 1
-    per_mask = 4 * (6 * side * side * math.prod(masks.shape_up) + (levels + 4) * inputs[0].numel())
+    per_mask = 4 * (2 * side * side * math.prod(masks.shape_up) + (levels + 4) * inputs[0].numel())
     key = ("extremal_perturbation", tuple(inputs.shape[1:]), step, sigma, levels)
     groups = list(scan.batches(n * t, key, per_item=per_mask))
     maps = inputs.new_empty((n * t, 1, *inputs.shape[-2:]))
