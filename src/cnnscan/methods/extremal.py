@@ -105,14 +105,15 @@ class _SmoothMax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         a, s, pooled, blocks = ctx.saved_tensors
-        sg = s * grad
-        grad_a = torch.addcmul(sg, sg, a - pooled, value=_COLDNESS)
-        k, h, w = a.shape[1:]
-        up = blocks.new_zeros((1, *blocks.shape[1:]), dtype=grad_a.dtype)
-        flat = up.view(1, k, blocks.shape[2] * blocks.shape[3], -1)
-        weight = blocks.view(flat.shape)[..., :h, :w]
-        torch.mul(grad_a, weight, out=flat[..., :h, :w])
-        return up.sum(dim=(3, 5)), None, None
+        step = blocks.shape[3]
+        weight = blocks.view(1, a.shape[1], step * blocks.shape[2], -1)[
+            ..., : a.shape[2], : a.shape[3]
+        ]
+        grad_a = a - pooled
+        torch.addcmul(s, s, grad_a, value=_COLDNESS, out=grad_a)
+        grad_a.mul_(grad).mul_(weight)
+        # the nearest upsampling's backward: the sum of each step × step block
+        return F.avg_pool2d(grad_a, step, ceil_mode=True, divisor_override=1), None, None
 
 
 def blur_pyramid(images: torch.Tensor, levels: int, max_blur: float) -> torch.Tensor:
