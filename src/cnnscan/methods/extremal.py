@@ -97,8 +97,9 @@ class _SmoothMax(torch.autograd.Function):
         )
         a = (blocks * bumps[:, :, :, None, :, None]).view(1, k, *up)
         a = a[..., : out[0], : out[1]].contiguous()  # torchray's layout: its softmax's bits
-        s = F.softmax(_COLDNESS * a, dim=1)
-        pooled = (a * s).sum(dim=1, keepdim=True)
+        scaled = _COLDNESS * a
+        s = F.softmax(scaled, dim=1)
+        pooled = torch.mul(a, s, out=scaled).sum(dim=1, keepdim=True)  # one buffer fewer
         ctx.save_for_backward(a, s, pooled, blocks)
         return pooled
 
