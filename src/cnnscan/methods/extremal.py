@@ -61,12 +61,7 @@ class SmoothMasks:
             (uy - (sigma + step * iy)) ** 2 + (ux - (sigma + step * ix)) ** 2
         )  # (side, side, H', W'): distance of each pixel to the parameters around it
         bump = torch.exp(-2 * ((delta / sigma - 0.5).clamp(min=0) ** 2))
-        # the bumps on the upsampled grid (zeros past the output), cut in step × step blocks:
-        # a block times its parameter is torchray's nearest upsampling times the bump
-        blocks = F.pad(bump.reshape(1, side * side, *out), (0, step - 1, 0, step - 1))
-        self.blocks = blocks.view(
-            1, side * side, self.shape_mid[0], step, self.shape_mid[1], step
-        ).to(device)
+        self.weight = bump.reshape(1, side * side, *out).to(device)
 
     def __call__(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cropped (B, 1, H, W), full with margin) masks of parameters (B, 1, *shape_in),
@@ -76,45 +71,51 @@ class SmoothMasks:
         side = 2 * self.radius + 1
         bumps = F.unfold(params, (side, side), padding=(self.padding, self.padding))
         bumps = bumps.view(len(params), -1, *self.shape_mid)
-        out = tuple(z - self.step + 1 for z in self.shape_up)
-        pooled = [_SmoothMax.apply(one, self.blocks, out) for one in bumps.split(1)]
+        pooled = [_SmoothMax.apply(one, self.weight, self.step) for one in bumps.split(1)]
         mask = torch.cat(pooled).clamp(0, 1)
         m = round(self.sigma)
         return mask[:, :, m : m + self.shape[0], m : m + self.shape[1]], mask
 
 
 class _SmoothMax(torch.autograd.Function):
-    """Σ_k a_k · softmax(20 a)_k over the bumps a = blocks · parameter of each pixel of one
-    mask, cropped to `out`, with its backward by hand, s_k (1 + 20 (a_k − pooled)): a few
-    passes over the bumps where autograd's chain through softmax, upsampling and padding
-    makes three times as many."""
+    """Σ_k a_k · softmax(20 a)_k over the bumps a = weight · parameter of each pixel of one
+    mask, the parameters (1, K, h, w) upsampled by `step` (nearest), with its backward by
+    hand, s_k (1 + 20 (a_k − pooled)): a few passes over the bumps where autograd's chain
+    through softmax, upsampling and padding makes three times as many."""
 
     @staticmethod
-    def forward(ctx, bumps: torch.Tensor, blocks: torch.Tensor, out: tuple[int, int]):
-        k, up = (
-            bumps.shape[1],
-            (blocks.shape[2] * blocks.shape[3], blocks.shape[4] * blocks.shape[5]),
+    def forward(ctx, bumps: torch.Tensor, weight: torch.Tensor, step: int):
+        # a written in torchray's layout (its softmax's bits): each parameter row once as
+        # `step` rows of the weight, the rows after the last whole block from the next row
+        k, h, w = weight.shape[1:]
+        rows = bumps.repeat_interleave(step, dim=3)[..., :w]
+        dtype = torch.promote_types(bumps.dtype, weight.dtype)
+        a = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+        whole = h // step * step
+        shape = (1, k, whole // step, step, w)
+        torch.mul(
+            weight[:, :, :whole].view(shape),
+            rows[:, :, : whole // step, None],
+            out=a[:, :, :whole].view(shape),
         )
-        a = (blocks * bumps[:, :, :, None, :, None]).view(1, k, *up)
-        a = a[..., : out[0], : out[1]].contiguous()  # torchray's layout: its softmax's bits
+        torch.mul(
+            weight[:, :, whole:], rows[:, :, whole // step : whole // step + 1], out=a[:, :, whole:]
+        )
         scaled = _COLDNESS * a
         s = F.softmax(scaled, dim=1)
         pooled = torch.mul(a, s, out=scaled).sum(dim=1, keepdim=True)  # one buffer fewer
-        ctx.save_for_backward(a, s, pooled, blocks)
+        ctx.step = step
+        ctx.save_for_backward(a, s, pooled, weight)
         return pooled
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        a, s, pooled, blocks = ctx.saved_tensors
-        step = blocks.shape[3]
-        weight = blocks.view(1, a.shape[1], step * blocks.shape[2], -1)[
-            ..., : a.shape[2], : a.shape[3]
-        ]
+        a, s, pooled, weight = ctx.saved_tensors
         grad_a = a - pooled
         torch.addcmul(s, s, grad_a, value=_COLDNESS, out=grad_a)
         grad_a.mul_(grad).mul_(weight)
         # the nearest upsampling's backward: the sum of each step × step block
-        return F.avg_pool2d(grad_a, step, ceil_mode=True, divisor_override=1), None, None
+        return F.avg_pool2d(grad_a, ctx.step, ceil_mode=True, divisor_override=1), None, None
 
 
 def blur_pyramid(images: torch.Tensor, levels: int, max_blur: float) -> torch.Tensor:
