@@ -137,7 +137,8 @@ def run_scan(
     full cascade and the random-class check) or "none". `max_memory` caps the working
     memory of a batch (see `cnnscan.explain`). `concepts_top` channels of the default
     layer are the top-1 class's concepts (`cnnscan.concepts`, LRP, without the synthesized
-    pictures); 0 skips them."""
+    pictures); 0 skips them. Torch runs one thread per op during the scan (restored after)
+    and independent work runs beside it on a second thread (`cnnscan.engine.threads`)."""
     started = time.perf_counter()
     observer = observer or ScanObserver()
     model = as_model(model)
