@@ -174,10 +174,11 @@ def run_scan(
             run(infos[0])
             # Methods with passes of their own go in both lanes: the other core starts them
             # while this one runs the rest (sharing the scan's forward), then helps.
-            apart = SharedWork((i for i in infos[1:] if i.runs_apart(options[i.name])), run)
+            alone = {info.name: info.runs_apart(options[info.name]) for info in infos[1:]}
+            apart = SharedWork((info for info in infos[1:] if alone[info.name]), run)
             with beside(lane, apart.drain):
                 for info in infos[1:]:
-                    if not info.runs_apart(options[info.name]):
+                    if not alone[info.name]:
                         run(info)
                 layers, learned, found = _learned_and_concepts(
                     model, scan, targets, concepts_top, seconds, observer
